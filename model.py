@@ -1,0 +1,593 @@
+"""
+model.py -- a Qwen2 / Llama decoder in plain PyTorch that loads Hugging Face checkpoints.
+
+One `Transformer` covers Qwen2, Qwen2.5(-Math), DeepSeek-R1-Distill-Qwen and Llama 3.x: RMSNorm, RoPE
+(default, linear and llama3 scaling), grouped-query attention through scaled_dot_product_attention,
+SwiGLU MLP, optional q/k/v (and o, mlp) bias, tied or untied embeddings. Module and parameter names
+mirror transformers' (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm, lm_head), so
+checkpoints load 1:1 and LoRA adapter keys match PEFT's.
+
+What else lives here, because every stage needs it:
+  * load_model(name)       local HF folder (single or sharded safetensors), hub id, or random:<preset>
+  * save_model(model, dir)  write config.json + model.safetensors (HF layout)
+  * Transformer.forward     left-padded batches; a hook slot after any layer (the SAE goes there);
+                            stop after layer L (activation collection needs no higher layers)
+  * Transformer.logprobs    per-token log-probs in row chunks, never a float32 [B, T, V] tensor
+  * generate(...)           batched sampling with a preallocated KV cache (temperature, top_p, top_k,
+                            greedy at temperature 0, several EOS ids, per-sequence stop, seeded)
+  * pick_device / pick_dtype  the shared --device / --dtype conventions ("auto")
+
+Simplifications versus transformers: no sliding-window attention (none of the supported checkpoints
+enable it), no rope types other than default / linear / llama3, no dropout inside the model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen2"            # "qwen2" or "llama"
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int = 0                    # 0 -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None     # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True                # Qwen2: always; Llama: attention_bias
+    o_bias: bool = False                 # Llama: attention_bias
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict)  # other config.json keys, written back on save
+
+    def __post_init__(self):
+        if self.head_dim <= 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Read a Hugging Face config.json dict (old `rope_theta`/`rope_scaling` or new `rope_parameters`)."""
+        mt = d.get("model_type", "qwen2")
+        if mt not in ("qwen2", "llama"):
+            raise ValueError(f"unsupported model_type {mt!r}: model.py implements 'qwen2' and 'llama' "
+                             "(Qwen2, Qwen2.5, Qwen2.5-Math, DeepSeek-R1-Distill-Qwen, Llama 3.x)")
+        if d.get("use_sliding_window"):
+            raise ValueError("config has use_sliding_window=true; sliding-window attention is not implemented")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported rope type {rope_type!r} (supported: default, linear, llama3)")
+        rope = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        attn_bias = d.get("attention_bias", False)
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (the SwiGLU MLP uses silu)")
+        known = set(cls.__dataclass_fields__) | {"rope_parameters", "attention_bias", "architectures",
+                                                 "hidden_act", "use_sliding_window", "dtype", "torch_dtype"}
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=rope,
+            max_position_embeddings=d.get("max_position_embeddings", 131072),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            qkv_bias=True if mt == "qwen2" else attn_bias, o_bias=False if mt == "qwen2" else attn_bias,
+            mlp_bias=d.get("mlp_bias", False), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            extra={k: v for k, v in d.items() if k not in known and not k.startswith("_")},
+        )
+
+    def to_hf(self) -> dict:
+        """A config.json that transformers (and vLLM) read back into the same architecture."""
+        d = {**self.extra, "model_type": self.model_type,
+             "architectures": ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"]}
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+                  "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+            d[k] = getattr(self, k)
+        d["rope_scaling"] = self.rope_scaling
+        d["hidden_act"] = "silu"
+        if self.model_type == "llama":
+            d["attention_bias"], d["mlp_bias"] = self.qkv_bias, self.mlp_bias
+        else:
+            d.setdefault("use_sliding_window", False)
+        return d
+
+
+# random:<preset> shapes (HF config.json keys). The 1.5B ones mirror the published checkpoints.
+PRESETS = {
+    "r1-distill-qwen-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                 num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                 rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=151646,
+                                 eos_token_id=151643),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=151643,
+                         eos_token_id=151643),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                         bos_token_id=128000, eos_token_id=128001),
+    # tiny shapes for tests: GQA, qkv bias, tied / untied, llama3 rope
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=False, eos_token_id=1),
+    "tiny-qwen2-tied": dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                            tie_word_embeddings=True, eos_token_id=1),
+    "tiny-llama": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=160,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, max_position_embeddings=1024,
+                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                         high_freq_factor=4.0, original_max_position_embeddings=64),
+                       eos_token_id=1),
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset random:{name}; choose from {', '.join(PRESETS)}")
+    d = dict(PRESETS[name])
+    d.setdefault("intermediate_size", 4 * d["hidden_size"])
+    return ModelConfig.from_hf({"rms_norm_eps": 1e-6, **d})
+
+
+# -----------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):  # normalise in float32, as transformers does
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[head_dim // 2] inverse frequencies, with linear or llama3 scaling when the config asks for it."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type") == "linear":
+        inv = inv / rs["factor"]
+    elif rs.get("rope_type") == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)  # long wavelengths: divide by factor
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled  # medium: interpolate
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, kv: tuple | None = None):
+        # x: [B, T, D]; cos/sin: [B, 1, T, hd]; mask: [B, 1, T, S] bool or None (plain causal)
+        # kv: (k_cache, v_cache, start) with caches [B, n_kv, S_max, hd]; new keys go to [start, start+T)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, nh, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # [B, nkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if kv is not None:
+            k_cache, v_cache, start = kv
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]     # [B, nkv, S, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------------------------
+# KV cache: preallocated, fixed shape, so a compiled / CUDA-graph decode step can reuse it.
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)    # [L, B, nkv, S_max, hd]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S_max] real keys
+        self.pos = 0          # slots filled so far (same for every row; left padding is marked invalid)
+        self.max_len = max_len
+
+
+# -----------------------------------------------------------------------------------------------
+# The model
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: position of each real token = number of real tokens before it. [B, T] long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq = {}  # device -> [hd/2] float32; a plain attribute, so .to(bf16) never rounds it
+        # layer index -> fn(h [B, T, D]) -> h; applied to the residual stream after that layer
+        self.residual_hooks: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, device, dtype) -> "Transformer":
+        """Allocate once, uninitialised, directly on device in dtype (built on the meta device first)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to(dtype).to_empty(device=device)
+        if cfg.tie_word_embeddings:  # to_empty may replace parameter objects: tie again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        """Random init as transformers does (normal(0, 0.02), zero biases, unit norms)."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=g)
+        return self
+
+    def set_residual_hook(self, layer: int, fn: Callable | None):
+        """Replace the residual stream after decoder layer `layer` by fn(h); fn=None removes it."""
+        if not 0 <= layer < self.cfg.num_hidden_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {self.cfg.num_hidden_layers} "
+                             f"layers (0..{self.cfg.num_hidden_layers - 1})")
+        if fn is None:
+            self.residual_hooks.pop(layer, None)
+        else:
+            self.residual_hooks[layer] = fn
+
+    def _rope(self, positions):  # positions [B, T] -> cos, sin [B, 1, T, hd] in float32
+        dev = positions.device
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = rope_inv_freq(self.cfg).to(dev)
+        freqs = positions[..., None].float() * self._inv_freq[dev]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos()[:, None], emb.sin()[:, None]
+
+    def _mask(self, key_valid, T: int, start: int):
+        """[B, 1, T, S] bool: query i (absolute slot start+i) sees real keys at slots <= start+i."""
+        S = start + T
+        q_idx = torch.arange(start, S, device=key_valid.device)[:, None]
+        k_idx = torch.arange(S, device=key_valid.device)[None, :]
+        mask = (k_idx <= q_idx)[None] & key_valid[:, None, :S]
+        mask = mask | (k_idx == q_idx)[None]  # a pad query sees itself (no all-masked row -> no NaN)
+        return mask[:, None]
+
+    def forward(self, input_ids, attention_mask=None, *, cache: KVCache | None = None,
+                stop_after: int | None = None, hidden: bool = False):
+        """input_ids [B, T] (left-padded, attention_mask [B, T] 1 = real token).
+
+        Returns logits [B, T, V]; with hidden=True the final-norm hidden states [B, T, D] instead;
+        with stop_after=L the residual stream after layer L (hook applied) and no higher layer runs.
+        With a cache, the tokens are appended at slot cache.pos and attend to everything cached so far.
+        """
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        if cache is not None:
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache full: {start} + {T} tokens > max_len {cache.max_len}")
+            cache.valid[:, start:start + T] = attention_mask
+            key_valid = cache.valid
+            # position of a new token = real tokens already cached + real tokens before it in this chunk
+            positions = key_valid[:, :start].sum(-1, keepdim=True) + positions_from_mask(attention_mask)
+        else:
+            key_valid = attention_mask
+            positions = positions_from_mask(attention_mask)
+        mask = None if cache is None and bool(attention_mask.all()) else self._mask(key_valid, T, start)
+        cos, sin = self._rope(positions)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        last = self.cfg.num_hidden_layers - 1 if stop_after is None else stop_after
+        if not 0 <= last < self.cfg.num_hidden_layers:
+            raise ValueError(f"stop_after={stop_after} out of range for {self.cfg.num_hidden_layers} layers")
+        for i, block in enumerate(self.model.layers[:last + 1]):
+            kv = (cache.k[i], cache.v[i], start) if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, kv, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv)
+            if i in self.residual_hooks:
+                x = self.residual_hooks[i](x)
+        if cache is not None:
+            cache.pos = start + T
+        if stop_after is not None:
+            return x
+        x = self.model.norm(x)
+        return x if hidden else self.lm_head(x)
+
+    def logprobs(self, input_ids, attention_mask=None, *, start: int = 0, temperature: float = 1.0,
+                 chunk_size: int = 1024):
+        """Log-probs of input_ids[:, start+1:] under the model, [B, T-1-start] float32.
+
+        Only the hidden states are kept for the whole sequence; the vocabulary projection runs on
+        chunk_size rows at a time and is recomputed in backward (gradients flow to everything).
+        """
+        h = self(input_ids, attention_mask, hidden=True)[:, start:-1]   # [B, T', D]
+        return token_logprobs(self.lm_head, h, input_ids[:, start + 1:], temperature, chunk_size)
+
+
+def _chunk_logprobs(lm_head, h, tgt, temperature):
+    logits = lm_head(h).float()                                        # [c, V] float32, one chunk only
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(lm_head: nn.Module, hidden, targets, temperature: float = 1.0, chunk_size: int = 1024):
+    """log softmax(lm_head(hidden) / temperature)[targets] in row chunks. hidden [B, T, D], targets [B, T]."""
+    B, T, D = hidden.shape
+    h, tgt = hidden.reshape(B * T, D), targets.reshape(B * T)
+    out = []
+    for i in range(0, B * T, chunk_size):
+        args = (lm_head, h[i:i + chunk_size], tgt[i:i + chunk_size], temperature)
+        if torch.is_grad_enabled() and h.requires_grad:
+            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*args))
+    return torch.cat(out).view(B, T) if out else hidden.new_zeros(B, T, dtype=torch.float32)
+
+
+# -----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):
+    """logits [B, V] -> next tokens [B]. temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p   # mass before this token already reaches top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class Generation(NamedTuple):
+    tokens: torch.Tensor     # [B, N] new tokens, pad_id after a sequence stopped
+    lengths: torch.Tensor    # [B] new tokens per row, the EOS included
+    finished: torch.Tensor   # [B] True where an EOS ended the row (False = cut at max_new_tokens)
+
+
+@torch.no_grad()
+def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(), pad_id: int = 0,
+             seed: int | None = None, generator: torch.Generator | None = None) -> Generation:
+    """Batched sampling with a preallocated KV cache. input_ids [B, T] left-padded."""
+    B, T = input_ids.shape
+    dev = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=dev).manual_seed(seed)
+    eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], device=dev)
+    cache = KVCache(model.cfg, B, T + max_new_tokens, dev, model.dtype)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    logits = model(input_ids, attention_mask, cache=cache)[:, -1]          # prefill -> [B, V]
+    for t in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, top_k, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        out[:, t] = tok
+        hit = torch.isin(tok, eos) & ~done
+        lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
+        done = done | hit
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = model(tok[:, None], cache=cache)[:, -1]                  # decode one token -> [B, V]
+    return Generation(out, lengths, done)
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading and saving (Hugging Face layout)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
+    return table[name]
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (config, safetensors, tokenizer files)."""
+    p = Path(name)
+    if p.is_dir():
+        return p
+    if p.exists() or name.startswith((".", "/")) or name.count("/") != 1:
+        raise FileNotFoundError(f"model {name!r} is neither a local folder nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                        "*.jinja", "tokenizer*"]))
+
+
+def _safetensors_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        return [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {d} (pytorch_model.bin pickles are not loaded)")
+    return files
+
+
+def load_model(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
+    """`random:<preset>`, a local Hugging Face folder, or a hub id -> Transformer in eval mode.
+
+    Weights are streamed one tensor at a time into an uninitialised model: memory holds one copy.
+    """
+    device = torch.device(device)
+    if name.startswith("random:"):
+        return Transformer.empty(preset_config(name.split(":", 1)[1]), device, dtype).init_weights(seed).eval()
+    d = resolve_model_dir(name)
+    cfg = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
+    model = Transformer.empty(cfg, device, dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen = set()
+    from safetensors import safe_open
+    for f in _safetensors_files(d):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key not in params:
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue
+                    raise ValueError(f"{f.name}: unexpected tensor {key!r} for a {cfg.model_type} model")
+                t = sf.get_tensor(key)
+                if t.shape != params[key].shape:
+                    raise ValueError(f"{f.name}: {key} has shape {tuple(t.shape)}, config expects "
+                                     f"{tuple(params[key].shape)}")
+                with torch.no_grad():
+                    params[key].copy_(t)
+                seen.add(key)
+    if cfg.tie_word_embeddings:
+        seen.add("lm_head.weight")
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ValueError(f"checkpoint {d} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model.eval()
+
+
+def load_tokenizer(name: str):
+    """transformers' AutoTokenizer for a local folder or hub id."""
+    from transformers import AutoTokenizer
+    if name.startswith("random:"):
+        raise ValueError(f"{name} has random weights and no tokenizer; pass token ids directly")
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(name)))
+
+
+def save_model(model: Transformer, out_dir, tokenizer=None):
+    """Write config.json + model.safetensors (+ tokenizer files) in the Hugging Face layout."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+          if not (model.cfg.tie_word_embeddings and k == "lm_head.weight")}
+    atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    cfg = {**model.cfg.to_hf(), "torch_dtype": str(model.dtype).replace("torch.", "")}
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def atomic_write(path, write: Callable[[Path], None]):
+    """write(tmp) then fsync + rename over path, so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

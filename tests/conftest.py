@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random Hugging Face models saved with transformers' own save_pretrained."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# tiny architectures covering what the real checkpoints use: GQA, q/k/v bias, tied and untied
+# embeddings, llama3 rope scaling (original context small so scaling acts at test lengths)
+HF_CONFIGS = {
+    "qwen2": dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                  tie_word_embeddings=False, max_position_embeddings=256),
+    "qwen2_tied_mha": dict(model_type="qwen2", vocab_size=128, hidden_size=48, intermediate_size=80,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                           rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=256),
+    "llama3": dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=112,
+                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                   rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=1024,
+                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=32), rope_theta=500000.0),
+    "llama_tied_bias": dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=112,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                            attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                            max_position_embeddings=256),
+}
+
+
+def make_hf_model(kind: str, seed: int = 0):
+    """A random transformers model of the given tiny kind (float32, eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = dict(HF_CONFIGS[kind])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms and biases so the test sees them
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """kind -> (transformers model, folder saved with save_pretrained)."""
+    out = {}
+    for kind in HF_CONFIGS:
+        m = make_hf_model(kind)
+        d = tmp_path_factory.mktemp(kind)
+        m.save_pretrained(d)
+        out[kind] = (m, d)
+    return out
+
+
+def left_padded_batch(vocab: int, lengths, seed: int = 0, pad: int = 0):
+    """Random token ids [B, max(lengths)] left-padded with pad, and the attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, T - n:] = 1
+    return ids, mask

@@ -1,0 +1,238 @@
+"""model.py against transformers' own Qwen2ForCausalLM / LlamaForCausalLM, and float64 references."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model as M
+from conftest import HF_CONFIGS, left_padded_batch
+
+KINDS = list(HF_CONFIGS)
+
+
+def hf_logits(hf, ids, mask):
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers_left_padded(hf_models, kind):
+    hf, path = hf_models[kind]
+    ours = M.load_model(str(path))
+    ids, mask = left_padded_batch(128, [40, 17, 5, 1], seed=1)
+    with torch.no_grad():
+        got = ours(ids, mask)
+    ref = hf_logits(hf, ids, mask)
+    real = mask.bool()
+    assert got.shape == ref.shape
+    assert (got[real] - ref[real]).abs().max().item() < 1e-4
+    # positions come from the mask: the same row unpadded gives the same logits
+    with torch.no_grad():
+        alone = ours(ids[1:2, -17:])
+    assert (alone[0] - got[1, -17:]).abs().max().item() < 1e-4
+
+
+def test_config_variants_are_covered(hf_models):
+    cfgs = {k: M.load_model(str(p)).cfg for k, (_, p) in hf_models.items()}
+    assert cfgs["qwen2"].qkv_bias and not cfgs["qwen2"].tie_word_embeddings
+    assert cfgs["qwen2"].num_key_value_heads < cfgs["qwen2"].num_attention_heads
+    assert cfgs["qwen2_tied_mha"].tie_word_embeddings
+    assert cfgs["llama3"].rope_scaling["rope_type"] == "llama3" and not cfgs["llama3"].qkv_bias
+    plain = M.ModelConfig(**{**cfgs["llama3"].__dict__, "rope_scaling": None})
+    assert not torch.allclose(M.rope_inv_freq(plain), M.rope_inv_freq(cfgs["llama3"]))
+    assert cfgs["llama_tied_bias"].o_bias and cfgs["llama_tied_bias"].mlp_bias
+
+
+def test_old_style_config_keys():
+    # published checkpoints (R1-Distill, Llama 3.2) use rope_theta / rope_scaling, not rope_parameters
+    d = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+             num_attention_heads=2, rope_theta=500000.0,
+             rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=8192))
+    cfg = M.ModelConfig.from_hf(d)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["factor"] == 32.0
+    assert M.ModelConfig.from_hf(cfg.to_hf()) == cfg
+    with pytest.raises(ValueError, match="model_type"):
+        M.ModelConfig.from_hf({**d, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="rope type"):
+        M.ModelConfig.from_hf({**d, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def test_sharded_checkpoint_and_roundtrip(hf_models, tmp_path):
+    hf, _ = hf_models["qwen2"]
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    ours = M.load_model(str(tmp_path / "sharded"))
+    ids, mask = left_padded_batch(128, [9, 4], seed=2)
+    with torch.no_grad():
+        got = ours(ids, mask)
+    assert (got - hf_logits(hf, ids, mask))[mask.bool()].abs().max() < 1e-4
+    # our save_model writes a folder transformers loads back to the same logits
+    M.save_model(ours, tmp_path / "ours")
+    from transformers import AutoModelForCausalLM
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert (hf_logits(back, ids, mask) - got)[mask.bool()].abs().max() < 1e-4
+
+
+def test_bad_checkpoints_give_clear_errors(hf_models, tmp_path):
+    _, path = hf_models["qwen2"]
+    sd = load_file(str(path / "model.safetensors"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text((path / "config.json").read_text())
+    sd2 = dict(sd)
+    sd2.pop("model.norm.weight")
+    save_file(sd2, str(tmp_path / "a" / "model.safetensors"))
+    with pytest.raises(ValueError, match="lacks"):
+        M.load_model(str(tmp_path / "a"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, str(tmp_path / "a" / "model.safetensors"))
+    with pytest.raises(ValueError, match="shape"):
+        M.load_model(str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError):
+        M.load_model(str(tmp_path / "nowhere" / "x"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        M.load_model("random:nope")
+
+
+def test_random_presets_build():
+    m = M.load_model("random:tiny-llama", seed=3)
+    m2 = M.load_model("random:tiny-llama", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    for name in ("r1-distill-qwen-1.5b", "qwen2.5-1.5b", "llama-3.2-1b"):
+        with torch.device("meta"):
+            big = M.Transformer(M.preset_config(name))
+        n = sum(p.numel() for p in big.parameters())
+        assert 1.0e9 < n < 2.0e9, (name, n)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3"])
+def test_greedy_generation_matches_transformers(hf_models, kind):
+    hf, path = hf_models[kind]
+    ours = M.load_model(str(path))
+    ids, mask = left_padded_batch(128, [11, 6, 3], seed=4)
+    n = 24
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
+    out = M.generate(ours, ids, mask, max_new_tokens=n, temperature=0.0)
+    assert torch.equal(out.tokens, ref)
+    assert out.lengths.tolist() == [n] * 3 and not out.finished.any()
+
+
+def test_eos_stops_each_row_and_pads_after(hf_models):
+    _, path = hf_models["qwen2"]
+    ours = M.load_model(str(path))
+    ids, mask = left_padded_batch(128, [8, 5, 6, 7], seed=5)
+    free = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0)
+    # choose the tokens greedy decoding emits at steps 2 and 4 of row 0 as two EOS ids
+    eos = [int(free.tokens[0, 2]), int(free.tokens[1, 4])]
+    out = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, eos_ids=eos, pad_id=0)
+    for b in range(4):
+        row = free.tokens[b].tolist()
+        hits = [i for i, t in enumerate(row) if t in eos]
+        n = hits[0] + 1 if hits else 12
+        assert out.lengths[b] == n and bool(out.finished[b]) == bool(hits)
+        assert out.tokens[b, :n].tolist() == row[:n]
+        assert (out.tokens[b, n:] == 0).all()
+
+
+def test_kv_cache_decoding_matches_full_forward(hf_models):
+    _, path = hf_models["llama_tied_bias"]
+    ours = M.load_model(str(path))
+    ids, mask = left_padded_batch(128, [10, 4, 7], seed=6)
+    extra = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    full_ids = torch.cat([ids, extra], 1)
+    full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
+    with torch.no_grad():
+        full = ours(full_ids, full_mask)
+        cache = M.KVCache(ours.cfg, 3, full_ids.shape[1], "cpu", torch.float32)
+        steps = [ours(ids, mask, cache=cache)]
+        steps.append(ours(extra[:, :2], cache=cache))          # a 2-token chunk
+        for t in range(2, 6):                                  # then one token at a time
+            steps.append(ours(extra[:, t:t + 1], cache=cache))
+    inc = torch.cat(steps, 1)
+    real = full_mask.bool()
+    assert (inc - full)[real].abs().max().item() < 1e-4
+
+
+def test_sampling_seeded_reproducible_and_filters():
+    m = M.load_model("random:tiny-qwen2", seed=0)
+    ids, mask = left_padded_batch(256, [5, 9], seed=7)
+    a = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=123)
+    b = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=123)
+    c = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=124)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    greedy = M.generate(m, ids, mask, max_new_tokens=16, temperature=0.0)
+    k1 = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, top_k=1, seed=5)
+    p0 = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=5)
+    assert torch.equal(greedy.tokens, k1.tokens) and torch.equal(greedy.tokens, p0.tokens)
+
+
+def test_sample_next_distribution():
+    # top_p keeps the smallest set of tokens whose mass reaches p; top_k keeps k tokens
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    p = torch.bincount(M.sample_next(logits, 1.0, top_p=0.7, generator=g), minlength=4) / 4000
+    assert p[2] == 0 and p[3] == 0 and abs(p[0] - 0.625) < 0.03
+    k = torch.bincount(M.sample_next(logits, 1.0, top_k=3, generator=g), minlength=4) / 4000
+    assert k[3] == 0 and abs(k[2] - 0.15 / 0.95) < 0.03
+    t = torch.bincount(M.sample_next(logits, 0.5, generator=g), minlength=4) / 4000
+    want = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    assert torch.allclose(t, want / want.sum(), atol=0.03)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_and_grads_match_float64(hf_models, temperature):
+    _, path = hf_models["qwen2"]
+    ours = M.load_model(str(path))
+    ids, mask = left_padded_batch(128, [12, 8], seed=8)
+    start = 3
+    lp = ours.logprobs(ids, mask, start=start, temperature=temperature, chunk_size=5)  # uneven chunks
+    h = ours(ids, mask, hidden=True)[:, start:-1]
+    ref = torch.log_softmax(ours.lm_head(h).double() / temperature, -1)
+    ref = ref.gather(-1, ids[:, start + 1:, None]).squeeze(-1)
+    assert lp.dtype == torch.float32 and lp.shape == ref.shape
+    assert (lp.double() - ref).abs().max().item() < 1e-5
+    w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = [ours.lm_head.weight, ours.model.layers[0].self_attn.q_proj.weight]
+    g_ours = torch.autograd.grad((lp.double() * w).sum(), params)
+    g_ref = torch.autograd.grad((ref * w).sum(), params)
+    for a, b in zip(g_ours, g_ref):
+        assert (a.double() - b).abs().max().item() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_gradient_checkpointing_same_gradients():
+    m = M.load_model("random:tiny-llama", seed=1).train()
+    ids, mask = left_padded_batch(256, [10, 6], seed=9)
+    loss = m.logprobs(ids, mask).sum()
+    g1 = torch.autograd.grad(loss, list(m.parameters()))
+    m.gradient_checkpointing = True
+    loss2 = m.logprobs(ids, mask).sum()
+    g2 = torch.autograd.grad(loss2, list(m.parameters()))
+    assert torch.allclose(loss, loss2)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
+
+def test_stop_after_and_residual_hook(hf_models):
+    hf, path = hf_models["qwen2"]
+    ours = M.load_model(str(path))
+    ids, mask = left_padded_batch(128, [9, 6], seed=10)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
+        h1 = ours(ids, mask, stop_after=1)   # output of decoder layer 1 = hidden_states[2]
+        real = mask.bool()
+        assert (h1 - ref[2])[real].abs().max() < 1e-4
+        base = ours(ids, mask)
+        ours.set_residual_hook(1, lambda h: h * 0)
+        zeroed = ours(ids, mask)
+        ours.set_residual_hook(1, lambda h: h.clone())
+        same = ours(ids, mask)
+        ours.set_residual_hook(1, None)
+    assert torch.allclose(same, base) and not torch.allclose(zeroed, base)
+    with pytest.raises(ValueError, match="out of range"):
+        ours.set_residual_hook(3, lambda h: h)
