@@ -576,6 +576,9 @@ def save_model(model: Transformer, out_dir, tokenizer=None):
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()
           if not (model.cfg.tie_word_embeddings and k == "lm_head.weight")}
+    if any(".lora_" in k for k in sd):
+        raise ValueError("the model has LoRA layers: save them with lora.save_adapter, or export a merged "
+                         "model with lora.unload_lora(model, merge=True) first")
     atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     cfg = {**model.cfg.to_hf(), "torch_dtype": str(model.dtype).replace("torch.", "")}
     atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))

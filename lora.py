@@ -1,0 +1,299 @@
+"""
+lora.py -- hand-written LoRA that reads and writes PEFT's adapter files.
+
+    y = W x + b + (alpha / r) * B(A(dropout(x)))        A: [r, in] kaiming-uniform(a=sqrt(5)), B: [out, r] zeros
+
+`LoRALinear` *is* an nn.Linear (same `weight` / `bias` parameters, frozen) with two extra submodules
+`lora_A` and `lora_B`, so module names stay transformers' names and the adapter keys are PEFT's:
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   [r, in]
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
+
+The low-rank path is two small matmuls (B @ A is never formed while training). LoRA weights are kept
+in float32 even when the base is bf16 (lr 1e-6 updates would vanish in bf16). Disabling is a flag
+(GRPO's reference policy is the same model with LoRA off). merge() adds scale * B @ A into W for fast
+generation and export; by default it keeps a copy of W so that unmerge() restores it bit-exactly (a
+bf16 subtract would drift a little at every merge / unmerge cycle).
+
+Simplifications versus PEFT: Linear layers only (no embeddings, no DoRA, no bias training, no
+rank_pattern / alpha_pattern); one adapter at a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model import atomic_write
+
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PREFIX = "base_model.model."   # PEFT's key prefix for a causal LM
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        nn.Module.__init__(self)  # skip nn.Linear.__init__: the base parameters are reused, not re-made
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)                             # -> a fresh adapter changes nothing
+        self.disabled = False
+        self.merged = False
+        self._backup: torch.Tensor | None = None
+
+    def forward(self, x):                                   # x [..., in] -> [..., out]
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            if self.disabled:
+                raise RuntimeError("LoRA is merged into the weights; unmerge before disabling it")
+            return y
+        if self.disabled:
+            return y
+        a = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))   # [..., r]
+        return y + (self.lora_B(a) * self.scaling).to(y.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """scale * B @ A in float32, [out, in]."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, keep_backup: bool = True):
+        if self.merged:
+            return
+        self._backup = self.weight.data.clone() if keep_backup else None
+        self.weight.data.copy_((self.weight.data.float() + self.delta()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        if self._backup is not None:
+            self.weight.data.copy_(self._backup)
+        else:
+            self.weight.data.copy_((self.weight.data.float() - self.delta()).to(self.weight.dtype))
+        self._backup = None
+        self.merged = False
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+# -----------------------------------------------------------------------------------------------
+# Attaching, switching, merging
+
+
+def _matches(name: str, targets) -> bool:
+    """PEFT's rule: a string is a regex over the full module name; a list matches the name's suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def attach_lora(model: nn.Module, r: int = 32, alpha: float = 128, dropout: float = 0.05,
+                targets=ALL_LINEARS, use_rslora: bool = False, names: list[str] | None = None) -> list[str]:
+    """Wrap the target Linear layers in LoRALinear; freeze everything but the LoRA weights.
+
+    targets: module-name suffixes (list) or a regex over full names (str), as PEFT's target_modules.
+    names: exact module names instead of targets. Returns the wrapped module names.
+    """
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA layers; detach them first (unload_lora)")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = list(names) if names is not None else [n for n in linears if _matches(n, targets)]
+    bad = [n for n in chosen if n not in linears]
+    if bad or not chosen:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        what = f"modules {bad[:3]} are not Linear layers of this model" if bad else f"no Linear layer matches {targets!r}"
+        raise ValueError(f"LoRA targets do not fit the model: {what}; its Linear layers are named "
+                         f"{', '.join(suffixes)} (e.g. {linears[0]})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in chosen:
+        layer = LoRALinear(model.get_submodule(n), r, alpha, dropout, use_rslora)
+        _set_module(model, n, layer.train(model.training))  # new modules default to train mode: follow the model
+    return chosen
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool):
+    for m in lora_layers(model).values():
+        m.disabled = not enabled
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """The base model, for free: `with lora_disabled(model): ref = model(...)`."""
+    set_lora_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_lora_enabled(model, True)
+
+
+def merge_lora(model: nn.Module, keep_backup: bool = True):
+    for m in lora_layers(model).values():
+        m.merge(keep_backup)
+
+
+def unmerge_lora(model: nn.Module):
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+@contextmanager
+def lora_merged(model: nn.Module):
+    """Weights with LoRA merged in (fast generation), restored exactly afterwards."""
+    merge_lora(model, keep_backup=True)
+    try:
+        yield model
+    finally:
+        unmerge_lora(model)
+
+
+def unload_lora(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear (merging the adapter into W first if merge)."""
+    for n, m in lora_layers(model).items():
+        if merge:
+            m.merge(keep_backup=False)
+        elif m.merged:
+            m.unmerge()
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight, lin.bias = m.weight, m.bias
+        _set_module(model, n, lin)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# PEFT-format files
+
+
+def adapter_config(model: nn.Module, base_model: str = "", **extra) -> dict:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    m0 = next(iter(layers.values()))
+    dropout = m0.lora_dropout.p if isinstance(m0.lora_dropout, nn.Dropout) else 0.0
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": m0.r, "lora_alpha": m0.alpha, "lora_dropout": dropout, "use_rslora": m0.use_rslora,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}), "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "use_dora": False, "revision": None, **extra,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir, base_model: str = "", **extra_config):
+    """Write adapter_model.safetensors + adapter_config.json exactly as PEFT does."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = adapter_config(model, base_model, **extra_config)
+    sd = {}
+    for n, m in lora_layers(model).items():
+        sd[f"{PREFIX}{n}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        sd[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+
+
+def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config dict, {module name: {"A": [r, in], "B": [out, r]}}), validated."""
+    path = Path(path)
+    cfg_file, w_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.exists() or not w_file.exists():
+        raise FileNotFoundError(f"{path} is not a PEFT adapter folder: it needs adapter_config.json and "
+                                "adapter_model.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    for key, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False)):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if cfg.get(key):
+            raise ValueError(f"{path}: {key} is set ({cfg[key]!r}); per-module ranks and saved modules "
+                             "are not supported")
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(w_file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+                if m is None:
+                    raise ValueError(f"{w_file}: unexpected tensor {key!r} (only lora_A / lora_B weights of "
+                                     "Linear layers are supported)")
+                weights.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(key)
+    except (OSError, RuntimeError, SafetensorError) as e:   # a truncated or corrupt file
+        raise ValueError(f"{w_file} is not a readable safetensors file: {e}") from None
+    for name, ab in weights.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{w_file}: {name} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        if ab["A"].shape[0] != cfg["r"] or ab["B"].shape[1] != cfg["r"]:
+            raise ValueError(f"{w_file}: {name} has rank {ab['A'].shape[0]}, config says r={cfg['r']}")
+    if not weights:
+        raise ValueError(f"{w_file} holds no LoRA weights")
+    return cfg, weights
+
+
+def load_adapter(model: nn.Module, path, trainable: bool = False) -> dict:
+    """Attach the adapter at `path` (PEFT format: ours, PEFT's, the published Tina ones) to model.
+
+    Checks that every module the adapter targets exists in the model with matching shapes, before
+    changing anything. Returns the adapter config.
+    """
+    cfg, weights = read_adapter(path)
+    modules = dict(model.named_modules())
+    absent = [n for n in sorted(weights) if not isinstance(modules.get(n), nn.Linear)]
+    if absent:
+        n_layers = sum(1 for n in modules if re.fullmatch(r"model\.layers\.\d+", n))
+        raise ValueError(f"adapter {path} targets {absent[0]} (and {len(absent) - 1} more), which is not a "
+                         f"Linear layer of this model ({n_layers} layers); was it trained for another "
+                         "architecture?")
+    for name, ab in weights.items():
+        mod = modules[name]
+        want_a, want_b = (cfg["r"], mod.in_features), (mod.out_features, cfg["r"])
+        if tuple(ab["A"].shape) != want_a or tuple(ab["B"].shape) != want_b:
+            raise ValueError(f"adapter {path}: {name} has lora_A {tuple(ab['A'].shape)} / lora_B "
+                             f"{tuple(ab['B'].shape)}, the model needs {want_a} / {want_b}; was it trained "
+                             "for another model size?")
+    attach_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), use_rslora=cfg.get("use_rslora", False),
+                names=sorted(weights))
+    with torch.no_grad():
+        for name, m in lora_layers(model).items():
+            m.lora_A.weight.copy_(weights[name]["A"])
+            m.lora_B.weight.copy_(weights[name]["B"])
+            m.lora_A.weight.requires_grad_(trainable)
+            m.lora_B.weight.requires_grad_(trainable)
+    return cfg

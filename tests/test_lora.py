@@ -1,0 +1,161 @@
+"""lora.py: behaviour, and PEFT-format files checked against peft itself."""
+import json
+import math
+
+import pytest
+import torch
+
+import lora as L
+import model as M
+from conftest import left_padded_batch
+
+ALL = list(L.ALL_LINEARS)
+
+
+def randomize_B(model, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in L.lora_layers(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
+
+
+def logits(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, mask)
+
+
+@pytest.fixture
+def batch():
+    return left_padded_batch(128, [9, 5, 2], seed=3)
+
+
+def test_fresh_adapter_is_identity_and_only_lora_trains(hf_models, batch):
+    ours = M.load_model(str(hf_models["qwen2"][1]))
+    base = logits(ours, *batch)
+    names = L.attach_lora(ours, r=8, alpha=32, dropout=0.0, targets=ALL)
+    assert len(names) == 3 * 7
+    assert torch.equal(logits(ours, *batch), base)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * len(names)
+    m = ours.model.layers[0].self_attn.q_proj
+    bound = 1 / math.sqrt(m.in_features)   # kaiming_uniform(a=sqrt(5)) bound
+    assert m.lora_A.weight.abs().max() <= bound and m.lora_A.weight.abs().max() > 0.5 * bound
+    assert (m.lora_B.weight == 0).all() and m.scaling == 32 / 8
+
+
+def test_merge_unmerge_disable(hf_models, batch):
+    ours = M.load_model(str(hf_models["llama3"][1]))
+    base = logits(ours, *batch)
+    w0 = ours.model.layers[1].mlp.down_proj.weight.clone()
+    L.attach_lora(ours, r=4, alpha=16, dropout=0.05, targets=ALL)
+    randomize_B(ours)
+    ours.eval()
+    adapted = logits(ours, *batch)
+    assert (adapted - base).abs().max() > 1e-3                   # the adapter does something
+    with L.lora_disabled(ours):
+        assert torch.equal(logits(ours, *batch), base)            # disabled == base
+    with L.lora_merged(ours):
+        assert (logits(ours, *batch) - adapted).abs().max() < 1e-5  # merged == unmerged
+        assert not torch.equal(ours.model.layers[1].mlp.down_proj.weight, w0)
+    assert torch.equal(ours.model.layers[1].mlp.down_proj.weight, w0)   # unmerge restores exactly
+    assert torch.equal(logits(ours, *batch), adapted)
+    # merging without a backup and unloading gives a plain model with the adapter baked in
+    L.unload_lora(ours, merge=True)
+    assert not L.lora_layers(ours)
+    assert (logits(ours, *batch) - adapted).abs().max() < 1e-5
+
+
+def test_dropout_only_in_training(hf_models, batch):
+    ours = M.load_model(str(hf_models["qwen2"][1]))
+    L.attach_lora(ours, r=4, alpha=8, dropout=0.5, targets=["q_proj", "v_proj"])
+    randomize_B(ours, scale=0.5)
+    ours.eval()
+    a, b = logits(ours, *batch), logits(ours, *batch)
+    assert torch.equal(a, b)
+    ours.train()
+    torch.manual_seed(0)
+    c = logits(ours, *batch)
+    d = logits(ours, *batch)
+    assert not torch.allclose(c, d) and not torch.allclose(a, c)
+
+
+def test_bf16_base_keeps_fp32_lora():
+    m = M.load_model("random:tiny-qwen2", dtype=torch.bfloat16)
+    L.attach_lora(m, r=4, alpha=8, dropout=0.0)
+    lay = m.model.layers[0].mlp.up_proj
+    assert lay.weight.dtype == torch.bfloat16 and lay.lora_A.weight.dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 7))
+    out = m.logprobs(ids)
+    out.sum().backward()
+    assert lay.lora_A.weight.grad is None or lay.lora_A.weight.grad.abs().sum() == 0  # B = 0 -> dA = 0
+    assert lay.lora_B.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,rslora", [("qwen2", False), ("llama_tied_bias", True)])
+def test_our_adapter_loads_in_peft(hf_models, batch, tmp_path, kind, rslora):
+    from peft import PeftModel
+    hf, path = hf_models[kind]
+    ours = M.load_model(str(path))
+    L.attach_lora(ours, r=4, alpha=16, dropout=0.05, targets=ALL, use_rslora=rslora)
+    randomize_B(ours, seed=1)
+    ours.eval()
+    L.save_adapter(ours, tmp_path / "ad", base_model=str(path))
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "ad")).eval()
+    ids, mask = batch
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    got = logits(ours, ids, mask)
+    real = mask.bool()
+    assert (ref - got)[real].abs().max() < 1e-4
+    base = hf_models[kind][0]
+    with peft_model.disable_adapter(), torch.no_grad():
+        plain = base(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert (plain - ref)[real].abs().max() > 1e-3
+    peft_model.unload()
+
+
+def test_peft_adapter_loads_in_ours(hf_models, batch, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from conftest import make_hf_model
+    hf = make_hf_model("llama3")   # a fresh copy: get_peft_model modifies it in place
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "down_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")   # init_lora_weights=False: B != 0
+    pm = get_peft_model(hf, cfg).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    ids, mask = batch
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    ours = M.load_model(str(hf_models["llama3"][1]))
+    base = logits(ours, ids, mask)
+    loaded = L.load_adapter(ours, tmp_path / "peft")
+    assert loaded["r"] == 8
+    assert len(L.lora_layers(ours)) == 2 * 3
+    got = logits(ours, ids, mask)
+    real = mask.bool()
+    assert (ref - got)[real].abs().max() < 1e-4 and (base - got)[real].abs().max() > 1e-3
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_adapter_that_does_not_fit_is_refused(hf_models, tmp_path):
+    big = M.load_model(str(hf_models["qwen2"][1]))               # 3 layers, hidden 64
+    L.attach_lora(big, r=4, alpha=8, targets=ALL)
+    L.save_adapter(big, tmp_path / "qwen")
+    small = M.load_model(str(hf_models["qwen2_tied_mha"][1]))    # 2 layers, hidden 48
+    with pytest.raises(ValueError, match="not a Linear layer of this model"):
+        L.load_adapter(small, tmp_path / "qwen")
+    other = M.load_model("random:tiny-qwen2")                   # 3 layers, but other shapes
+    with pytest.raises(ValueError, match="another model size"):
+        L.load_adapter(other, tmp_path / "qwen")
+    assert not L.lora_layers(other)                             # nothing was attached
+    with pytest.raises(ValueError, match="no Linear layer matches"):
+        L.attach_lora(other, targets=["qkv_proj"])
+    with pytest.raises(FileNotFoundError):
+        L.load_adapter(other, tmp_path / "missing")
+    (tmp_path / "qwen" / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="safetensors"):
+        L.load_adapter(other, tmp_path / "qwen")
