@@ -1,0 +1,272 @@
+"""
+sae.py -- a TopK sparse autoencoder with EleutherAI sparsify's semantics and file format.
+
+    encode:  z = relu(W_enc (x - b_dec) + b_enc), keep the k largest      -> values, indices [N, k]
+    decode:  x_hat = sum_j z_j W_dec[j] + b_dec                            (embedding_bag, never [N, M])
+    loss:    FVU = ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch; optional AuxK on dead latents
+
+Files (a folder per hookpoint, e.g. out/layers.12/): cfg.json with sparsify's keys (num_latents, k,
+d_in, normalize_decoder, multi_topk, skip_connection, activation, expansion_factor, transcode) plus
+ours (layer, source_model, ...), and sae.safetensors with encoder.weight [M, d], encoder.bias [M],
+W_dec [M, d], b_dec [d]. SAEs published by EleutherAI load here, and ours load in sparsify.
+
+insert_sae() puts a frozen SAE into a model.py Transformer so that the residual stream after layer L
+is replaced by its reconstruction (Resa's SAE-Tuning). grad="block" runs it under no_grad, as Resa's
+code does (LoRA in layers <= L then gets no gradient); grad="pass" lets gradients flow through it.
+
+Simplifications versus sparsify: no groupmax activation, no transcoders, no fused Triton kernels, and
+the encoder backward is plain autograd (dense over latents).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model import atomic_write
+
+SPARSIFY_KEYS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
+                 "skip_connection", "transcode")
+
+
+class SAEOutput(NamedTuple):
+    recon: torch.Tensor        # [N, d]
+    acts: torch.Tensor         # [N, k] values of the active latents
+    indices: torch.Tensor      # [N, k] their indices
+    fvu: torch.Tensor          # scalar
+    auxk_loss: torch.Tensor    # scalar (0 without dead latents)
+    multi_topk_fvu: torch.Tensor  # scalar (0 unless multi_topk)
+
+
+class SAE(nn.Module):
+    def __init__(self, d_in: int, num_latents: int, k: int, *, normalize_decoder: bool = True,
+                 multi_topk: bool = False, skip_connection: bool = False, device=None, dtype=None, **meta):
+        super().__init__()
+        if not 0 < k <= num_latents:
+            raise ValueError(f"k={k} must be between 1 and num_latents={num_latents}")
+        self.d_in, self.num_latents, self.k = d_in, num_latents, k
+        self.normalize_decoder, self.multi_topk, self.skip_connection = normalize_decoder, multi_topk, skip_connection
+        self.meta = meta                               # our own cfg.json keys: layer, source_model, ...
+        self.encoder = nn.Linear(d_in, num_latents, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.encoder.bias.zero_()
+        self.W_dec = nn.Parameter(self.encoder.weight.detach().clone())   # [M, d], rows = decoder directions
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_in, device=device, dtype=dtype)) if skip_connection else None
+        if normalize_decoder:
+            self.set_decoder_norm_to_unit_norm()
+
+    @property
+    def layer(self) -> int | None:
+        return self.meta.get("layer")
+
+    def cfg(self) -> dict:
+        return {"activation": "topk", "expansion_factor": max(1, self.num_latents // self.d_in),
+                "normalize_decoder": self.normalize_decoder, "num_latents": self.num_latents, "k": self.k,
+                "multi_topk": self.multi_topk, "skip_connection": self.skip_connection, "transcode": False,
+                "d_in": self.d_in, **self.meta}
+
+    # --- the model -----------------------------------------------------------------------------
+
+    def encode(self, x):
+        """x [N, d] -> (top values [N, k], top indices [N, k], pre-activations [N, M])."""
+        pre = F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
+        acts, idx = pre.topk(self.k, dim=-1, sorted=False)
+        return acts, idx, pre
+
+    def decode(self, acts, idx):
+        """Sparse decode: sum_j acts_j W_dec[idx_j] + b_dec, [N, d]."""
+        return _sparse_decode(acts, idx, self.W_dec) + self.b_dec
+
+    def reconstruct(self, x):
+        """Reconstruction of x [..., d] (any leading shape), no losses."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(self.W_dec.dtype)
+        acts, idx, _ = self.encode(x)
+        out = self.decode(acts, idx)
+        if self.W_skip is not None:
+            out = out + x @ self.W_skip.T
+        return out.view(shape)
+
+    def forward(self, x, dead_mask: torch.Tensor | None = None) -> SAEOutput:
+        """x [N, d]; dead_mask [M] bool marks latents for the AuxK loss."""
+        x = x.to(self.W_dec.dtype)
+        acts, idx, pre = self.encode(x)
+        recon = self.decode(acts, idx)
+        if self.W_skip is not None:
+            recon = recon + x @ self.W_skip.T
+        e = x - recon                                                      # residual [N, d]
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        fvu = e.pow(2).sum() / total_variance
+        auxk = recon.new_zeros(())
+        if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
+            k_aux = min(x.shape[-1] // 2, num_dead)                        # top half-width of dead latents
+            scale = min(num_dead / (x.shape[-1] // 2), 1.0)
+            aux_acts, aux_idx = torch.where(dead_mask[None], pre, -torch.inf).topk(k_aux, sorted=False)
+            e_hat = _sparse_decode(aux_acts, aux_idx, self.W_dec)           # predicts the residual, no b_dec
+            auxk = scale * (e_hat - e.detach()).pow(2).sum() / total_variance
+        multi = recon.new_zeros(())
+        if self.multi_topk:
+            m_acts, m_idx = pre.topk(4 * self.k, sorted=False)
+            multi = (self.decode(m_acts, m_idx) - x).pow(2).sum() / total_variance
+        return SAEOutput(recon, acts, idx, fvu, auxk, multi)
+
+    # --- training helpers ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_b_dec(self, x):
+        """b_dec = mean of a batch x [N, d] (sparsify's geometric-median stand-in)."""
+        self.b_dec.copy_(x.reshape(-1, self.d_in).float().mean(0).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self):
+        eps = torch.finfo(self.W_dec.dtype).eps
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True) + eps)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self):
+        """After backward: drop the part of each W_dec row's gradient along that row."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)   # [M, 1]
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def save(self, path):
+        """sparsify layout: path/cfg.json + path/sae.safetensors (written atomically)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(path / "sae.safetensors", lambda p: save_file(sd, str(p)))
+        atomic_write(path / "cfg.json", lambda p: Path(p).write_text(json.dumps(self.cfg(), indent=2)))
+
+    @classmethod
+    def load(cls, path, device="cpu", dtype=None) -> "SAE":
+        """Load one SAE folder (ours or sparsify's). Checks the config against the tensors."""
+        path = Path(path)
+        cfg_file, w_file = path / "cfg.json", path / "sae.safetensors"
+        if not cfg_file.exists() or not w_file.exists():
+            subs = sorted(p.name for p in path.glob("*/cfg.json")) if path.is_dir() else []
+            hint = f"; it holds hookpoint folders {[s.split('/')[0] for s in subs]}: pass one" if subs else ""
+            raise FileNotFoundError(f"{path} is not an SAE folder (needs cfg.json and sae.safetensors){hint}")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        if cfg.get("activation", "topk") != "topk":
+            raise ValueError(f"{path}: activation {cfg['activation']!r} is not supported (only topk)")
+        if cfg.get("transcode"):
+            raise ValueError(f"{path}: a transcoder, not an autoencoder; not supported")
+        d_in = cfg["d_in"]
+        num_latents = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
+        meta = {k: v for k, v in cfg.items() if k not in SPARSIFY_KEYS and k != "d_in"}
+        try:
+            with safe_open(str(w_file), framework="pt", device="cpu") as f:
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, RuntimeError, SafetensorError) as e:
+            raise ValueError(f"{w_file} is not a readable safetensors file: {e}") from None
+        with torch.device("meta"):
+            sae = cls(d_in, num_latents, cfg.get("k", 32), normalize_decoder=cfg.get("normalize_decoder", True),
+                      multi_topk=cfg.get("multi_topk", False), skip_connection=cfg.get("skip_connection", False),
+                      **meta)
+        want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in sd.items()}
+        if want != got:
+            raise ValueError(f"{w_file}: tensors {got} do not match cfg.json (d_in={d_in}, "
+                             f"num_latents={num_latents}), which needs {want}")
+        sae.load_state_dict(sd, assign=True)
+        return sae.to(device=device, dtype=dtype or next(iter(sd.values())).dtype)
+
+
+def _sparse_decode(acts, idx, W_dec):
+    """sum_j acts[n, j] * W_dec[idx[n, j]]: [N, k] x [M, d] -> [N, d], no dense [N, M] matrix."""
+    return F.embedding_bag(idx, W_dec, per_sample_weights=acts.to(W_dec.dtype), mode="sum")
+
+
+def load_sae(name: str, hookpoint: str | None = None, device="cpu", dtype=None) -> SAE:
+    """A local SAE folder, a folder of hookpoint folders plus `hookpoint`, or a hub repo (+ hookpoint)."""
+    p = Path(name)
+    if not p.exists() and name.count("/") == 1 and not name.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        p = Path(snapshot_download(name, allow_patterns=f"{hookpoint}/*" if hookpoint else None))
+    if hookpoint is not None and (p / hookpoint).is_dir():
+        p = p / hookpoint
+    sae = SAE.load(p, device=device, dtype=dtype)
+    if "layer" not in sae.meta and p.name.startswith("layers.") and p.name[7:].isdigit():
+        sae.meta["layer"] = int(p.name[7:])   # sparsify names hookpoint folders layers.N
+    return sae
+
+
+# -----------------------------------------------------------------------------------------------
+# Dead latents
+
+
+class DeadLatentTracker:
+    """Counts tokens since each latent last fired; dead = silent for more than `dead_tokens` tokens."""
+
+    def __init__(self, num_latents: int, dead_tokens: int = 10_000_000, device=None):
+        self.since_fired = torch.zeros(num_latents, dtype=torch.long, device=device)
+        self.dead_tokens = dead_tokens
+
+    def update(self, indices: torch.Tensor, acts: torch.Tensor | None = None):
+        """indices [N, k] of the latents that were selected for N tokens (acts > 0 when given)."""
+        self.since_fired += indices.shape[0]
+        fired = indices if acts is None else indices[acts > 0]
+        self.since_fired[fired.flatten()] = 0
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.since_fired > self.dead_tokens
+
+    def dead_fraction(self) -> float:
+        return self.dead_mask().float().mean().item()
+
+
+# -----------------------------------------------------------------------------------------------
+# Insertion into a model.py Transformer
+
+
+class SAEHook:
+    """Replaces the residual stream after `layer` by the SAE's reconstruction; remove() undoes it."""
+
+    def __init__(self, model, sae: SAE, layer: int, grad: str):
+        self.model, self.sae, self.layer, self.grad = model, sae, layer, grad
+        self.last_mse: torch.Tensor | None = None     # mean squared reconstruction error, last forward
+
+    def __call__(self, h):                            # h [B, T, D]
+        if self.grad == "block":
+            with torch.no_grad():
+                out = self.sae.reconstruct(h)
+        else:
+            out = self.sae.reconstruct(h)
+        self.last_mse = (out.detach().float() - h.detach().float()).pow(2).mean()
+        return out.to(h.dtype)
+
+    def remove(self):
+        self.model.set_residual_hook(self.layer, None)
+
+
+def insert_sae(model, sae: SAE, layer: int | None = None, grad: str = "block") -> SAEHook:
+    """Insert a frozen SAE after decoder layer `layer` (default: the SAE's own cfg layer)."""
+    if grad not in ("block", "pass"):
+        raise ValueError(f"grad must be 'block' or 'pass', not {grad!r}")
+    layer = sae.layer if layer is None else layer
+    if layer is None:
+        raise ValueError("the SAE's cfg.json names no layer: pass layer= (--layer)")
+    n = model.cfg.num_hidden_layers
+    if not 0 <= layer < n:
+        raise ValueError(f"SAE layer {layer} does not exist: the model has {n} layers (0..{n - 1})")
+    if sae.d_in != model.cfg.hidden_size:
+        raise ValueError(f"SAE d_in={sae.d_in} does not fit the model's hidden size "
+                         f"{model.cfg.hidden_size}: it was trained on another architecture")
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    hook = SAEHook(model, sae, layer, grad)
+    model.set_residual_hook(layer, hook)
+    return hook

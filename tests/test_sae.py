@@ -1,0 +1,206 @@
+"""sae.py: sparsify interoperability and semantics, float64 references, insertion into the model."""
+import json
+
+import pytest
+import torch
+
+import lora as L
+import model as M
+import sae as S
+from conftest import left_padded_batch
+
+
+def sparsify_sae(d=32, m=256, k=8, seed=0, skip=False):
+    from sparsify import SparseCoder, SparseCoderConfig
+    torch.manual_seed(seed)
+    sc = SparseCoder(d, SparseCoderConfig(num_latents=m, k=k, skip_connection=skip))
+    with torch.no_grad():   # non-trivial biases so every term of encode / decode is exercised
+        sc.encoder.bias.normal_(0, 0.1)
+        sc.b_dec.normal_(0, 0.5)
+        if skip:
+            sc.W_skip.normal_(0, 0.05)
+    return sc
+
+
+def by_index(acts, idx):
+    order = idx.argsort(-1)
+    return acts.gather(-1, order), idx.gather(-1, order)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparsify_sae_loads_in_ours(tmp_path, skip):
+    sc = sparsify_sae(skip=skip)
+    sc.save_to_disk(tmp_path / "layers.3")
+    ours = S.load_sae(str(tmp_path), hookpoint="layers.3")
+    assert ours.layer == 3 and ours.k == 8 and ours.num_latents == 256
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = sc(x)
+        got = ours(x)
+    a1, i1 = by_index(ref.latent_acts, ref.latent_indices)
+    a2, i2 = by_index(got.acts, got.indices)
+    assert torch.equal(i1, i2)
+    assert torch.allclose(a1, a2, atol=1e-6)
+    assert torch.allclose(ref.sae_out, got.recon, atol=1e-5)
+    assert torch.allclose(ref.fvu, got.fvu, atol=1e-6)
+
+
+def test_our_sae_loads_in_sparsify(tmp_path):
+    from sparsify import SparseCoder
+    ours = S.SAE(32, 128, 4, layer=5, source_model="random:tiny-qwen2")
+    with torch.no_grad():
+        ours.encoder.bias.normal_(0, 0.1)
+        ours.b_dec.normal_(0, 0.3)
+    ours.save(tmp_path / "layers.5")
+    cfg = json.loads((tmp_path / "layers.5" / "cfg.json").read_text())
+    assert cfg["layer"] == 5 and cfg["d_in"] == 32 and cfg["num_latents"] == 128 and cfg["k"] == 4
+    sc = SparseCoder.load_from_disk(tmp_path / "layers.5")
+    x = torch.randn(50, 32, generator=torch.Generator().manual_seed(2))
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::3] = True
+    with torch.no_grad():
+        ref = sc(x, dead_mask=dead)
+        got = ours(x, dead_mask=dead)
+    assert torch.equal(by_index(ref.latent_acts, ref.latent_indices)[1], by_index(got.acts, got.indices)[1])
+    assert torch.allclose(ref.sae_out, got.recon, atol=1e-5)
+    assert torch.allclose(ref.fvu, got.fvu, atol=1e-6)
+    assert got.auxk_loss > 0 and torch.allclose(ref.auxk_loss, got.auxk_loss, atol=1e-6)
+    back = S.SAE.load(tmp_path / "layers.5")
+    assert back.meta == {"layer": 5, "source_model": "random:tiny-qwen2"}
+
+
+def test_losses_and_decode_match_float64_reference():
+    sae = S.SAE(16, 64, 5)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.2)
+        sae.encoder.bias.normal_(0, 0.1)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(3))
+    out = sae(x)
+    # dense float64 reference: full latent vector, keep top-k, dense matmul decode
+    W, b, Wd, bd = (t.detach().double() for t in (sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec))
+    pre = torch.relu((x.double() - bd) @ W.T + b)
+    kth = pre.topk(5, -1).values[:, -1:]
+    z = torch.where(pre >= kth, pre, torch.zeros_like(pre))
+    recon = z @ Wd + bd
+    fvu = (x.double() - recon).pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()
+    assert torch.allclose(out.recon.double(), recon, atol=1e-5)
+    assert abs(out.fvu.item() - fvu.item()) < 1e-6
+    dense = torch.zeros(40, 64).scatter(-1, out.indices, out.acts)
+    assert torch.allclose(sae.decode(out.acts, out.indices), dense @ sae.W_dec + sae.b_dec, atol=1e-5)
+
+
+def test_training_helpers_match_sparsify():
+    sc = sparsify_sae(d=8, m=24, k=3)
+    ours = S.SAE(8, 24, 3)
+    ours.load_state_dict(sc.state_dict())
+    g = torch.randn(24, 8)
+    sc.W_dec.grad, ours.W_dec.grad = g.clone(), g.clone()
+    sc.remove_gradient_parallel_to_decoder_directions()
+    ours.remove_gradient_parallel_to_decoder_directions()
+    assert torch.allclose(sc.W_dec.grad, ours.W_dec.grad, atol=1e-6)
+    assert (ours.W_dec.grad * ours.W_dec).sum(-1).abs().max() < 1e-5
+    with torch.no_grad():
+        ours.W_dec.mul_(3.0)
+    ours.set_decoder_norm_to_unit_norm()
+    assert torch.allclose(ours.W_dec.norm(dim=1), torch.ones(24), atol=1e-6)
+    t = S.DeadLatentTracker(24, dead_tokens=10)
+    t.update(torch.tensor([[0, 1, 2]] * 6))
+    t.update(torch.tensor([[0, 3, 4]] * 6))
+    assert t.dead_mask().tolist() == [False] * 5 + [True] * 19   # 12 silent tokens > 10; 6 are not
+    t.update(torch.tensor([[0, 3, 4]] * 6))
+    assert t.dead_mask().tolist() == [False, True, True] + [False] * 2 + [True] * 19
+
+
+def test_training_recovers_hidden_sparse_dictionary():
+    # data = sparse non-negative combinations of 48 hidden unit directions in 24 dimensions
+    g = torch.Generator().manual_seed(0)
+    d, n_atoms, k = 24, 48, 3
+    D = torch.nn.functional.normalize(torch.randn(n_atoms, d, generator=g), dim=-1)
+
+    def batch(n=512):
+        idx = torch.rand(n, n_atoms, generator=g).argsort(-1)[:, :k]
+        coef = torch.rand(n, k, generator=g) + 0.5
+        return torch.zeros(n, n_atoms).scatter(-1, idx, coef) @ D + 0.3
+
+    torch.manual_seed(0)
+    sae = S.SAE(d, 96, k)
+    sae.init_b_dec(batch())
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    tracker = S.DeadLatentTracker(96, dead_tokens=5000)
+    for step in range(600):
+        out = sae(batch(), dead_mask=tracker.dead_mask())
+        tracker.update(out.indices)
+        (out.fvu + out.auxk_loss / 32).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+    with torch.no_grad():
+        fvu = sae(batch(4096)).fvu.item()
+    assert fvu < 0.1, fvu
+
+
+def identity_sae(d: int) -> S.SAE:
+    """A TopK SAE that reconstructs exactly: latents relu(x), relu(-x), k = d."""
+    sae = S.SAE(d, 2 * d, d, normalize_decoder=False)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
+        sae.encoder.bias.zero_()
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_perfect_sae_leaves_logits_unchanged_and_grad_modes(hf_models):
+    ours = M.load_model(str(hf_models["qwen2"][1]))
+    ids, mask = left_padded_batch(128, [9, 4], seed=11)
+    with torch.no_grad():
+        base = ours(ids, mask)
+    hook = S.insert_sae(ours, identity_sae(64), layer=1)
+    with torch.no_grad():
+        got = ours(ids, mask)
+    assert (got - base).abs().max() < 1e-5 and hook.last_mse < 1e-10
+    hook.remove()
+    # an imperfect SAE changes the logits, and its error is reported
+    rough = S.SAE(64, 128, 4)
+    h2 = S.insert_sae(ours, rough, layer=1)
+    with torch.no_grad():
+        assert (ours(ids, mask) - base).abs().max() > 1e-3
+    assert h2.last_mse > 0
+    h2.remove()
+    # grad="block": LoRA at or below the SAE's layer gets no gradient; "pass": it does
+    L.attach_lora(ours, r=2, alpha=4, dropout=0.0)
+    with torch.no_grad():
+        for m in L.lora_layers(ours).values():
+            m.lora_B.weight.normal_(0, 0.1)
+    for mode, expect in (("block", False), ("pass", True)):
+        h = S.insert_sae(ours, identity_sae(64), layer=1, grad=mode)
+        ours.zero_grad()
+        ours.logprobs(ids, mask).sum().backward()
+        below = ours.model.layers[0].mlp.up_proj.lora_B.weight.grad
+        above = ours.model.layers[2].mlp.up_proj.lora_B.weight.grad
+        assert above is not None and above.abs().sum() > 0
+        assert (below is not None and below.abs().sum() > 0) == expect, mode
+        h.remove()
+
+
+def test_sae_that_does_not_fit_is_refused(tmp_path):
+    m = M.load_model("random:tiny-qwen2")            # hidden 64, 3 layers
+    with pytest.raises(ValueError, match="d_in=32"):
+        S.insert_sae(m, S.SAE(32, 64, 4), layer=0)
+    with pytest.raises(ValueError, match="does not exist"):
+        S.insert_sae(m, S.SAE(64, 128, 4), layer=3)
+    with pytest.raises(ValueError, match="names no layer"):
+        S.insert_sae(m, S.SAE(64, 128, 4))
+    S.SAE(64, 128, 4, layer=1).save(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "d_in": 48}))
+    with pytest.raises(ValueError, match="do not match cfg.json"):
+        S.SAE.load(tmp_path / "s")
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "s" / "sae.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(ValueError, match="safetensors"):
+        S.SAE.load(tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match="hookpoint folders"):
+        S.load_sae(str(tmp_path))
