@@ -469,7 +469,10 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-    logits = model(input_ids, attention_mask, cache=cache)[:, -1]          # prefill -> [B, V]
+    was_training = model.training
+    model.eval()                                                       # no dropout while sampling
+    last = model(input_ids, attention_mask, cache=cache, hidden=True)[:, -1]   # prefill -> [B, D]
+    logits = model.lm_head(last)                                       # only the last position: [B, V]
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, top_k, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
@@ -480,6 +483,7 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         logits = model(tok[:, None], cache=cache)[:, -1]                  # decode one token -> [B, V]
+    model.train(was_training)
     return Generation(out, lengths, done)
 
 

@@ -159,3 +159,18 @@ def test_adapter_that_does_not_fit_is_refused(hf_models, tmp_path):
     (tmp_path / "qwen" / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="safetensors"):
         L.load_adapter(other, tmp_path / "qwen")
+
+
+def test_generation_ignores_dropout_and_keeps_training_mode(hf_models, batch):
+    ours = M.load_model(str(hf_models["qwen2"][1]))
+    L.attach_lora(ours, r=4, alpha=8, dropout=0.5)
+    randomize_B(ours, scale=0.5)
+    ids, mask = batch
+    ours.eval()
+    ref = M.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
+    ours.train()
+    with L.lora_merged(ours):
+        merged = M.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
+    got = M.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
+    assert ours.training
+    assert torch.equal(ref.tokens, got.tokens) and torch.equal(ref.tokens, merged.tokens)
