@@ -1,0 +1,302 @@
+"""
+data.py -- datasets, prompt formats and answer grading shared by every stage.
+
+  * TRAIN_SETS: Tina's training sets by name (hub id, split, question / answer columns). Any local
+    .jsonl / .json / .parquet path works in place of a name (load_examples).
+  * SYSTEM_PROMPTS: the recipes' exact system prompts (open-r1's R1 style; open-rs's \\boxed{} variant).
+  * format_prompt: chat formatting through the tokenizer's template, with a plain fallback.
+  * grade(completion, gold, mode): math-verify grading, 1.0 / 0.0, or None when the gold answer cannot
+    be parsed (such examples are counted and skipped, never scored as correct).
+      mode="reward": exactly Tina's accuracy reward (gold parsed first-match; the completion parsed with
+                     boxed answers first, malformed LaTeX operators refused, on purpose).
+      mode="eval":   lighteval's extractive match used for the papers' benchmark numbers (expression and
+                     LaTeX targets, boxed first, lenient normalisation, 5-digit float rounding).
+
+Gold answers are normalised before parsing, as Tina's preprocessing does: a bare answer is wrapped in
+$...$; in addition (our fix) escaped dollars such as `\\$36` are dropped, a gold that is a whole worked
+solution is reduced to its last \\boxed{...}, and a GSM8K answer to the number after '####'.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+# the recipes' system prompts, verbatim (Tina: tina/utils/prompt.py)
+SYSTEM_PROMPTS = {
+    "open_r1": (
+        "\nYou are a helpful AI Assistant that provides well-reasoned and detailed responses.\n"
+        "You first think about the reasoning process as an internal monologue and then provide the user "
+        "with the answer.\nRespond in the following format: <think>\n...\n</think>\n<answer>\n...\n</answer>\n"
+    ),
+    "open_rs": (
+        "\nA conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
+        "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+        "the answer, and put your final answer within \\boxed{{}} .\n"
+        "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+        "respectively, \ni.e., <think> reasoning process here </think> <answer> answer here </answer>.\n"
+        "Note that respond by English, NOT use other languages.\n"
+    ),
+    "none": "",
+}
+
+QUESTION_FIELDS = ("problem", "question", "prompt", "context")
+ANSWER_FIELDS = ("answer", "final_answer", "solution")   # short answers before worked solutions
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    hub: str
+    question: str = "problem"
+    answer: str = "answer"
+    config: str | None = None
+    split: str = "train"
+    system_prompt: str = "open_r1"   # Tina uses the open-rs prompt for the open-rs sets, open-r1's otherwise
+    note: str = ""
+
+
+TRAIN_SETS = {
+    "still": DatasetSpec("RUC-AIBOX/STILL-3-Preview-RL-Data", question="question"),
+    "deepscaler": DatasetSpec("agentica-org/DeepScaleR-Preview-Dataset"),
+    "open_rs": DatasetSpec("knoveleng/open-rs", system_prompt="open_rs"),
+    "open_s1": DatasetSpec("knoveleng/open-s1", system_prompt="open_rs"),
+    "limr": DatasetSpec("GAIR/LIMR", question="prompt"),
+    "open_r1": DatasetSpec("open-r1/OpenR1-Math-220k", config="default"),
+    "2thought": DatasetSpec("Intelligent-Internet/II-Thought-RL-v0-Math-50K", question="messages",
+                            answer="verification_info", note="question in messages[0]; answer in a JSON field"),
+    "thoughts": DatasetSpec("bethgelab/CuratedThoughts", config="OpenThoughts-114k-math-default",
+                            answer="ground_truth_solution"),
+    "gsm8k": DatasetSpec("openai/gsm8k", question="question", config="main"),
+}
+# the recipe names used by the Tina paper for the same sets
+TRAIN_SETS.update(open_rs1=TRAIN_SETS["open_s1"], open_rs2=TRAIN_SETS["open_rs"], open_rs3=TRAIN_SETS["open_rs"])
+
+
+@dataclass
+class Example:
+    question: str
+    answer: str               # normalised gold answer text (what grade() parses)
+    index: int
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_local(path: Path) -> list[dict]:
+    suffix = "".join(path.suffixes[-1:]).lower()
+    if suffix == ".jsonl":
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
+        return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):   # {"data": [...]} or a dict of columns
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
+                return lists[0]
+            if lists and all(len(v) == len(lists[0]) for v in lists):
+                return [dict(zip(data, vals)) for vals in zip(*data.values())]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        return data
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def _read_hub(spec: DatasetSpec) -> list[dict]:
+    from datasets import load_dataset
+    ds = load_dataset(spec.hub, spec.config, split=spec.split)
+    return ds.to_list()
+
+
+def _pick(rows: list[dict], wanted: str | None, defaults, kind: str, source: str) -> str:
+    cols = list(rows[0].keys()) if rows else []
+    for name in ([wanted] if wanted else []) + [d for d in defaults if d != wanted]:
+        if name in cols:
+            if wanted and name != wanted and wanted not in cols:
+                logging.warning(f"{source}: no {kind} field {wanted!r}; using {name!r}")
+            return name
+    raise ValueError(f"{source}: no usable {kind} field (tried {[wanted] if wanted else []} + {list(defaults)}); "
+                     f"the records have fields {cols}. Pass --{kind}_field NAME.")
+
+
+def load_examples(name_or_path: str, question_field: str | None = None, answer_field: str | None = None,
+                  limit: int | None = None) -> tuple[list[Example], dict]:
+    """A registry name or a local file -> (examples, stats). Records whose gold answer is empty or
+    missing are skipped and counted in stats["skipped"]; nothing is silently dropped."""
+    path = Path(name_or_path)
+    if path.exists():
+        rows, source = _read_local(path), str(path)
+        spec = None
+    elif name_or_path in TRAIN_SETS:
+        spec = TRAIN_SETS[name_or_path]
+        rows, source = _read_hub(spec), spec.hub
+    else:
+        raise ValueError(f"unknown dataset {name_or_path!r}: not a file, and not one of {', '.join(TRAIN_SETS)}")
+    if not rows:
+        raise ValueError(f"{source}: no records")
+    qf = _pick(rows, question_field or (spec.question if spec else None), QUESTION_FIELDS, "question", source)
+    af = _pick(rows, answer_field or (spec.answer if spec else None), ANSWER_FIELDS, "answer", source)
+    examples, skipped = [], 0
+    for i, r in enumerate(rows):
+        q, a = question_text(r.get(qf)), gold_text(r.get(af))
+        if not q or not a:
+            skipped += 1
+            continue
+        examples.append(Example(q, a, i, r))
+        if limit and len(examples) >= limit:
+            break
+    stats = {"source": source, "records": len(rows), "examples": len(examples), "skipped": skipped,
+             "question_field": qf, "answer_field": af}
+    return examples, stats
+
+
+def question_text(q) -> str:
+    if isinstance(q, list):   # chat messages: the first user turn
+        users = [m.get("content", "") for m in q if isinstance(m, dict) and m.get("role", "user") == "user"]
+        q = users[0] if users else ""
+    return str(q).strip() if q is not None else ""
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced; None if absent."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def gold_text(a) -> str:
+    """Normalise a gold answer field to a short answer string (before $-wrapping)."""
+    if a is None:
+        return ""
+    if isinstance(a, list):          # Minerva / OlympiadBench keep answers in lists: use the first
+        a = a[0] if a else ""
+    if isinstance(a, dict):
+        a = a.get("value", a.get("answer", ""))
+    if isinstance(a, float) and a.is_integer():
+        a = int(a)                   # AMC stores 27.0
+    a = str(a).strip()
+    if a.startswith("{") and a.endswith("}"):
+        try:                         # 2thought: {"answer": {"value": "..."}, ...}
+            obj = json.loads(a)
+            return gold_text(obj.get("answer", obj))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    if "####" in a:                  # GSM8K: reasoning, then '#### N'
+        a = a.rsplit("####", 1)[1].strip().replace(",", "")
+    elif "\\boxed" in a and len(a) > 40:   # a worked solution: keep its final boxed answer
+        a = last_boxed(a) or a
+    return a
+
+
+# -----------------------------------------------------------------------------------------------
+# Prompts
+
+
+def format_prompt(tokenizer, question: str, system_prompt: str = "") -> str:
+    """Chat-formatted prompt text ending where the assistant's reply starts."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+               [{"role": "user", "content": question}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    head = f"{system_prompt.strip()}\n\n" if system_prompt else ""
+    return f"{head}User: {question}\nAssistant:"
+
+
+# -----------------------------------------------------------------------------------------------
+# Grading with math-verify
+
+for _name in ("math_verify", "latex2sympy2_extended"):   # both log a warning per odd input
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+def _wrap_gold(gold: str) -> str:
+    g = gold.strip().replace("\\$", "")          # "\$36" -> "36": escaped dollars are currency, not math
+    if "$" in g or "\\boxed" in g or "\\(" in g or "\\[" in g:
+        return g
+    return f"${g}$"
+
+
+@lru_cache(maxsize=1 << 16)
+def _parse_gold(gold: str, mode: str):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    text = _wrap_gold(gold)
+    if mode == "reward":                      # Tina: default targets, first match
+        parsed = parse(text, extraction_mode="first_match")
+        return parsed if _usable(parsed) else []
+    cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
+    parsed = parse(text, extraction_config=cfg, extraction_mode="first_match")
+    if not parsed and text != gold:           # lenient: try the raw text too
+        parsed = parse(gold, extraction_config=cfg, extraction_mode="first_match")
+    return parsed if _usable(parsed) else []
+
+
+def _usable(parsed) -> bool:
+    """math-verify returns [expr, text] for good input but just [text] for garbage: require an expr."""
+    return any(not isinstance(x, str) for x in parsed)
+
+
+@lru_cache(maxsize=None)
+def _pred_config(mode: str) -> tuple:
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+    if mode == "reward":   # Tina's accuracy reward, verbatim settings
+        return (LatexExtractionConfig(
+            normalization_config=NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True,
+                                                     equations=True, boxed="all", units=True),
+            boxed_match_priority=0, try_extract_without_anchor=False),)
+    return (ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0))   # lighteval
+
+
+def _parse_pred(text: str, mode: str):
+    from math_verify import parse
+    return parse(text, extraction_config=list(_pred_config(mode)), extraction_mode="first_match")
+
+
+def gold_parses(gold: str, mode: str = "eval") -> bool:
+    return bool(_parse_gold(gold, mode))
+
+
+def grade(completion: str, gold: str, mode: str = "reward") -> float | None:
+    """1.0 if the completion's final answer equals gold, 0.0 if not, None if gold cannot be parsed."""
+    if mode not in ("reward", "eval"):
+        raise ValueError(f"grading mode must be 'reward' or 'eval', not {mode!r}")
+    from math_verify import verify
+    g = _parse_gold(gold, mode)
+    if not g:
+        return None
+    p = _parse_pred(completion, mode)
+    if not p:
+        return 0.0
+    try:
+        return float(verify(g, p, float_rounding=5 if mode == "eval" else 6))
+    except Exception:  # math-verify raises on pathological sympy input: the completion is wrong
+        return 0.0
+
+
+def extract_answer(completion: str, mode: str = "eval") -> str:
+    """The answer string grade() found in a completion ('' if none), for per-sample records."""
+    p = _parse_pred(completion, mode)
+    return str(p[-1]) if p else ""
