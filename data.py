@@ -300,3 +300,55 @@ def extract_answer(completion: str, mode: str = "eval") -> str:
     """The answer string grade() found in a completion ('' if none), for per-sample records."""
     p = _parse_pred(completion, mode)
     return str(p[-1]) if p else ""
+
+
+# -----------------------------------------------------------------------------------------------
+# Run records: every stage writes out_dir/run.json, metrics.jsonl (one JSON object per step) and
+# samples.jsonl. Only rank 0 writes.
+
+
+def _git_commit() -> str | None:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunLog:
+    def __init__(self, out_dir, args: dict, stage: str, enabled: bool = True, n_gpus: int = 0,
+                 gpu_hour_usd: float = 0.0):
+        import time
+        import torch
+        import transformers
+        self.dir, self.enabled, self.t0 = Path(out_dir), enabled, time.time()
+        self.n_gpus, self.usd = n_gpus, gpu_hour_usd
+        self.info = {"stage": stage, "args": args, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "git_commit": _git_commit(),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "n_gpus": n_gpus}
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.write_run()
+
+    def write_run(self, **extra):
+        import time
+        from model import atomic_write
+        wall = time.time() - self.t0
+        self.info.update(extra, wall_seconds=round(wall, 2), gpu_hours=round(wall * self.n_gpus / 3600, 5),
+                         dollars=round(wall * self.n_gpus / 3600 * self.usd, 4))
+        if self.enabled:
+            atomic_write(self.dir / "run.json", lambda p: Path(p).write_text(json.dumps(self.info, indent=2)))
+
+    def _append(self, name: str, rows):
+        if self.enabled:
+            with open(self.dir / name, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+                f.flush()
+
+    def metrics(self, row: dict):
+        self._append("metrics.jsonl", [row])
+
+    def samples(self, rows: list[dict]):
+        self._append("samples.jsonl", rows)

@@ -297,3 +297,15 @@ def load_adapter(model: nn.Module, path, trainable: bool = False) -> dict:
             m.lora_A.weight.requires_grad_(trainable)
             m.lora_B.weight.requires_grad_(trainable)
     return cfg
+
+
+def add_lora_args(parser, r: int = 32, alpha: float = 128, dropout: float = 0.05):
+    """--lora_r / --lora_alpha / --lora_dropout / --lora_targets (Tina and Resa: 32 / 128 / 0.05 / all seven)."""
+    from model import csv_list
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora_r", type=int, default=r, help="rank (%(default)s)")
+    g.add_argument("--lora_alpha", type=float, default=alpha, help="alpha; scale = alpha / r (%(default)s)")
+    g.add_argument("--lora_dropout", type=float, default=dropout, help="dropout on the LoRA input (%(default)s)")
+    g.add_argument("--lora_targets", type=csv_list(), default=list(ALL_LINEARS),
+                   help="comma-separated module names (default: %(default)s)")
+    return g

@@ -598,3 +598,25 @@ def atomic_write(path, write: Callable[[Path], None]):
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def add_run_args(parser, default_model: str, default_out: str):
+    """The flags every stage shares (DESIGN.md section 2)."""
+    g = parser.add_argument_group("model and run")
+    g.add_argument("--model", default=default_model,
+                   help="local Hugging Face folder, hub id, or random:<preset> (%(default)s)")
+    g.add_argument("--out_dir", default=default_out, help="output folder (%(default)s)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (%(default)s)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype; auto = bf16 on GPU, fp32 on CPU")
+    g.add_argument("--gpu_hour_usd", type=float, default=2.0,
+                   help="price of one GPU hour, for the cost in run.json (%(default)s)")
+    return g
+
+
+def csv_list(kind=str):
+    """argparse type for comma-separated lists: --rewards format,accuracy --reward_weights 1,2."""
+    def parse(text: str):
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    return parse

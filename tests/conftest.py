@@ -69,3 +69,35 @@ def left_padded_batch(vocab: int, lengths, seed: int = 0, pad: int = 0):
         ids[i, T - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[i, T - n:] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def char_model_dir(tmp_path_factory):
+    """A tiny random Qwen2 saved in Hugging Face layout with the toy character tokenizer."""
+    import model as M
+    from toy.chars import build_char_tokenizer
+    d = tmp_path_factory.mktemp("charmodel")
+    tok = build_char_tokenizer()
+    cfg = M.ModelConfig(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                        max_position_embeddings=512)
+    net = M.Transformer(cfg).init_weights(seed=0)
+    with torch.no_grad():   # larger embeddings: the final RMSNorm otherwise caps how peaked logits can get
+        net.model.embed_tokens.weight.mul_(5.0)
+    M.save_model(net, d, tokenizer=tok)
+    return d
+
+
+@pytest.fixture(scope="session")
+def arith_file(tmp_path_factory):
+    """A small question/answer JSONL: two-term sums."""
+    import json
+    import random
+    rng = random.Random(0)
+    p = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    with open(p, "w") as f:
+        for _ in range(64):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            f.write(json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n")
+    return p

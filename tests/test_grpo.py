@@ -1,0 +1,274 @@
+"""grpo_lora.py: rewards, the loss against an independent float64 computation, the schedule, learning,
+resume after SIGKILL, multi-process training and bad input."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo_lora as G
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- rewards
+
+def test_format_and_tag_count():
+    good = "reasoning\n</think>\n<answer>3</answer>"
+    assert G.reward_format([good, "no tags", "a\n</think>\nb\n</think>\n", "x</think>"], "3") == [1, 0, 0, 0]
+    assert G.reward_tag_count(["<think>\nx\n</think>\n", "x\n</think>\n", "<think>\n<think>\n", ""], "") == \
+        [1.0, 0.5, 0.0, 0.0]
+
+
+def test_accuracy_reward_and_unparseable_gold():
+    out = G.reward_accuracy(["so \\boxed{12}", "so \\boxed{13}", "twelve"], "12")
+    assert out == [1.0, 0.0, 0.0]
+    assert G.reward_accuracy(["\\boxed{1}"], "}{") == [None]
+
+
+def test_length_reward():
+    comps = ["\\boxed{5}", "x" * 20 + "\\boxed{5}", "x" * 40 + "\\boxed{4}", "x" * 10 + "\\boxed{4}"]
+    out = G.reward_length(comps, "5")
+    lens = [len(c) for c in comps]
+    lo, hi = min(lens), max(lens)
+    lam = [0.5 - (n - lo) / (hi - lo) for n in lens]
+    assert out == pytest.approx([lam[0], lam[1], min(0, lam[2]), min(0, lam[3])])
+    assert G.reward_length(["\\boxed{5}", "\\boxed{6}"], "5") == [0.0, 0.0]   # equal lengths
+    assert G.reward_length(["\\boxed{5}", "x\\boxed{5}"], "}{") == [None, None]
+
+
+def test_cosine_reward():
+    c0, w0 = "\\boxed{7}", "\\boxed{8}"
+    out = G.reward_cosine([c0, "y" * 491 + c0, w0, "y" * 991 + w0], "7")
+    cos = lambda n: math.cos(math.pi * n / 1000)
+    expect = [0.5 + 0.25 * (1 + cos(9)), 0.5 + 0.25 * (1 + cos(500)), -0.5 + 0.25 * (1 + cos(9)),
+              -0.5 + 0.25 * (1 + cos(1000))]
+    assert out == pytest.approx(expect)
+    assert out[0] > 0.99 and out[1] == pytest.approx(0.75) and out[3] == pytest.approx(-0.5)
+
+
+def test_repetition_reward():
+    assert G.reward_repetition(["a b c d e", "a b a b a b", "a b", ""], "") == pytest.approx([0.0, -0.5, 0.0, 0.0])
+
+
+def test_score_nansum_and_weights():
+    total, per = G.score(["\\boxed{1}\n</think>\n", "none"], "}{", ["format", "accuracy"], [1.0, 2.0])
+    assert torch.isnan(per[1]).all()
+    assert total.tolist() == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------- loss against float64
+
+def reference_loss(logp, old, ref, rewards, mask, G_, beta, eps, loss_type, scale, Lmax):
+    """Independent float64 loop over sequences and tokens."""
+    N, C = len(logp), len(logp[0])
+    adv = []
+    for i in range(N):
+        grp = rewards[(i // G_) * G_:(i // G_ + 1) * G_]
+        mu = sum(grp) / G_
+        sd = math.sqrt(sum((x - mu) ** 2 for x in grp) / (G_ - 1))
+        adv.append((rewards[i] - mu) / (sd + 1e-4) if scale else rewards[i] - mu)
+    seq_means, total, count = [], 0.0, 0
+    for i in range(N):
+        s, n = 0.0, 0
+        for t in range(C):
+            if not mask[i][t]:
+                continue
+            r = math.exp(logp[i][t] - old[i][t])
+            obj = min(r * adv[i], min(max(r, 1 - eps), 1 + eps) * adv[i])
+            kl = math.exp(ref[i][t] - logp[i][t]) - (ref[i][t] - logp[i][t]) - 1 if beta else 0.0
+            s += -(obj - beta * kl)
+            n += 1
+        seq_means.append(s / n)
+        total += s
+        count += n
+    return {"grpo": sum(seq_means) / N, "dr_grpo": total / (N * Lmax), "dapo": total / count}[loss_type]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_loss_matches_float64_reference(loss_type, scale, beta):
+    g = torch.Generator().manual_seed(0)
+    N, C, G_ = 6, 7, 3
+    logp = -torch.rand(N, C, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(N, C, generator=g, dtype=torch.float64) * 0.3   # ratios beyond the clip range
+    ref = logp + torch.randn(N, C, generator=g, dtype=torch.float64) * 0.2
+    rewards = torch.tensor([1.0, 0.0, 2.0, 0.5, 0.5, 3.0], dtype=torch.float64)
+    lengths = [7, 3, 5, 1, 6, 4]
+    mask = torch.tensor([[t < n for t in range(C)] for n in lengths])
+    adv = G.group_advantages(rewards, G_, scale)
+    got, kl, clip = G.grpo_loss(logp, old, ref, adv, mask, beta=beta, epsilon=0.2, loss_type=loss_type,
+                                max_completion_len=10)
+    want = reference_loss(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask.tolist(), G_, beta, 0.2,
+                          loss_type, scale, 10)
+    assert abs(got.item() - want) < 1e-10
+    assert 0 < clip < 1
+
+
+def test_advantages_are_per_group_and_gradient_sign():
+    adv = G.group_advantages(torch.tensor([1.0, 0.0, 5.0, 5.0]), 2, True)
+    assert adv[2] == 0 and adv[3] == 0 and adv[0] > 0 > adv[1]
+    # with ratio 1 the gradient pushes up log-probs of positive-advantage tokens
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, _, _ = G.grpo_loss(logp, logp.detach(), None, torch.tensor([1.0, -1.0]), torch.ones(2, 3), beta=0.0,
+                             epsilon=0.2, loss_type="grpo", max_completion_len=3)
+    loss.backward()
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()
+
+
+def test_lr_schedule_matches_transformers():
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    ref = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=math.ceil(0.1 * 37),
+                                                      num_training_steps=37, min_lr_rate=0.1)
+    for s in range(37):
+        assert G.lr_factor(s, 37, 0.1, 0.1) == pytest.approx(ref.get_last_lr()[0]), s
+        opt.step()
+        ref.step()
+
+
+# ---------------------------------------------------------------- training runs
+
+def run_args(model_dir, data, out, *extra):
+    return ["--model", str(model_dir), "--dataset", str(data), "--out_dir", str(out), "--rewards", "digit_first",
+            "--reward_weights", "1", "--num_generations", "8", "--prompts_per_step", "4", "--grad_accum", "2",
+            "--max_completion_len", "4", "--lr", "1e-2", "--lora_r", "8", "--lora_alpha", "16",
+            "--warmup_ratio", "0", "--system_prompt", "none", "--seed", "0", *extra]
+
+
+DIGIT_REWARD = "import grpo_lora as G; G.REWARDS['digit_first'] = lambda cs, gold: [float(c[:1].isdigit()) for c in cs]"
+
+
+@pytest.fixture
+def digit_reward(monkeypatch):
+    monkeypatch.setitem(G.REWARDS, "digit_first", lambda cs, gold: [float(c[:1].isdigit()) for c in cs])
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+def test_grpo_learns_an_easy_reward(char_model_dir, arith_file, tmp_path, digit_reward):
+    G.main(run_args(char_model_dir, arith_file, tmp_path / "run", "--max_steps", "30", "--stop_step", "30",
+                    "--save_every", "15"))
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 30 and rows[0]["reward"] < 0.3
+    assert sum(r["reward"] for r in rows[-5:]) / 5 > 0.8
+    for name in ("step_000015", "step_000030", "final"):
+        assert (tmp_path / "run" / name / "adapter_model.safetensors").exists()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["last_step"] == 30 and run["trainable_params"] > 0
+    assert (tmp_path / "run" / "samples.jsonl").exists()
+    # the saved adapter is an ordinary PEFT adapter that reproduces the policy
+    import lora as L
+    import model as M
+    net = M.load_model(str(char_model_dir))
+    L.load_adapter(net, tmp_path / "run" / "final")
+    assert L.lora_layers(net)["model.layers.0.self_attn.q_proj"].lora_B.weight.abs().sum() > 0
+
+
+def launch(args, env_extra=None):
+    code = f"{DIGIT_REWARD}; import sys; G.main(sys.argv[1:])"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(char_model_dir, arith_file, tmp_path):
+    common = ["--max_steps", "12", "--stop_step", "12", "--save_every", "4", "--lora_dropout", "0.1",
+              "--beta", "0.04"]
+    full = launch(run_args(char_model_dir, arith_file, tmp_path / "full", *common))
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    # second run: killed with SIGKILL once the step-4 state is on disk, then resumed
+    killed = launch(run_args(char_model_dir, arith_file, tmp_path / "cut", *common))
+    state = tmp_path / "cut" / "resume" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["step"] >= 4):
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    saved = json.loads(state.read_text())["step"]
+    assert saved < 12, "the run finished before it could be killed"
+    resumed = launch(run_args(char_model_dir, arith_file, tmp_path / "cut", *common, "--resume"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 13))
+    skip = ("seconds", "tokens_per_s")
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if not k.startswith(skip):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "full" / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "final" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_two_processes_with_gloo(char_model_dir, arith_file, tmp_path):
+    out = tmp_path / "ddp"
+    code = f"{DIGIT_REWARD}; import sys; G.main(sys.argv[1:])"
+    script = tmp_path / "entry.py"
+    script.write_text(code + "\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), *run_args(char_model_dir, arith_file, out, "--max_steps", "3", "--stop_step", "3",
+                                  "--prompts_per_step", "2", "--grad_accum", "1", "--device", "cpu")]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [x["step"] for x in rows] == [1, 2, 3]
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_all_reduce_keeps_ranks_identical(tmp_path):
+    # the gradient averaging used by multi-process training, checked across two gloo processes
+    script = tmp_path / "ar.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import grpo_lora as G\n"
+        "dist.init_process_group('gloo')\n"
+        "r = dist.get_rank()\n"
+        "ts = [torch.full((3,), float(r + 1)), torch.full((2, 2), 10.0 * (r + 1))]\n"
+        "G.all_reduce_mean(ts, 2)\n"
+        "assert torch.allclose(ts[0], torch.full((3,), 1.5)) and torch.allclose(ts[1], torch.full((2, 2), 15.0))\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29534", str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_is_refused_before_work(char_model_dir, arith_file, tmp_path, digit_reward):
+    base = run_args(char_model_dir, arith_file, tmp_path / "bad", "--max_steps", "2")
+    cases = [
+        (["--rewards", "accuracy,nope", "--reward_weights", "1,1"], "unknown reward"),
+        (["--rewards", "accuracy,format", "--reward_weights", "1"], "reward_weights"),
+        (["--num_generations", "1"], "at least 2"),
+        (["--prompts_per_step", "3", "--grad_accum", "2"], "multiple of --grad_accum"),
+    ]
+    for extra, msg in cases:
+        with pytest.raises(SystemExit, match=msg):
+            G.main(base + extra)
+    nofields = tmp_path / "nofields.jsonl"
+    nofields.write_text(json.dumps({"q": "1+1", "a": "2"}) + "\n")
+    with pytest.raises(ValueError, match="no usable question field"):
+        G.main(run_args(char_model_dir, nofields, tmp_path / "bad2", "--max_steps", "1"))
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, digit_reward):
+    out = tmp_path / "r"
+    G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "2", "--stop_step", "2", "--save_every", "2"))
+    with pytest.raises(ValueError, match="lora_r"):
+        G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "4", "--resume", "--lora_r", "4"))
