@@ -43,6 +43,14 @@ SYSTEM_PROMPTS = {
     "none": "",
 }
 
+def system_prompt_for(choice: str, dataset: str) -> str:
+    """--system_prompt: auto (the dataset's recipe prompt; open_r1 for local files), a name, or literal text."""
+    if choice == "auto":
+        spec = TRAIN_SETS.get(dataset)
+        return SYSTEM_PROMPTS[spec.system_prompt if spec else "open_r1"]
+    return SYSTEM_PROMPTS.get(choice, choice)
+
+
 QUESTION_FIELDS = ("problem", "question", "prompt", "context")
 ANSWER_FIELDS = ("answer", "final_answer", "solution")   # short answers before worked solutions
 

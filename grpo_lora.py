@@ -2,9 +2,10 @@
 grpo_lora.py -- the Tina stage: GRPO reinforcement learning where only LoRA adapters train.
 
 Usage
-  CPU, a tiny random model and a local file (seconds per step):
-    python grpo_lora.py --model random:tiny-qwen2 --tokenizer PATH --dataset ../shared/data/train/limr.jsonl \
-        --max_completion_len 64 --max_steps 20
+  CPU, a tiny random model with a character tokenizer, on a local file (a fraction of a second per step):
+    python -c "from toy.chars import build_char_tokenizer as b; b('out/chartok')"
+    python grpo_lora.py --model random:tiny-qwen2 --tokenizer out/chartok --dataset ../shared/data/train/gsm8k_train.jsonl \
+        --max_prompt_len 128 --max_completion_len 32 --max_steps 20 --device cpu --out_dir out/grpo_cpu
   GPU, Tina's open_rs2 recipe (the defaults; recipes/ holds every experiment):
     python grpo_lora.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --dataset open_rs2 --out_dir out/open_rs2
   Several GPUs (each rank owns whole prompt groups):
@@ -382,8 +383,7 @@ def train(args) -> dict:
     data_stats["unparseable_gold"] = len(examples) - len(usable)
     if not usable:
         raise SystemExit(f"{args.dataset}: no example has a gold answer math-verify can parse")
-    system_prompt = D.SYSTEM_PROMPTS[args.system_prompt] if args.system_prompt in D.SYSTEM_PROMPTS \
-        else args.system_prompt
+    system_prompt = D.system_prompt_for(args.system_prompt, args.dataset)
 
     # model, tokenizer, LoRA, optimiser
     net = M.load_model(args.model, device, dtype, seed=args.seed)
@@ -564,8 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ".jsonl/.json/.parquet file (%(default)s)")
     g.add_argument("--question_field", default=None, help="question column (default: problem, question, prompt, context)")
     g.add_argument("--answer_field", default=None, help="answer column (default: answer, final_answer, solution)")
-    g.add_argument("--system_prompt", default="open_rs",
-                   help="open_r1, open_rs (Tina's for the open-rs sets), none, or a literal prompt (%(default)s)")
+    g.add_argument("--system_prompt", default="auto",
+                   help="auto (Tina: open_rs for the open-rs sets, open_r1 otherwise), open_r1, open_rs, none, "
+                   "or a literal prompt text")
     L.add_lora_args(p)
     g = p.add_argument_group("GRPO")
     g.add_argument("--rewards", type=M.csv_list(), default=["format", "accuracy"],
@@ -578,8 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epsilon", type=float, default=0.2, help="ratio clip range (%(default)s)")
     g.add_argument("--num_iterations", type=int, default=1, help="optimizer steps per batch of rollouts (%(default)s)")
     g.add_argument("--loss_type", default="grpo", choices=["grpo", "dr_grpo", "dapo"], help="loss aggregation")
-    g.add_argument("--scale_rewards", action=argparse.BooleanOptionalAction, default=True,
-                   help="divide advantages by the group's reward std (--no_scale_rewards for Dr.GRPO)")
+    g.add_argument("--scale_rewards", dest="scale_rewards", action="store_true", default=True,
+                   help="divide advantages by the group's reward std (default)")
+    g.add_argument("--no_scale_rewards", dest="scale_rewards", action="store_false",
+                   help="do not (the Dr.GRPO ablation)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (%(default)s)")
     g.add_argument("--min_lr_rate", type=float, default=0.1, help="final lr as a fraction of --lr (%(default)s)")
@@ -587,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=1500, help="length of the lr schedule (%(default)s)")
     g.add_argument("--stop_step", type=int, default=850, help="stop early at this step (Tina: 850 of 1500)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (%(default)s)")
-    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in backward (long completions on GPU)")
     g = p.add_argument_group("sampling")
     g.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="built-in sampler or vLLM")
