@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 import data as D
 import lora as L
@@ -256,74 +255,6 @@ def rollout_vllm(net, tok, prompts, args, eos_ids, step) -> Rollouts:
 
 
 # -----------------------------------------------------------------------------------------------
-# Resume state: adapter + AdamW moments + RNG in safetensors, the rest in JSON; never pickle.
-
-
-def save_resume(out_dir: Path, net, opt, step: int, data_state: dict, generator: torch.Generator):
-    d = out_dir / "resume"
-    d.mkdir(parents=True, exist_ok=True)
-    names = {id(p): n for n, p in net.named_parameters()}
-    tensors = {}
-    for p in L.lora_parameters(net):
-        st = opt.state.get(p, {})
-        if st:
-            tensors[f"exp_avg/{names[id(p)]}"] = st["exp_avg"].detach().cpu()
-            tensors[f"exp_avg_sq/{names[id(p)]}"] = st["exp_avg_sq"].detach().cpu()
-            tensors[f"step/{names[id(p)]}"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1).cpu()
-    tensors["rng/torch_cpu"] = torch.get_rng_state()
-    tensors["rng/sampler"] = generator.get_state().cpu()
-    if torch.cuda.is_available():
-        tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
-    tag = f"{step:06d}"
-    L.save_adapter(net, d / f"adapter-{tag}")
-    M.atomic_write(d / f"optim-{tag}.safetensors", lambda p: save_file(tensors, str(p)))
-    state = {"step": step, "adapter": f"adapter-{tag}", "optim": f"optim-{tag}.safetensors", **data_state}
-    M.atomic_write(d / "state.json", lambda p: Path(p).write_text(json.dumps(state, indent=2)))
-    for old in d.iterdir():   # only now drop the previous state: a kill above leaves it intact
-        if tag not in old.name and old.name != "state.json":
-            if old.is_dir():
-                for f in old.iterdir():
-                    f.unlink()
-                old.rmdir()
-            else:
-                old.unlink()
-
-
-def load_resume(out_dir: Path, net, opt, generator: torch.Generator) -> dict:
-    d = out_dir / "resume"
-    if not (d / "state.json").exists():
-        raise FileNotFoundError(f"--resume: no resume state in {d} (nothing saved yet?)")
-    state = json.loads((d / "state.json").read_text())
-    weights = load_file(str(d / state["adapter"] / "adapter_model.safetensors"))
-    layers = L.lora_layers(net)
-    for key, t in weights.items():
-        name, ab = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key).groups()
-        if name not in layers:
-            raise ValueError(f"--resume: saved adapter has {name}, which this run's LoRA does not "
-                             "(different --lora_targets or model?)")
-        p = layers[name].lora_A.weight if ab == "A" else layers[name].lora_B.weight
-        if p.shape != t.shape:
-            raise ValueError(f"--resume: {key} has shape {tuple(t.shape)}, this run needs {tuple(p.shape)} "
-                             "(different --lora_r or model?)")
-        with torch.no_grad():
-            p.copy_(t)
-    tensors = load_file(str(d / state["optim"]))
-    names = {id(p): n for n, p in net.named_parameters()}
-    for p in L.lora_parameters(net):
-        n = names[id(p)]
-        if f"exp_avg/{n}" in tensors:
-            opt.state[p] = {"step": tensors[f"step/{n}"].reshape(()).to(torch.float32),
-                            "exp_avg": tensors[f"exp_avg/{n}"].to(p.device),
-                            "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device)}
-    torch.set_rng_state(tensors["rng/torch_cpu"])
-    generator.set_state(tensors["rng/sampler"].to(generator.device) if generator.device.type != "cpu"
-                        else tensors["rng/sampler"])
-    if "rng/torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/torch_cuda"])
-    return state
-
-
-# -----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -345,34 +276,9 @@ def check_args(args):
         raise SystemExit("--num_iterations and --max_steps must be >= 1")
 
 
-def setup_distributed(device_arg: str):
-    """torchrun sets WORLD_SIZE: one process per GPU (nccl) or per CPU worker (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, M.pick_device(device_arg)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    device = M.pick_device(device_arg)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_mean(tensors, world: int):
-    if world > 1:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= world
-        i = 0
-        for t in tensors:
-            t.copy_(flat[i:i + t.numel()].view_as(t))
-            i += t.numel()
-
-
 def train(args) -> dict:
     check_args(args)
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = M.setup_distributed(args.device)
     dtype = M.pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed + rank)
     out_dir = Path(args.out_dir)
@@ -408,7 +314,7 @@ def train(args) -> dict:
     log = D.RunLog(out_dir, {k: v for k, v in vars(args).items()}, "grpo_lora", enabled=rank == 0,
                    n_gpus=world if device.type == "cuda" else 0, gpu_hour_usd=args.gpu_hour_usd)
     if args.resume:
-        state = load_resume(out_dir, net, opt, generator)
+        state = L.load_training_state(out_dir, net, opt, generator)
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
         for _ in range(step):
             sched.step()
@@ -483,7 +389,7 @@ def train(args) -> dict:
             kls.append(kl)
             clips.append(clip)
             losses.append(loss.detach())
-        all_reduce_mean([p.grad for p in params if p.grad is not None], world)
+        M.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         lr = opt.param_groups[0]["lr"]
         opt.step()
@@ -529,7 +435,7 @@ def train(args) -> dict:
         if step % args.save_every == 0 or step == stop:
             if rank == 0:
                 L.save_adapter(net, out_dir / f"step_{step:06d}", base_model=args.model)
-                save_resume(out_dir, net, opt, step, {"epoch": epoch, "pos": pos}, generator)
+                L.save_training_state(out_dir, net, opt, step, {"epoch": epoch, "pos": pos}, generator)
                 log.write_run(last_step=step)
             if world > 1:
                 dist.barrier()

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model import atomic_write
 
@@ -309,3 +309,72 @@ def add_lora_args(parser, r: int = 32, alpha: float = 128, dropout: float = 0.05
     g.add_argument("--lora_targets", type=csv_list(), default=list(ALL_LINEARS),
                    help="comma-separated module names (default: %(default)s)")
     return g
+
+
+# -----------------------------------------------------------------------------------------------
+# Training state for --resume: adapter + AdamW moments + RNG in safetensors, the rest in JSON; never pickle.
+# Every file is written atomically and the previous state is deleted only after state.json points at the new one.
+
+
+def save_training_state(out_dir: Path, net, opt, step: int, data_state: dict, generator: torch.Generator):
+    d = out_dir / "resume"
+    d.mkdir(parents=True, exist_ok=True)
+    names = {id(p): n for n, p in net.named_parameters()}
+    tensors = {}
+    for p in lora_parameters(net):
+        st = opt.state.get(p, {})
+        if st:
+            tensors[f"exp_avg/{names[id(p)]}"] = st["exp_avg"].detach().cpu()
+            tensors[f"exp_avg_sq/{names[id(p)]}"] = st["exp_avg_sq"].detach().cpu()
+            tensors[f"step/{names[id(p)]}"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1).cpu()
+    tensors["rng/torch_cpu"] = torch.get_rng_state()
+    tensors["rng/sampler"] = generator.get_state().cpu()
+    if torch.cuda.is_available():
+        tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
+    tag = f"{step:06d}"
+    save_adapter(net, d / f"adapter-{tag}")
+    atomic_write(d / f"optim-{tag}.safetensors", lambda p: save_file(tensors, str(p)))
+    state = {"step": step, "adapter": f"adapter-{tag}", "optim": f"optim-{tag}.safetensors", **data_state}
+    atomic_write(d / "state.json", lambda p: Path(p).write_text(json.dumps(state, indent=2)))
+    for old in d.iterdir():   # only now drop the previous state: a kill above leaves it intact
+        if tag not in old.name and old.name != "state.json":
+            if old.is_dir():
+                for f in old.iterdir():
+                    f.unlink()
+                old.rmdir()
+            else:
+                old.unlink()
+
+
+def load_training_state(out_dir: Path, net, opt, generator: torch.Generator) -> dict:
+    d = out_dir / "resume"
+    if not (d / "state.json").exists():
+        raise FileNotFoundError(f"--resume: no resume state in {d} (nothing saved yet?)")
+    state = json.loads((d / "state.json").read_text())
+    weights = load_file(str(d / state["adapter"] / "adapter_model.safetensors"))
+    layers = lora_layers(net)
+    for key, t in weights.items():
+        name, ab = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key).groups()
+        if name not in layers:
+            raise ValueError(f"--resume: saved adapter has {name}, which this run's LoRA does not "
+                             "(different --lora_targets or model?)")
+        p = layers[name].lora_A.weight if ab == "A" else layers[name].lora_B.weight
+        if p.shape != t.shape:
+            raise ValueError(f"--resume: {key} has shape {tuple(t.shape)}, this run needs {tuple(p.shape)} "
+                             "(different --lora_r or model?)")
+        with torch.no_grad():
+            p.copy_(t)
+    tensors = load_file(str(d / state["optim"]))
+    names = {id(p): n for n, p in net.named_parameters()}
+    for p in lora_parameters(net):
+        n = names[id(p)]
+        if f"exp_avg/{n}" in tensors:
+            opt.state[p] = {"step": tensors[f"step/{n}"].reshape(()).to(torch.float32),
+                            "exp_avg": tensors[f"exp_avg/{n}"].to(p.device),
+                            "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device)}
+    torch.set_rng_state(tensors["rng/torch_cpu"])
+    generator.set_state(tensors["rng/sampler"].to(generator.device) if generator.device.type != "cpu"
+                        else tensors["rng/sampler"])
+    if "rng/torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/torch_cuda"])
+    return state

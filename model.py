@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -620,3 +621,32 @@ def csv_list(kind=str):
     def parse(text: str):
         return [kind(x.strip()) for x in text.split(",") if x.strip()]
     return parse
+
+
+# -----------------------------------------------------------------------------------------------
+# Multi-process training (torchrun): shared by the stages
+
+
+def setup_distributed(device_arg: str):
+    """torchrun sets WORLD_SIZE: one process per GPU (nccl) or per CPU worker (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_arg)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_mean(tensors, world: int):
+    if world > 1:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= world
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()

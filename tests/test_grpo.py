@@ -234,11 +234,11 @@ def test_all_reduce_keeps_ranks_identical(tmp_path):
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import grpo_lora as G\n"
+        "import model as M\n"
         "dist.init_process_group('gloo')\n"
         "r = dist.get_rank()\n"
         "ts = [torch.full((3,), float(r + 1)), torch.full((2, 2), 10.0 * (r + 1))]\n"
-        "G.all_reduce_mean(ts, 2)\n"
+        "M.all_reduce_mean(ts, 2)\n"
         "assert torch.allclose(ts[0], torch.full((3,), 1.5)) and torch.allclose(ts[1], torch.full((2, 2), 15.0))\n"
         "dist.destroy_process_group()\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
