@@ -40,6 +40,14 @@ SYSTEM_PROMPTS = {
         "respectively, \ni.e., <think> reasoning process here </think> <answer> answer here </answer>.\n"
         "Note that respond by English, NOT use other languages.\n"
     ),
+    # Resa's SAE trigger / elicitation text (resa/utils/prompt.py, "borrowed from deepseek r1")
+    "resa": (
+        "\nA conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
+        "The assistant first thinks about the reasoning process in the mind and then provides the user\n"
+        "with the answer. The reasoning process and answer are enclosed within <think> </think> and\n"
+        "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think>\n"
+        "<answer> answer here </answer>.\n"
+    ),
     "none": "",
 }
 
@@ -231,6 +239,32 @@ def format_prompt(tokenizer, question: str, system_prompt: str = "") -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     head = f"{system_prompt.strip()}\n\n" if system_prompt else ""
     return f"{head}User: {question}\nAssistant:"
+
+
+def trace_free_text(question: str, answer: str, system_prompt: str) -> tuple[str, str]:
+    """Resa's trigger / elicitation text, split into (prefix, assistant part): the answer stands in for the
+    missing reasoning trace. prefix + assistant = system prompt + "User:\\n {q}\\n\\nAssistant:\\n <think> ..."."""
+    return (f"{system_prompt}User:\n {question}\n\nAssistant:\n",
+            f" <think> {answer} </think>\n<answer> Answer: {answer}</answer>")
+
+
+def pack_chunks(tok, pieces: list[tuple[str, str]], ctx_len: int):
+    """Tokenise (prefix, assistant) pairs, join the texts with EOS and cut the stream into ctx_len chunks
+    (as sparsify's chunk_and_tokenize; the last partial chunk is dropped unless it is the only one).
+    -> ids [N, ctx_len] long, assistant_mask [N, ctx_len] bool (True on assistant tokens)."""
+    import torch
+    if tok.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to join texts with")
+    ids, mask = [], []
+    for prefix, assistant in pieces:
+        p = tok(prefix, add_special_tokens=False).input_ids
+        a = tok(assistant, add_special_tokens=False).input_ids
+        ids += p + a + [tok.eos_token_id]
+        mask += [False] * len(p) + [True] * len(a) + [False]
+    n = max(1, len(ids) // ctx_len)
+    if len(ids) < ctx_len:   # a tiny set: one short chunk
+        return torch.tensor([ids]), torch.tensor([mask])
+    return torch.tensor(ids[:n * ctx_len]).view(n, ctx_len), torch.tensor(mask[:n * ctx_len]).view(n, ctx_len)
 
 
 # -----------------------------------------------------------------------------------------------

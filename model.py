@@ -427,6 +427,30 @@ def token_logprobs(lm_head: nn.Module, hidden, targets, temperature: float = 1.0
     return torch.cat(out).view(B, T) if out else hidden.new_zeros(B, T, dtype=torch.float32)
 
 
+def _chunk_kl(lm_head, h_student, logp_teacher, temperature):
+    logq = torch.log_softmax(lm_head(h_student).float() / temperature, dim=-1)   # [c, V]
+    return (logp_teacher.exp() * (logp_teacher - logq)).sum()
+
+
+def chunked_kl(lm_head: nn.Module, h_teacher, h_student, temperature: float = 1.0, chunk_size: int = 512):
+    """sum over rows of KL(softmax(teacher logits) || softmax(student logits)), in row chunks.
+
+    h_teacher, h_student [B, T, D] final hidden states; only [chunk_size, V] float32 tensors exist at a
+    time (the student chunk is recomputed in backward). Divide by B for torch's kl_div 'batchmean'.
+    """
+    ht, hs = h_teacher.reshape(-1, h_teacher.shape[-1]), h_student.reshape(-1, h_student.shape[-1])
+    total = hs.new_zeros((), dtype=torch.float32)
+    for i in range(0, hs.shape[0], chunk_size):
+        with torch.no_grad():
+            logp = torch.log_softmax(lm_head(ht[i:i + chunk_size]).float() / temperature, -1)
+        args = (lm_head, hs[i:i + chunk_size], logp, temperature)
+        if torch.is_grad_enabled() and hs.requires_grad:
+            total = total + checkpoint(_chunk_kl, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_kl(*args)
+    return total
+
+
 # -----------------------------------------------------------------------------------------------
 # Sampling
 

@@ -20,6 +20,7 @@ the encoder backward is plain autograd (dense over latents).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -199,8 +200,9 @@ def load_sae(name: str, hookpoint: str | None = None, device="cpu", dtype=None) 
     if hookpoint is not None and (p / hookpoint).is_dir():
         p = p / hookpoint
     sae = SAE.load(p, device=device, dtype=dtype)
-    if "layer" not in sae.meta and p.name.startswith("layers.") and p.name[7:].isdigit():
-        sae.meta["layer"] = int(p.name[7:])   # sparsify names hookpoint folders layers.N
+    m = re.fullmatch(r"(?:model\.)?layers\.(\d+)", p.name)
+    if "layer" not in sae.meta and m:
+        sae.meta["layer"] = int(m.group(1))   # sparsify names hookpoint folders layers.N / model.layers.N
     return sae
 
 

@@ -71,22 +71,25 @@ def left_padded_batch(vocab: int, lengths, seed: int = 0, pad: int = 0):
     return ids, mask
 
 
-@pytest.fixture(scope="session")
-def char_model_dir(tmp_path_factory):
+def make_char_model(d, seed: int = 0, layers: int = 2):
     """A tiny random Qwen2 saved in Hugging Face layout with the toy character tokenizer."""
     import model as M
     from toy.chars import build_char_tokenizer
-    d = tmp_path_factory.mktemp("charmodel")
     tok = build_char_tokenizer()
     cfg = M.ModelConfig(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                         max_position_embeddings=512)
-    net = M.Transformer(cfg).init_weights(seed=0)
+    net = M.Transformer(cfg).init_weights(seed=seed)
     with torch.no_grad():   # larger embeddings: the final RMSNorm otherwise caps how peaked logits can get
         net.model.embed_tokens.weight.mul_(5.0)
     M.save_model(net, d, tokenizer=tok)
     return d
+
+
+@pytest.fixture(scope="session")
+def char_model_dir(tmp_path_factory):
+    return make_char_model(tmp_path_factory.mktemp("charmodel"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,222 @@
+"""
+sae_tune.py -- Resa step 2 (SAE-guided elicitation): train LoRA on a target model so that, with a frozen SAE
+replacing its residual stream at layer L, it matches its own output distribution without the SAE.
+
+Usage
+  CPU, the toy world:
+    python sae_tune.py --model toy/out/base --sae out/toy/sae/layers.2 --dataset toy/out/train.jsonl \
+        --ctx_len 256 --lr 1e-3 --device cpu --out_dir out/toy/sae_tuned
+  GPU, Resa's recipe (recipes/resa_sae_tune.sh):
+    python sae_tune.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --sae out/resa_sae/layers.12 \
+        --dataset still --out_dir out/resa_tuned
+  The plain SFT-LoRA baseline on the same trace-free text and steps:
+    python sae_tune.py ... --sae none --loss ce
+  Several GPUs: torchrun --nproc_per_node N sae_tune.py ...
+
+Per step (DESIGN.md 4.4): teacher = target, LoRA off, no SAE -> p (no grad); student = target + LoRA + the
+frozen SAE at its layer -> log q; loss = sum over tokens of KL(p || q) / sequences (torch's kl_div
+'batchmean'), computed in row chunks so no float32 [tokens, vocab] tensor exists for the whole sequence.
+AdamW (Resa: lr 1e-6, weight decay 0.01 = torch's default), constant lr, 2 epochs, grad-norm clip 1.0.
+The result is an ordinary PEFT adapter: use it without the SAE (evaluate.py --adapter ...).
+
+--sae_grad block (default, as Resa's code) runs the SAE under no_grad, so LoRA in layers <= L gets no
+gradient and stays at its initialisation; --sae_grad pass lets gradients flow through the frozen SAE.
+
+Simplifications versus Resa's code: the text is packed exactly as for train_sae.py (Resa used sparsify's
+chunk_and_tokenize for both); no gradient accumulation (Resa used batch 1 without accumulation either).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data as D
+import lora as L
+import model as M
+import sae as S
+
+
+def kl_loss(net, ids, sae: S.SAE, layer: int, grad: str, chunk_size: int = 512):
+    """KL(target without LoRA and SAE || target + LoRA + SAE), summed over tokens / batch. -> (loss, sae mse)."""
+    with torch.no_grad(), L.lora_disabled(net):
+        h_teacher = net(ids, hidden=True)                         # [B, T, D]
+    hook = S.insert_sae(net, sae, layer, grad)
+    try:
+        h_student = net(ids, hidden=True)
+    finally:
+        hook.remove()
+    loss = M.chunked_kl(net.lm_head, h_teacher, h_student, chunk_size=chunk_size) / ids.shape[0]
+    return loss, hook.last_mse
+
+
+def ce_loss(net, ids, assistant_mask):
+    """Next-token loss on the assistant part (the SFT baseline)."""
+    lp = net.logprobs(ids)                                        # [B, T-1]
+    m = assistant_mask[:, 1:].to(lp.dtype)
+    return -(lp * m).sum() / m.sum().clamp(min=1)
+
+
+def load_sae_arg(args):
+    """--sae -> (SAE or None, layer): the layer from our cfg.json, else the sparsify folder name layers.N,
+    else --layer. Runs before the model loads, so a bad path fails at once."""
+    if args.sae == "none":
+        if args.loss == "kl":
+            raise SystemExit("--loss kl needs an SAE (with --sae none the student equals the teacher); use --loss ce")
+        return None, None
+    path = Path(args.sae)
+    if path.is_dir() and not (path / "cfg.json").exists() and not list(path.glob("*/cfg.json")):
+        raise SystemExit(f"--sae {args.sae}: no cfg.json there; pass an SAE folder (e.g. out/sae/layers.12)")
+    try:
+        sae = S.load_sae(args.sae, hookpoint=f"layers.{args.layer}" if args.layer is not None else None)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--sae {args.sae}: {e}") from None
+    layer = args.layer if args.layer is not None else sae.layer
+    if layer is None:
+        raise SystemExit(f"--sae {args.sae}: the SAE names no layer; pass --layer")
+    return sae, layer
+
+
+def check_fit(sae: S.SAE, layer: int, net):
+    n = net.cfg.num_hidden_layers
+    if not 0 <= layer < n:
+        raise SystemExit(f"SAE layer {layer} does not exist: the target has {n} layers (0..{n - 1})")
+    if sae.d_in != net.cfg.hidden_size:
+        raise SystemExit(f"SAE d_in={sae.d_in} does not fit the target's hidden size {net.cfg.hidden_size}: "
+                         "it was trained on another architecture")
+
+
+def train(args) -> dict:
+    rank, world, device = M.setup_distributed(args.device)
+    dtype = M.pick_dtype(args.dtype, device)
+    out_dir = Path(args.out_dir)
+    args.loss = args.loss or ("ce" if args.sae == "none" else "kl")
+    tok = M.load_tokenizer(args.tokenizer or args.model)
+    examples, data_stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
+    sp = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
+    ids, amask = D.pack_chunks(tok, [D.trace_free_text(e.question, e.answer, sp) for e in examples], args.ctx_len)
+    sae, layer = load_sae_arg(args)
+    net = M.load_model(args.model, device, dtype, seed=args.seed)
+    if sae is not None:
+        check_fit(sae, layer, net)
+        sae.to(device=device, dtype=torch.float32)
+
+    torch.manual_seed(args.seed)                                  # same LoRA init on every rank
+    L.attach_lora(net, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    net.gradient_checkpointing = args.gradient_checkpointing
+    params = L.lora_parameters(net)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed + 1 + rank)                       # dropout noise differs across ranks
+    per_step = args.batch_size * world
+    steps_per_epoch = math.ceil(ids.shape[0] / per_step)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or 1 << 62)
+    step = 0
+    run = {"sae": args.sae, "sae_layer": layer, "sae_grad": args.sae_grad if sae else None,
+           "sae_source_model": sae.meta.get("source_model") if sae else None,
+           "sae_adapter": sae.meta.get("adapter") if sae else None, "loss": args.loss, "data": data_stats,
+           "chunks": int(ids.shape[0]), "ctx_len": int(ids.shape[1]), "steps": total,
+           "trainable_params": sum(p.numel() for p in params)}
+    log = D.RunLog(out_dir, vars(args), "sae_tune", enabled=rank == 0, n_gpus=world if device.type == "cuda" else 0,
+                   gpu_hour_usd=args.gpu_hour_usd)
+    if args.resume:
+        step = L.load_training_state(out_dir, net, opt, generator)["step"]
+    log.write_run(**run)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != torch.float32 \
+        else nullcontext()
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, desc=f"sae_tune ({args.loss})", disable=rank != 0, dynamic_ncols=True)
+    net.train()
+    while step < total:
+        t0 = time.time()
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(args.seed + epoch))
+        rows = order[k * per_step:(k + 1) * per_step][rank::world]
+        if len(rows) == 0:                                        # a short last step: reuse the epoch's start
+            rows = order[:args.batch_size]
+        batch, bmask = ids[rows].to(device), amask[rows].to(device)
+        with autocast:
+            if args.loss == "kl":
+                loss, mse = kl_loss(net, batch, sae, layer, args.sae_grad, args.kl_chunk)
+            else:
+                loss, mse = ce_loss(net, batch, bmask), None
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step {step + 1}: loss is {loss.item()} (NaN/inf); lower --lr")
+        loss.backward()
+        M.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        vals = torch.tensor([loss.item(), mse.item() if mse is not None else 0.0], dtype=torch.float64)
+        if world > 1:
+            vals = vals.to(device)
+            dist.all_reduce(vals)
+            vals = (vals / world).cpu()
+        row = {"step": step, "epoch": epoch, args.loss: vals[0].item(), "lr": args.lr, "grad_norm": float(grad_norm),
+               "tokens_per_s": batch.numel() * world / (time.time() - t0)}
+        if mse is not None:
+            row["sae_mse"] = vals[1].item()
+        log.metrics(row)
+        bar.update(1)
+        bar.set_postfix({args.loss: f"{row[args.loss]:.4f}"})
+        if (args.save_every and step % args.save_every == 0) or step == total:
+            if rank == 0:
+                L.save_adapter(net, out_dir / f"step_{step:06d}", base_model=args.model)
+                L.save_training_state(out_dir, net, opt, step, {"epoch": epoch}, generator)
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if rank == 0:
+        L.save_adapter(net, out_dir / "final", base_model=args.model)
+        log.write_run(last_step=step, finished=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return {"step": step, "out_dir": str(out_dir)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = M.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae_tune")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
+    g = p.add_argument_group("SAE")
+    g.add_argument("--sae", default="none", help="SAE folder (ours or sparsify's), or none for the SFT baseline")
+    g.add_argument("--layer", type=int, default=None, help="SAE layer when its cfg.json and folder name give none")
+    g.add_argument("--sae_grad", default="block", choices=["block", "pass"],
+                   help="block: SAE under no_grad as in Resa (default); pass: gradients flow through it")
+    g.add_argument("--loss", default=None, choices=["kl", "ce"], help="kl (default with an SAE) or ce (default without)")
+    g.add_argument("--kl_chunk", type=int, default=512, help="rows per vocabulary chunk in the KL (%(default)s)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="still", help="elicitation set: registry name or local file (%(default)s)")
+    g.add_argument("--question_field", default=None, help="question column")
+    g.add_argument("--answer_field", default=None, help="answer column")
+    g.add_argument("--system_prompt", default="resa", help="resa (Resa's), open_r1, open_rs, none, or literal text")
+    g.add_argument("--ctx_len", type=int, default=2048, help="tokens per chunk (%(default)s)")
+    L.add_lora_args(p)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-6, help="AdamW lr, constant (%(default)s)")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (torch default, as Resa)")
+    g.add_argument("--epochs", type=int, default=2, help="(%(default)s)")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
+    g.add_argument("--batch_size", type=int, default=1, help="sequences per step per process (%(default)s)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="(%(default)s)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save_every", type=int, default=500, help="adapter + resume state every N steps (%(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue from out_dir/resume")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""train_sae.py and sae_tune.py (Resa): activation collection, SAE training, the SAE-guided KL, gradient
+routing, modularity of the tuned adapter, multi-process training and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import lora as L
+import model as M
+import sae as S
+import sae_tune as ST
+import train_sae as T
+from conftest import make_char_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model3(tmp_path_factory):
+    return make_char_model(tmp_path_factory.mktemp("m3"), seed=0, layers=3)
+
+
+def sae_args(model_dir, data, out, *extra):
+    return ["--model", str(model_dir), "--dataset", str(data), "--out_dir", str(out), "--expansion_factor", "4",
+            "--k", "8", "--ctx_len", "64", "--batch_size", "4", "--lr", "1e-2", "--system_prompt", "none",
+            "--seed", "0", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+def test_collection_stops_at_the_layer_and_matches_transformers(model3):
+    from transformers import AutoModelForCausalLM
+    net = M.load_model(str(model3))
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def boom(*a):
+        raise AssertionError("layer 2 ran")
+    handle = net.model.layers[2].register_forward_pre_hook(boom)
+    got = T.collect_residuals(net, ids, [0, 1])
+    handle.remove()
+    ref = AutoModelForCausalLM.from_pretrained(model3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = ref(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer in (0, 1):
+        assert (got[layer] - hs[layer + 1]).abs().max() < 1e-4
+    assert not net.residual_hooks          # collection leaves no hook behind
+
+
+def test_sae_training_lowers_fvu_and_layers_train_independently(model3, arith_file, tmp_path):
+    T.main(sae_args(model3, arith_file, tmp_path / "both", "--layers", "0,2"))
+    rows = metrics(tmp_path / "both")
+    for layer in (0, 2):
+        first, last = rows[0][f"fvu/{layer}"], min(r[f"fvu/{layer}"] for r in rows[-5:])
+        assert last < 0.3 * first, (layer, first, last)
+        cfg = json.loads((tmp_path / "both" / f"layers.{layer}" / "cfg.json").read_text())
+        assert cfg["layer"] == layer and cfg["num_latents"] == 4 * 64 and cfg["source_model"] == str(model3)
+    # several layers from one pass = separate runs with the same seed
+    T.main(sae_args(model3, arith_file, tmp_path / "only2", "--layers", "2"))
+    a = load_file(str(tmp_path / "both" / "layers.2" / "sae.safetensors"))
+    b = load_file(str(tmp_path / "only2" / "layers.2" / "sae.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # --init_from starts from the given weights: with lr 0 they come back unchanged
+    T.main(sae_args(model3, arith_file, tmp_path / "ft", "--layers", "2", "--init_from", str(tmp_path / "both"),
+                    "--lr", "0", "--max_tokens", "256"))
+    c = load_file(str(tmp_path / "ft" / "layers.2" / "sae.safetensors"))
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "ft" / "layers.2" / "cfg.json").read_text())["init_from"] == str(tmp_path / "both")
+
+
+def identity_sae(d):
+    sae = S.SAE(d, 2 * d, d, normalize_decoder=False)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
+        sae.encoder.bias.zero_()
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_kl_loss_matches_float64_reference_and_is_zero_when_perfect(model3):
+    net = M.load_model(str(model3))
+    L.attach_lora(net, r=4, alpha=8, dropout=0.0)
+    ids = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(1))
+    perfect = identity_sae(64)
+    loss, mse = ST.kl_loss(net, ids, perfect, 1, "block", chunk_size=7)
+    assert abs(loss.item()) < 1e-6 and mse < 1e-10                     # fresh adapter + perfect SAE
+    torch.manual_seed(0)
+    rough = S.SAE(64, 256, 8)
+    with torch.no_grad():
+        for m in L.lora_layers(net).values():
+            m.lora_B.weight.normal_(0, 0.05)
+    loss, _ = ST.kl_loss(net, ids, rough, 1, "pass", chunk_size=7)
+    with torch.no_grad():
+        with L.lora_disabled(net):
+            teacher = net(ids).double()
+        hook = S.insert_sae(net, rough, 1)
+        student = net(ids).double()
+        hook.remove()
+    ref = F.kl_div(F.log_softmax(student, -1), F.softmax(teacher, -1), reduction="batchmean")
+    assert ref > 1e-3 and abs(loss.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
+
+
+@pytest.mark.parametrize("mode", ["block", "pass"])
+def test_gradient_routing(model3, mode):
+    net = M.load_model(str(model3))
+    L.attach_lora(net, r=4, alpha=8, dropout=0.0)
+    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    loss, _ = ST.kl_loss(net, ids, S.SAE(64, 256, 8), 1, mode)
+    loss.backward()
+    for name, m in L.lora_layers(net).items():
+        layer = int(name.split(".")[2])
+        has = m.lora_B.weight.grad is not None and m.lora_B.weight.grad.abs().sum() > 0
+        assert has == (layer > 1 or mode == "pass"), (mode, name)
+
+
+def test_tuned_adapter_is_modular(model3, arith_file, tmp_path):
+    T.main(sae_args(model3, arith_file, tmp_path / "sae", "--layers", "1"))
+    ST.main(["--model", str(model3), "--sae", str(tmp_path / "sae" / "layers.1"), "--dataset", str(arith_file),
+             "--ctx_len", "64", "--lr", "1e-2", "--lora_r", "4", "--max_steps", "12", "--save_every", "6",
+             "--system_prompt", "none", "--out_dir", str(tmp_path / "tuned")])
+    rows = metrics(tmp_path / "tuned")
+    assert len(rows) == 12 and all("kl" in r and "sae_mse" in r for r in rows)
+    run = json.loads((tmp_path / "tuned" / "run.json").read_text())
+    assert run["sae_layer"] == 1 and run["sae_source_model"] == str(model3) and run["sae_grad"] == "block"
+    other = make_char_model(tmp_path / "other", seed=7, layers=3)     # same shape, other weights
+    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(3))
+    for base in (model3, other):
+        net = M.load_model(str(base))
+        with torch.no_grad():
+            plain = net(ids)
+        L.load_adapter(net, tmp_path / "tuned" / "final")
+        with torch.no_grad():
+            tuned = net(ids)
+            with L.lora_disabled(net):
+                off = net(ids)
+        assert (tuned - plain).abs().max() > 1e-4 and torch.equal(off, plain)
+
+
+def test_sft_baseline_lowers_ce(model3, arith_file, tmp_path):
+    ST.main(["--model", str(model3), "--sae", "none", "--loss", "ce", "--dataset", str(arith_file),
+             "--ctx_len", "64", "--lr", "1e-2", "--lora_r", "4", "--max_steps", "30", "--batch_size", "4",
+             "--system_prompt", "none", "--out_dir", str(tmp_path / "sft")])
+    ce = [r["ce"] for r in metrics(tmp_path / "sft")]
+    assert sum(ce[-5:]) / 5 < 0.7 * sum(ce[:5]) / 5
+
+
+def test_sae_tune_two_processes_with_gloo(model3, arith_file, tmp_path):
+    script = tmp_path / "entry.py"
+    script.write_text("import sys\nimport sae_tune\nsae_tune.main(sys.argv[1:])\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+           str(script), "--model", str(model3), "--sae", "none", "--dataset", str(arith_file), "--ctx_len", "64",
+           "--lr", "1e-3", "--lora_r", "4", "--max_steps", "3", "--system_prompt", "none", "--device", "cpu",
+           "--out_dir", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in metrics(tmp_path / "ddp")] == [1, 2, 3]
+
+
+def test_bad_input(model3, arith_file, tmp_path):
+    S.SAE(48, 96, 4, layer=1).save(tmp_path / "narrow" / "layers.1")
+    S.SAE(64, 128, 4, layer=5).save(tmp_path / "deep" / "layers.5")
+    (tmp_path / "empty").mkdir()
+    tune = ["--model", str(model3), "--dataset", str(arith_file), "--out_dir", str(tmp_path / "x"), "--ctx_len", "64"]
+    for sae, msg in ((tmp_path / "narrow" / "layers.1", "d_in=48"), (tmp_path / "deep" / "layers.5", "does not exist"),
+                     (tmp_path / "empty", "no cfg.json")):
+        with pytest.raises(SystemExit, match=msg):
+            ST.main(tune + ["--sae", str(sae)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        T.main(sae_args(model3, arith_file, tmp_path / "y", "--layers", "3"))
+    with pytest.raises(SystemExit, match="d_in"):
+        T.main(sae_args(model3, arith_file, tmp_path / "y", "--layers", "1", "--init_from", str(tmp_path / "narrow")))
+    nofields = tmp_path / "nofields.jsonl"
+    nofields.write_text(json.dumps({"q": "1+1", "a": "2"}) + "\n")
+    with pytest.raises(ValueError, match="no usable question field"):
+        ST.main(["--model", str(model3), "--dataset", str(nofields), "--out_dir", str(tmp_path / "z"), "--sae", "none"])
+    with pytest.raises(ValueError, match="no usable question field"):
+        T.main(sae_args(model3, nofields, tmp_path / "z2", "--layers", "1"))
+    assert not (tmp_path / "x" / "metrics.jsonl").exists() and not (tmp_path / "y" / "metrics.jsonl").exists()

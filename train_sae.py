@@ -1,0 +1,207 @@
+"""
+train_sae.py -- Resa step 1 (reasoning-ability extraction): TopK SAEs on a source model's residual stream.
+
+Usage
+  CPU, the toy world (seconds):
+    python train_sae.py --model toy/out/base --adapter out/toy/grpo/final --dataset toy/out/train.jsonl \
+        --layers 2 --expansion_factor 8 --k 8 --ctx_len 256 --batch_size 8 --device cpu --out_dir out/toy/sae
+  GPU, Resa's recipe (SAE on a Tina checkpoint, the STILL trigger set; recipes/resa_train_sae.sh):
+    python train_sae.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --adapter TINA_CHECKPOINT \
+        --dataset still --layers 12 --out_dir out/resa_sae
+
+The source model reads Resa's trace-free text (system prompt, the question, and the answer standing in for
+the reasoning trace), joined with EOS and cut into --ctx_len chunks. The forward pass stops after the
+highest requested layer; the residual stream after each requested layer (the output of decoder layer L,
+sparsify's hookpoint layers.L) trains its own SAE, all from that single pass. Each SAE is written to
+out_dir/layers.L/ in sparsify's format (cfg.json + sae.safetensors) with our keys layer, source_model,
+adapter added.
+
+Per step and layer: FVU (+ auxk_alpha x AuxK on latents dead for --dead_tokens tokens) backward, the
+gradient parallel to each decoder row removed, Adam step, decoder rows renormalised (sparsify semantics).
+
+Simplifications versus Resa / sparsify: plain Adam with a linear warm-up (--warmup_steps) and then a
+constant lr, instead of sparsify's schedule and optimiser choices; b_dec starts at the first batch's mean;
+no multi-GPU sharding (one pass over a few thousand examples takes minutes on one GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import data as D
+import lora as L
+import model as M
+import sae as S
+
+
+def default_lr(num_latents: int) -> float:
+    """sparsify's rule: 2e-4 / sqrt(num_latents / 2**14)."""
+    return 2e-4 / math.sqrt(num_latents / 2 ** 14)
+
+
+def collect_residuals(net, ids, layers: list[int]) -> dict[int, torch.Tensor]:
+    """One forward that stops after max(layers); -> {L: residual stream after layer L, [B, T, D]}."""
+    got = {}
+
+    def keep(layer):
+        def hook(h):
+            got[layer] = h
+            return h        # the residual stream itself is left unchanged
+        return hook
+
+    for layer in layers:
+        net.set_residual_hook(layer, keep(layer))
+    try:
+        with torch.no_grad():
+            net(ids, stop_after=max(layers))
+    finally:
+        for layer in layers:
+            net.set_residual_hook(layer, None)
+    return got
+
+
+def load_source(args, device, dtype):
+    """The source model with its adapter merged in (the SAE sees exactly what the tuned model computes)."""
+    net = M.load_model(args.model, device, dtype, seed=args.seed)
+    if args.adapter:
+        L.load_adapter(net, args.adapter)
+        L.unload_lora(net, merge=True)
+    return net.eval()
+
+
+def trigger_chunks(args, tok):
+    examples, stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
+    sp = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
+    ids, _ = D.pack_chunks(tok, [D.trace_free_text(e.question, e.answer, sp) for e in examples], args.ctx_len)
+    if args.max_tokens:
+        ids = ids[:max(1, args.max_tokens // ids.shape[1])]
+    return ids, stats
+
+
+def make_saes(args, d_in: int, n_layers: int) -> dict[int, S.SAE]:
+    for layer in args.layers:
+        if not 0 <= layer < n_layers:
+            raise SystemExit(f"--layers: layer {layer} does not exist; the model has {n_layers} layers (0..{n_layers - 1})")
+    saes = {}
+    for layer in args.layers:
+        meta = {"layer": layer, "hookpoint": f"layers.{layer}", "source_model": args.model, "adapter": args.adapter,
+                "trigger_dataset": args.dataset}
+        if args.init_from:   # Resa's "finetuned" variant: continue from an existing SAE (ours or sparsify's)
+            sae = S.load_sae(args.init_from, hookpoint=f"layers.{layer}")
+            if sae.d_in != d_in:
+                raise SystemExit(f"--init_from: SAE d_in={sae.d_in} does not fit the model's hidden size {d_in}")
+            sae.meta.update(meta, init_from=args.init_from)
+        else:
+            torch.manual_seed(args.seed + layer)          # each layer's init independent of the others
+            m = args.num_latents or (d_in * args.expansion_factor if args.expansion_factor else 65536)
+            sae = S.SAE(d_in, m, args.k, **meta)
+        saes[layer] = sae.float()
+    return saes
+
+
+def train(args) -> dict[int, S.SAE]:
+    device = M.pick_device(args.device)
+    dtype = M.pick_dtype(args.dtype, device)
+    out_dir = Path(args.out_dir)
+    if args.init_from and not Path(args.init_from).exists() and args.init_from.count("/") != 1:
+        raise SystemExit(f"--init_from {args.init_from!r}: no such SAE folder")
+    tok = M.load_tokenizer(args.tokenizer or args.model)
+    ids, data_stats = trigger_chunks(args, tok)
+    net = load_source(args, device, dtype)
+    saes = make_saes(args, net.cfg.hidden_size, net.cfg.num_hidden_layers)
+    for sae in saes.values():
+        sae.to(device)
+    lr = args.lr if args.lr is not None else default_lr(next(iter(saes.values())).num_latents)
+    opts = {layer: torch.optim.Adam(sae.parameters(), lr=lr) for layer, sae in saes.items()}
+    trackers = {layer: S.DeadLatentTracker(sae.num_latents, args.dead_tokens, device) for layer, sae in saes.items()}
+    log = D.RunLog(out_dir, vars(args), "train_sae", n_gpus=int(device.type == "cuda"), gpu_hour_usd=args.gpu_hour_usd)
+    log.write_run(data=data_stats, chunks=int(ids.shape[0]), ctx_len=int(ids.shape[1]), lr=lr)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(ids.shape[0], generator=g)
+    steps = math.ceil(len(order) / args.batch_size)
+    from tqdm import tqdm
+    bar = tqdm(range(steps), desc="sae", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        batch = ids[order[step * args.batch_size:(step + 1) * args.batch_size]].to(device)
+        acts = collect_residuals(net, batch, args.layers)
+        row = {"step": step + 1, "lr": lr * min(1.0, (step + 1) / max(1, args.warmup_steps))}
+        for layer, sae in saes.items():
+            x = acts[layer].reshape(-1, sae.d_in).float()                  # [B*T, d]
+            if step == 0 and not args.init_from:
+                sae.init_b_dec(x)
+            for grp in opts[layer].param_groups:
+                grp["lr"] = row["lr"]
+            with autocast:
+                out = sae(x, dead_mask=trackers[layer].dead_mask() if args.auxk_alpha > 0 else None)
+            loss = out.fvu + args.auxk_alpha * out.auxk_loss
+            if not torch.isfinite(loss):
+                raise SystemExit(f"step {step + 1}, layer {layer}: loss is {loss.item()}; lower --lr")
+            loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opts[layer].step()
+            opts[layer].zero_grad(set_to_none=True)
+            sae.set_decoder_norm_to_unit_norm()
+            trackers[layer].update(out.indices, out.acts)
+            row.update({f"fvu/{layer}": out.fvu.item(), f"auxk/{layer}": out.auxk_loss.item(),
+                        f"dead_fraction/{layer}": trackers[layer].dead_fraction(),
+                        f"l0/{layer}": (out.acts > 0).sum(-1).float().mean().item()})
+        row["tokens_per_s"] = batch.numel() / (time.time() - t0)
+        log.metrics(row)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.startswith("fvu/")})
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_all(saes, out_dir)
+    save_all(saes, out_dir)
+    log.write_run(steps=steps, finished=True)
+    return saes
+
+
+def save_all(saes: dict[int, S.SAE], out_dir: Path):
+    for layer, sae in saes.items():
+        sae.save(out_dir / f"layers.{layer}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = M.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae")
+    g.add_argument("--adapter", default=None, help="LoRA adapter on the source model (e.g. a grpo_lora.py checkpoint)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="still", help="trigger set: registry name or local file (%(default)s)")
+    g.add_argument("--question_field", default=None, help="question column")
+    g.add_argument("--answer_field", default=None, help="answer column")
+    g.add_argument("--system_prompt", default="resa", help="resa (Resa's), open_r1, open_rs, none, or literal text")
+    g.add_argument("--ctx_len", type=int, default=2048, help="tokens per chunk (%(default)s)")
+    g.add_argument("--max_tokens", type=int, default=0, help="stop after about this many tokens (0 = one full pass)")
+    g = p.add_argument_group("SAE")
+    g.add_argument("--layers", type=M.csv_list(int), default=[12], help="comma-separated layer indices (%(default)s)")
+    g.add_argument("--num_latents", type=int, default=None, help="latents per SAE (Resa: 65536, the default)")
+    g.add_argument("--expansion_factor", type=int, default=None, help="or num_latents = d_in x this")
+    g.add_argument("--k", type=int, default=32, help="active latents per token (%(default)s)")
+    g.add_argument("--init_from", default=None, help="start from this SAE (folder of layers.N folders, ours or sparsify's)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=16, help="sequences per step (%(default)s)")
+    g.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(num_latents / 2^14))")
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up steps (%(default)s)")
+    g.add_argument("--auxk_alpha", type=float, default=0.0, help="weight of the AuxK loss on dead latents (%(default)s)")
+    g.add_argument("--dead_tokens", type=int, default=10_000_000, help="a latent silent this long is dead (%(default)s)")
+    g.add_argument("--save_every", type=int, default=0, help="also save every N steps (0 = at the end only)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.num_latents and args.expansion_factor:
+        raise SystemExit("give --num_latents or --expansion_factor, not both")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
