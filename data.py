@@ -91,6 +91,23 @@ TRAIN_SETS = {
 TRAIN_SETS.update(open_rs1=TRAIN_SETS["open_s1"], open_rs2=TRAIN_SETS["open_rs"], open_rs3=TRAIN_SETS["open_rs"])
 
 
+# the papers' benchmarks: hub source, split and fields (local copies: ../shared/data/eval, see its README)
+BENCHMARKS = {
+    "aime24": DatasetSpec("HuggingFaceH4/aime_2024", question="problem", note="aime24.jsonl"),
+    "aime25": DatasetSpec("yentinglin/aime_2025", question="problem", note="aime25.jsonl"),
+    "amc23": DatasetSpec("knoveleng/AMC-23", question="problem", note="amc23.jsonl"),
+    "math_500": DatasetSpec("HuggingFaceH4/MATH-500", question="problem", split="test", note="math500.jsonl"),
+    "minerva": DatasetSpec("knoveleng/Minerva-Math", question="problem", note="minerva.json"),
+    "olympiadbench": DatasetSpec("knoveleng/OlympiadBench", question="question", answer="final_answer",
+                                 note="olympiadbench.jsonl"),
+    "gsm8k": DatasetSpec("openai/gsm8k", question="question", config="main", split="test", note="gsm8k_test.jsonl"),
+    "gpqa_diamond": DatasetSpec("Idavidrein/gpqa", question="Question", answer="Correct Answer", config="gpqa_diamond",
+                                note="gated on the hub: log in with a token that has accepted its terms"),
+}
+# Qwen's copy of AIME25 appends its own instruction to each problem; the papers' prompt replaces it
+_QUESTION_SUFFIXES = ("\nPlease reason step by step, and put your final answer within \\boxed{}.",)
+
+
 @dataclass
 class Example:
     question: str
@@ -180,6 +197,46 @@ def load_examples(name_or_path: str, question_field: str | None = None, answer_f
     return examples, stats
 
 
+def load_benchmark(name: str, local_dir: str | None = None, limit: int | None = None, seed: int = 0):
+    """A benchmark by name -> (examples, stats), from local_dir (a folder holding the files named in
+    BENCHMARKS) when given, else from the hub; the same field mapping either way. GPQA examples get
+    four shuffled choices (seeded) in the question and the correct letter as the answer."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    spec = BENCHMARKS[name]
+    local = Path(local_dir) / spec.note if local_dir and spec.note.endswith((".json", ".jsonl")) else None
+    if local_dir and (local is None or not local.exists()):
+        raise FileNotFoundError(f"{name}: no local copy {spec.note!r} in {local_dir}")
+    rows, source = (_read_local(local), str(local)) if local else (_read_hub(spec), spec.hub)
+    if name == "gpqa_diamond":
+        import random
+        rng = random.Random(seed)
+        examples = []
+        for i, r in enumerate(rows[:limit] if limit else rows):
+            choices = [r["Correct Answer"]] + [r[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
+            choices = [c.strip() for c in choices]
+            order = rng.sample(range(4), 4)
+            letters = "ABCD"
+            q = r["Question"].strip() + "\n\n" + "\n".join(f"{letters[k]}) {choices[o]}" for k, o in enumerate(order))
+            examples.append(Example(q, letters[order.index(0)], i, r))
+        return examples, {"source": source, "records": len(rows), "examples": len(examples), "skipped": 0}
+    qf = _pick(rows, spec.question, QUESTION_FIELDS, "question", source)
+    af = _pick(rows, spec.answer, ANSWER_FIELDS, "answer", source)
+    examples, skipped = [], 0
+    for i, r in enumerate(rows):
+        q, a = question_text(r.get(qf)), gold_text(r.get(af))
+        for suffix in _QUESTION_SUFFIXES:
+            q = q[:-len(suffix)].rstrip() if q.endswith(suffix) else q
+        if not q or not a:
+            skipped += 1
+            continue
+        examples.append(Example(q, a, i, r))
+        if limit and len(examples) >= limit:
+            break
+    return examples, {"source": source, "records": len(rows), "examples": len(examples), "skipped": skipped,
+                      "question_field": qf, "answer_field": af}
+
+
 def question_text(q) -> str:
     if isinstance(q, list):   # chat messages: the first user turn
         users = [m.get("content", "") for m in q if isinstance(m, dict) and m.get("role", "user") == "user"]
@@ -229,6 +286,22 @@ def gold_text(a) -> str:
 
 # -----------------------------------------------------------------------------------------------
 # Prompts
+
+# the evaluation prompts of lighteval / open-r1, which both papers used for their benchmark numbers
+EVAL_TEMPLATES = {
+    "math": ("Solve the following math problem efficiently and clearly.  The last line of your response should "
+             "be of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' "
+             "(without quotes) where ANSWER is just the final number or expression that solves the problem. "
+             "Think step by step before answering.\n\n{question}"),
+    "gpqa": ("Answer the following multiple choice question. The last line of your response should be of the "
+             "following format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by "
+             "step before answering.\n\n{question}"),
+    "none": "{question}",
+}
+
+
+def apply_template(template: str, question: str) -> str:
+    return EVAL_TEMPLATES[template].replace("{question}", question)
 
 
 def format_prompt(tokenizer, question: str, system_prompt: str = "") -> str:
@@ -336,6 +409,13 @@ def grade(completion: str, gold: str, mode: str = "reward") -> float | None:
         return float(verify(g, p, float_rounding=5 if mode == "eval" else 6))
     except Exception:  # math-verify raises on pathological sympy input: the completion is wrong
         return 0.0
+
+
+def extract_letter(completion: str) -> str:
+    """The multiple-choice letter a completion chose ('Answer: C', '\\boxed{C}'), or ''."""
+    found = re.findall(r"[Aa]nswer\s*(?:is)?\s*[:：]?\s*\$?\(?\\?(?:boxed\{|text\{)?\s*([ABCD])\b", completion)
+    found = found or re.findall(r"\\boxed\{\s*(?:\\text\{)?([ABCD])\b", completion)
+    return found[-1] if found else ""
 
 
 def extract_answer(completion: str, mode: str = "eval") -> str:

@@ -196,17 +196,6 @@ def encode_prompts(tok, prompts: list[str], max_len: int, device):
     return ids.to(device), mask.to(device)
 
 
-def eos_ids_for(tok, model_dir: str | None, cfg: M.ModelConfig) -> list[int]:
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    for src in (cfg.eos_token_id,):
-        ids.update(src if isinstance(src, list) else [src] if src is not None else [])
-    gen = Path(model_dir or "") / "generation_config.json"
-    if model_dir and gen.exists():
-        e = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(e if isinstance(e, list) else [e] if e is not None else [])
-    return sorted(i for i in ids if i is not None and i < cfg.vocab_size)
-
-
 def rollout_hf(net, tok, prompts, args, eos_ids, generator) -> Rollouts:
     ids, mask = encode_prompts(tok, prompts, args.max_prompt_len, net.device)
     ids, mask = ids.repeat_interleave(args.num_generations, 0), mask.repeat_interleave(args.num_generations, 0)
@@ -297,7 +286,7 @@ def train(args) -> dict:
     tok = M.load_tokenizer(args.tokenizer or args.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    eos_ids = eos_ids_for(tok, args.model_dir, net.cfg)
+    eos_ids = M.eos_token_ids(tok, args.model, net.cfg)
     if not eos_ids:
         raise SystemExit("the tokenizer and model config name no EOS token: completions could never end")
     torch.manual_seed(args.seed)                 # identical LoRA init on every rank

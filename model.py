@@ -598,6 +598,19 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(str(resolve_model_dir(name)))
 
 
+def eos_token_ids(tokenizer, model_name: str, cfg: ModelConfig) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS, config.json's and generation_config.json's."""
+    ids = {tokenizer.eos_token_id}
+    sources = [cfg.eos_token_id]
+    if not model_name.startswith("random:"):
+        gen = resolve_model_dir(model_name) / "generation_config.json"
+        if gen.exists():
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for s in sources:
+        ids.update(s if isinstance(s, list) else [s])
+    return sorted(i for i in ids if i is not None and i < cfg.vocab_size)
+
+
 def save_model(model: Transformer, out_dir, tokenizer=None):
     """Write config.json + model.safetensors (+ tokenizer files) in the Hugging Face layout."""
     from safetensors.torch import save_file

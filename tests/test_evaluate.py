@@ -1,0 +1,144 @@
+"""evaluate.py: benchmark loading, pass@k, greedy equality with transformers, outputs, resume, bad input."""
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import data as D
+import evaluate as E
+import lora as L
+import model as M
+from conftest import make_char_model
+
+EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
+needs_data = pytest.mark.skipif(not EVAL.exists(), reason="../shared/data is not beside the checkout")
+
+
+@needs_data
+@pytest.mark.parametrize("bench", ["aime24", "aime25", "amc23", "math_500", "minerva", "olympiadbench", "gsm8k"])
+def test_local_copies_load_through_the_benchmark_loader(bench):
+    ex, st = D.load_benchmark(bench, str(EVAL))
+    assert st["examples"] == st["records"] and len(ex) >= 30
+    assert all(e.question and e.answer for e in ex)
+    assert not any(e.question.endswith("\\boxed{}.") for e in ex)       # AIME25's own instruction is stripped
+    unparsed = [e.answer for e in ex if not D.gold_parses(e.answer, "eval")]
+    assert len(unparsed) <= 4, unparsed                                   # reported: 4 Minerva, 3 OlympiadBench
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        D.load_benchmark("aime2024", str(EVAL))
+
+
+def test_gpqa_choices_are_shuffled_and_graded_by_letter(tmp_path):
+    rows = [{"Question": f"Q{i}?", "Correct Answer": "right", "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2",
+             "Incorrect Answer 3": "w3"} for i in range(8)]
+    d = tmp_path / "gpqa"
+    d.mkdir()
+    spec = D.BENCHMARKS["gpqa_diamond"]
+    D.BENCHMARKS["gpqa_diamond"] = D.DatasetSpec(spec.hub, question="Question", answer="Correct Answer", note="g.jsonl")
+    try:
+        (d / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ex, _ = D.load_benchmark("gpqa_diamond", str(d), seed=0)
+    finally:
+        D.BENCHMARKS["gpqa_diamond"] = spec
+    assert len({e.answer for e in ex}) > 1
+    for e in ex:
+        assert f"{e.answer}) right" in e.question
+        assert E.grade_sample("gpqa_diamond", f"... Answer: {e.answer}", e.answer)[1] == 1.0
+        wrong = "ABCD".replace(e.answer, "")[0]
+        assert E.grade_sample("gpqa_diamond", f"Answer: {wrong}", e.answer)[1] == 0.0
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 2, 1), (5, 2, 2), (6, 1, 3), (4, 0, 2), (4, 4, 3), (7, 3, 5)])
+def test_pass_at_k_equals_enumeration(n, c, k):
+    outcomes = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+    assert E.pass_at_k(n, c, k) == pytest.approx(brute)
+
+
+def test_summary_leaves_unparseable_gold_out():
+    rows = [{"index": 0, "correct": 1.0, "tokens": 5, "finished": True},
+            {"index": 0, "correct": 0.0, "tokens": 5, "finished": False},
+            {"index": 1, "correct": None, "tokens": 5, "finished": True},
+            {"index": 1, "correct": None, "tokens": 5, "finished": True}]
+    s = E.summarize(rows, 2, [2])
+    assert s["pass@1"] == 0.5 and s["problems"] == 1 and s["unparseable_gold"] == 1 and s["pass@2"] == 1.0
+    assert s["truncated"] == 0.25
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    p = tmp_path_factory.mktemp("evaldata") / "sums.jsonl"
+    rows = [{"problem": f"{a}+{b}", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9)]]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def eval_args(model_dir, data, out, *extra):
+    return ["--model", str(model_dir), "--data", str(data), "--out_dir", str(out), "--max_new_tokens", "12",
+            "--device", "cpu", "--template", "none", *extra]
+
+
+def test_greedy_matches_transformers_and_outputs(char_model_dir, small_set, tmp_path):
+    from transformers import AutoModelForCausalLM
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "e", "--temperature", "0", "--batch_size", "3"))
+    rows = [json.loads(line) for line in open(tmp_path / "e" / "samples.jsonl")]
+    assert len(rows) == 5
+    for key in ("benchmark", "index", "question", "prompt", "gold", "completion", "extracted", "correct", "tokens",
+                "finished"):
+        assert key in rows[0]
+    tok = M.load_tokenizer(str(char_model_dir))
+    hf = AutoModelForCausalLM.from_pretrained(char_model_dir, dtype=torch.float32).eval()
+    for r in rows:
+        ids = torch.tensor([tok(r["prompt"], add_special_tokens=False).input_ids])
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == r["completion"]
+    res = json.loads((tmp_path / "e" / "results.json").read_text())["results"]["base"]["sums"]
+    for key in ("pass@1", "interval95", "problems", "unparseable_gold", "n"):
+        assert key in res
+    assert res["problems"] == 5 and (tmp_path / "e" / "results.md").exists()
+
+
+def test_resume_gives_the_same_results(char_model_dir, small_set, tmp_path):
+    common = ["--temperature", "1.0", "--n", "4", "--k", "2,4", "--batch_size", "6", "--seed", "3"]
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "one", *common))
+    lines = open(tmp_path / "one" / "samples.jsonl").readlines()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "samples.jsonl").write_text("".join(lines[:9]))    # a run killed after 9 samples
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "cut", *common))
+    a = json.loads((tmp_path / "one" / "results.json").read_text())["results"]
+    b = json.loads((tmp_path / "cut" / "results.json").read_text())["results"]
+    assert a == b
+    key = lambda r: (r["index"], r["sample"])
+    ra = sorted(map(json.loads, open(tmp_path / "one" / "samples.jsonl")), key=key)
+    rb = sorted(map(json.loads, open(tmp_path / "cut" / "samples.jsonl")), key=key)
+    assert [r["completion"] for r in ra] == [r["completion"] for r in rb] and len(rb) == 20
+
+
+def test_adapter_sweep_and_bad_input(char_model_dir, small_set, tmp_path):
+    net = M.load_model(str(char_model_dir))
+    L.attach_lora(net, r=4, alpha=8)
+    with torch.no_grad():
+        for m in L.lora_layers(net).values():
+            m.lora_B.weight.normal_(0, 0.3)
+    L.save_adapter(net, tmp_path / "ad")
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "sweep", "--adapter", f"base,{tmp_path / 'ad'}",
+                     "--temperature", "0"))
+    res = json.loads((tmp_path / "sweep" / "results.json").read_text())["results"]
+    assert set(res) == {"base", str(tmp_path / "ad")}
+    rows = [json.loads(line) for line in open(tmp_path / "sweep" / "samples.jsonl")]
+    by = {a: [r["completion"] for r in rows if r["adapter"] == a] for a in res}
+    assert by["base"] != by[str(tmp_path / "ad")]                          # the adapter was applied
+    other = make_char_model(tmp_path / "wide", seed=1, layers=3)            # 3 layers: the adapter targets 2
+    wrong = M.load_model(str(other))
+    L.attach_lora(wrong, r=4, alpha=8)
+    L.save_adapter(wrong, tmp_path / "ad3")
+    with pytest.raises(SystemExit, match="not a Linear layer"):
+        E.main(eval_args(char_model_dir, small_set, tmp_path / "bad", "--adapter", str(tmp_path / "ad3")))
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        E.main(eval_args(char_model_dir, small_set, tmp_path / "bad", "--benchmarks", "aime2024"))
+    with pytest.raises(SystemExit, match="pass@k needs n >= k"):
+        E.main(eval_args(char_model_dir, small_set, tmp_path / "bad", "--n", "2", "--k", "4"))
+    assert not (tmp_path / "bad" / "samples.jsonl").exists()
