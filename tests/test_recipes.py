@@ -39,3 +39,32 @@ def test_tina_recipes_parse(name):
     assert (a.max_prompt_len, a.max_completion_len, a.prompts_per_step, a.grad_accum) == (512, 3584, 4, 4)
     assert a.scale_rewards == (name != "tina_open_rs3_drgrpo.sh")
     assert a.loss_type == ("dr_grpo" if name == "tina_open_rs3_drgrpo.sh" else "grpo")
+
+
+def recipe_calls(name: str, env: dict) -> list[list[str]]:
+    """Every python call a recipe makes, each as its argument list."""
+    stub = '() { printf "CALL\\n"; printf "%s\\n" "$@"; }'
+    out = subprocess.run(["bash", str(ROOT / "recipes" / name)], env={**os.environ, **env, "BASH_FUNC_python%%": stub},
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return [c.strip("\n").splitlines() for c in out.split("CALL\n") if c.strip()]
+
+
+def test_resa_recipes_parse():
+    import evaluate as E
+    import sae_tune as ST
+    import train_sae as T
+    (call,) = recipe_calls("resa_train_sae.sh", {"TINA_ADAPTER": "ckpt", "RESA_LAYERS": "2,6,10"})
+    a = T.build_parser().parse_args(call[1:])
+    assert (a.adapter, a.layers, a.num_latents, a.k, a.batch_size, a.ctx_len) == ("ckpt", [2, 6, 10], 65536, 32, 16, 2048)
+    (call,) = recipe_calls("resa_sae_tune.sh", {})
+    a = ST.build_parser().parse_args(call[1:])
+    assert (a.sae, a.loss, a.sae_grad, a.lr, a.epochs, a.batch_size) == ("out/resa/sae/layers.12", "kl", "block", 1e-6, 2, 1)
+    assert (a.lora_r, a.lora_alpha, a.lora_dropout) == (32, 128, 0.05)
+    (call,) = recipe_calls("resa_sft_baseline.sh", {})
+    b = ST.build_parser().parse_args(call[1:])
+    assert (b.sae, b.loss) == ("none", "ce")
+    assert (b.lr, b.epochs, b.batch_size, b.ctx_len, b.dataset) == (a.lr, a.epochs, a.batch_size, a.ctx_len, a.dataset)
+    calls = recipe_calls("resa_modularity.sh", {})
+    bases = [E.build_parser().parse_args(c[1:]) for c in calls]
+    assert [x.model for x in bases] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-1.5B"]
+    assert all(x.adapter == ["base", "out/resa/tuned/final"] for x in bases)
