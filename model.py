@@ -592,10 +592,16 @@ def load_model(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed
 
 def load_tokenizer(name: str):
     """transformers' AutoTokenizer for a local folder or hub id."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if name.startswith("random:"):
-        raise ValueError(f"{name} has random weights and no tokenizer; pass token ids directly")
-    return AutoTokenizer.from_pretrained(str(resolve_model_dir(name)))
+        raise ValueError(f"{name} has random weights and no tokenizer; pass token ids directly (or --tokenizer)")
+    d = resolve_model_dir(name)
+    cfg = d / "tokenizer_config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
+        # a generic tokenizer.json (the toy world's): transformers 5 would otherwise pick the tokenizer class
+        # of config.json's model_type (Qwen2's) and replace its pre-tokenizer
+        return PreTrainedTokenizerFast.from_pretrained(str(d))
+    return AutoTokenizer.from_pretrained(str(d))
 
 
 def eos_token_ids(tokenizer, model_name: str, cfg: ModelConfig) -> list[int]:
@@ -625,7 +631,20 @@ def save_model(model: Transformer, out_dir, tokenizer=None):
     cfg = {**model.cfg.to_hf(), "torch_dtype": str(model.dtype).replace("torch.", "")}
     atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        save_tokenizer(tokenizer, out)
+
+
+def save_tokenizer(tokenizer, out_dir):
+    """save_pretrained; a generic tokenizer (built from a tokenizers.Tokenizer, like the toy world's) gets
+    tokenizer_class PreTrainedTokenizerFast written down, so load_tokenizer loads it back unchanged."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out))
+    if type(tokenizer).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        cfg_file = out / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_file.write_text(json.dumps(cfg, indent=2))
 
 
 def atomic_write(path, write: Callable[[Path], None]):

@@ -82,10 +82,13 @@ def load_sae_arg(args):
     return sae, layer
 
 
-def check_fit(sae: S.SAE, layer: int, net):
+def check_fit(sae: S.SAE, layer: int, net, grad: str = "block"):
     n = net.cfg.num_hidden_layers
     if not 0 <= layer < n:
         raise SystemExit(f"SAE layer {layer} does not exist: the target has {n} layers (0..{n - 1})")
+    if grad == "block" and layer == n - 1:
+        raise SystemExit(f"SAE at the last layer ({layer}) with --sae_grad block: no LoRA layer above it would get "
+                         "a gradient; use an earlier layer or --sae_grad pass")
     if sae.d_in != net.cfg.hidden_size:
         raise SystemExit(f"SAE d_in={sae.d_in} does not fit the target's hidden size {net.cfg.hidden_size}: "
                          "it was trained on another architecture")
@@ -103,7 +106,7 @@ def train(args) -> dict:
     sae, layer = load_sae_arg(args)
     net = M.load_model(args.model, device, dtype, seed=args.seed)
     if sae is not None:
-        check_fit(sae, layer, net)
+        check_fit(sae, layer, net, args.sae_grad)
         sae.to(device=device, dtype=torch.float32)
 
     torch.manual_seed(args.seed)                                  # same LoRA init on every rank

@@ -71,7 +71,7 @@ def left_padded_batch(vocab: int, lengths, seed: int = 0, pad: int = 0):
     return ids, mask
 
 
-def make_char_model(d, seed: int = 0, layers: int = 2):
+def make_char_model(d, seed: int = 0, layers: int = 2, embed_scale: float = 5.0):
     """A tiny random Qwen2 saved in Hugging Face layout with the toy character tokenizer."""
     import model as M
     from toy.chars import build_char_tokenizer
@@ -82,7 +82,7 @@ def make_char_model(d, seed: int = 0, layers: int = 2):
                         max_position_embeddings=512)
     net = M.Transformer(cfg).init_weights(seed=seed)
     with torch.no_grad():   # larger embeddings: the final RMSNorm otherwise caps how peaked logits can get
-        net.model.embed_tokens.weight.mul_(5.0)
+        net.model.embed_tokens.weight.mul_(embed_scale)
     M.save_model(net, d, tokenizer=tok)
     return d
 

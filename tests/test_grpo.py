@@ -138,25 +138,27 @@ def test_lr_schedule_matches_transformers():
 # ---------------------------------------------------------------- training runs
 
 def run_args(model_dir, data, out, *extra):
-    return ["--model", str(model_dir), "--dataset", str(data), "--out_dir", str(out), "--rewards", "digit_first",
+    return ["--model", str(model_dir), "--dataset", str(data), "--out_dir", str(out), "--rewards", "not_newline",
             "--reward_weights", "1", "--num_generations", "8", "--prompts_per_step", "4", "--grad_accum", "2",
             "--max_completion_len", "4", "--lr", "1e-2", "--lora_r", "8", "--lora_alpha", "16",
             "--warmup_ratio", "0", "--system_prompt", "none", "--seed", "0", *extra]
 
 
-DIGIT_REWARD = "import grpo_lora as G; G.REWARDS['digit_first'] = lambda cs, gold: [float(c[:1].isdigit()) for c in cs]"
+# an easy reward for a random model: do not open with the newline it prefers (chance: a few percent)
+EASY_REWARD = ("import grpo_lora as G; G.REWARDS['not_newline'] = "
+               "lambda cs, gold: [float(c[:1] not in (chr(10), '')) for c in cs]")
 
 
 @pytest.fixture
-def digit_reward(monkeypatch):
-    monkeypatch.setitem(G.REWARDS, "digit_first", lambda cs, gold: [float(c[:1].isdigit()) for c in cs])
+def easy_reward(monkeypatch):
+    monkeypatch.setitem(G.REWARDS, "not_newline", lambda cs, gold: [float(c[:1] not in ("\n", "")) for c in cs])
 
 
 def read_metrics(out):
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
-def test_grpo_learns_an_easy_reward(char_model_dir, arith_file, tmp_path, digit_reward):
+def test_grpo_learns_an_easy_reward(char_model_dir, arith_file, tmp_path, easy_reward):
     G.main(run_args(char_model_dir, arith_file, tmp_path / "run", "--max_steps", "30", "--stop_step", "30",
                     "--save_every", "15"))
     rows = read_metrics(tmp_path / "run")
@@ -176,7 +178,7 @@ def test_grpo_learns_an_easy_reward(char_model_dir, arith_file, tmp_path, digit_
 
 
 def launch(args, env_extra=None):
-    code = f"{DIGIT_REWARD}; import sys; G.main(sys.argv[1:])"
+    code = f"{EASY_REWARD}; import sys; G.main(sys.argv[1:])"
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -214,7 +216,7 @@ def test_resume_after_sigkill_matches_uninterrupted(char_model_dir, arith_file, 
 
 def test_two_processes_with_gloo(char_model_dir, arith_file, tmp_path):
     out = tmp_path / "ddp"
-    code = f"{DIGIT_REWARD}; import sys; G.main(sys.argv[1:])"
+    code = f"{EASY_REWARD}; import sys; G.main(sys.argv[1:])"
     script = tmp_path / "entry.py"
     script.write_text(code + "\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -249,7 +251,7 @@ def test_all_reduce_keeps_ranks_identical(tmp_path):
 
 # ---------------------------------------------------------------- bad input
 
-def test_bad_input_is_refused_before_work(char_model_dir, arith_file, tmp_path, digit_reward):
+def test_bad_input_is_refused_before_work(char_model_dir, arith_file, tmp_path, easy_reward):
     base = run_args(char_model_dir, arith_file, tmp_path / "bad", "--max_steps", "2")
     cases = [
         (["--rewards", "accuracy,nope", "--reward_weights", "1,1"], "unknown reward"),
@@ -267,7 +269,7 @@ def test_bad_input_is_refused_before_work(char_model_dir, arith_file, tmp_path, 
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
-def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, digit_reward):
+def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, easy_reward):
     out = tmp_path / "r"
     G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "2", "--stop_step", "2", "--save_every", "2"))
     with pytest.raises(ValueError, match="lora_r"):

@@ -34,6 +34,6 @@ def build_char_tokenizer(out_dir=None, chars: str | None = None):
                                   chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
     tok.add_special_tokens({"additional_special_tokens": []})
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(out_dir))
+        from model import save_tokenizer
+        save_tokenizer(tok, out_dir)
     return tok

@@ -1,0 +1,68 @@
+"""The toy world: data, tokenizer, and the pipeline end to end (tiny sizes in CI, full sizes marked slow)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data as D
+import model as M
+from toy.chars import build_char_tokenizer
+from toy.world import completion, make_problem, write_sets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_world_is_deterministic_heldout_and_gradable(tmp_path):
+    write_sets(tmp_path / "a", seed=3, n_train=200, n_test=50)
+    write_sets(tmp_path / "b", seed=3, n_train=200, n_test=50)
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    train = [json.loads(line) for line in open(tmp_path / "a" / "train.jsonl")]
+    test = [json.loads(line) for line in open(tmp_path / "a" / "test.jsonl")]
+    assert not {r["problem"] for r in train} & {r["problem"] for r in test}
+    for r in train + test:
+        assert eval(r["problem"]) == int(r["answer"]) and 0 <= int(r["answer"]) <= 20
+    import random
+    q, a, steps = make_problem(random.Random(0), 5)
+    assert len(steps) == 4 and steps[-1].endswith(f"={a}")
+    for worked in (True, False):
+        text = completion(a, steps, worked)
+        assert D.grade(text, str(a), "reward") == 1.0 and D.grade(text, str(a + 1), "reward") == 0.0
+        assert text.count("</think>\n") == 1
+
+
+def test_char_tokenizer_survives_a_qwen2_folder(tmp_path):
+    # transformers picks the tokenizer class from config.json's model_type; ours must load back unchanged
+    tok = build_char_tokenizer()
+    net = M.load_model("random:tiny-qwen2")
+    M.save_model(net, tmp_path, tokenizer=tok)
+    back = M.load_tokenizer(str(tmp_path))
+    text = "Q: 1+2\nA: <think>\n1+2=3\n</think>\n<answer>\\boxed{3}</answer>\n"
+    assert back(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+    assert back.decode(back(text, add_special_tokens=False).input_ids) == text
+    assert D.format_prompt(back, "1+2") == "Q: 1+2\nA: <think>\n"
+
+
+def test_pipeline_quick_connects_every_stage(tmp_path):
+    r = subprocess.run([sys.executable, "toy/pipeline.py", "--quick", "--out", str(tmp_path / "toy")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "toy" / "results.json").read_text())
+    assert len(rep["rows"]) == 6 and all(0 <= row["pass@1"] <= 1 for row in rep["rows"])
+    assert "| GRPO-LoRA (Tina) |" in (tmp_path / "toy" / "results.md").read_text()
+    for d in ("base", "base2", "grpo/final", "sae_tuned/final", "sft/final"):
+        assert (tmp_path / "toy" / d).exists(), d
+
+
+@pytest.mark.slow
+def test_full_pipeline_meets_the_acceptance_bars(tmp_path):
+    r = subprocess.run([sys.executable, "toy/pipeline.py", "--out", str(tmp_path / "toy")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=3600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads((tmp_path / "toy" / "results.json").read_text())["rows"]
+    base, grpo = rows[0], rows[1]
+    assert 0.15 <= base["pass@1"] <= 0.60
+    assert grpo["vs_base"] >= 0.10 and grpo["vs_base_interval95"][0] > 0
