@@ -183,6 +183,11 @@ def load_examples(name_or_path: str, question_field: str | None = None, answer_f
         raise ValueError(f"{source}: no records")
     qf = _pick(rows, question_field or (spec.question if spec else None), QUESTION_FIELDS, "question", source)
     af = _pick(rows, answer_field or (spec.answer if spec else None), ANSWER_FIELDS, "answer", source)
+    return _to_examples(rows, qf, af, source, limit)
+
+
+def _to_examples(rows: list[dict], qf: str, af: str, source: str, limit: int | None):
+    """Records -> Examples; records without a question or a gold answer are skipped and counted."""
     examples, skipped = [], 0
     for i, r in enumerate(rows):
         q, a = question_text(r.get(qf)), gold_text(r.get(af))
@@ -192,9 +197,8 @@ def load_examples(name_or_path: str, question_field: str | None = None, answer_f
         examples.append(Example(q, a, i, r))
         if limit and len(examples) >= limit:
             break
-    stats = {"source": source, "records": len(rows), "examples": len(examples), "skipped": skipped,
-             "question_field": qf, "answer_field": af}
-    return examples, stats
+    return examples, {"source": source, "records": len(rows), "examples": len(examples), "skipped": skipped,
+                      "question_field": qf, "answer_field": af}
 
 
 def load_benchmark(name: str, local_dir: str | None = None, limit: int | None = None, seed: int = 0):
@@ -222,26 +226,17 @@ def load_benchmark(name: str, local_dir: str | None = None, limit: int | None = 
         return examples, {"source": source, "records": len(rows), "examples": len(examples), "skipped": 0}
     qf = _pick(rows, spec.question, QUESTION_FIELDS, "question", source)
     af = _pick(rows, spec.answer, ANSWER_FIELDS, "answer", source)
-    examples, skipped = [], 0
-    for i, r in enumerate(rows):
-        q, a = question_text(r.get(qf)), gold_text(r.get(af))
-        for suffix in _QUESTION_SUFFIXES:
-            q = q[:-len(suffix)].rstrip() if q.endswith(suffix) else q
-        if not q or not a:
-            skipped += 1
-            continue
-        examples.append(Example(q, a, i, r))
-        if limit and len(examples) >= limit:
-            break
-    return examples, {"source": source, "records": len(rows), "examples": len(examples), "skipped": skipped,
-                      "question_field": qf, "answer_field": af}
+    return _to_examples(rows, qf, af, source, limit)
 
 
 def question_text(q) -> str:
     if isinstance(q, list):   # chat messages: the first user turn
         users = [m.get("content", "") for m in q if isinstance(m, dict) and m.get("role", "user") == "user"]
         q = users[0] if users else ""
-    return str(q).strip() if q is not None else ""
+    q = str(q).strip() if q is not None else ""
+    for suffix in _QUESTION_SUFFIXES:
+        q = q[:-len(suffix)].rstrip() if q.endswith(suffix) else q
+    return q
 
 
 def last_boxed(text: str) -> str | None:

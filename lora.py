@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from model import atomic_write
+from model import atomic_write, read_json
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."   # PEFT's key prefix for a causal LM
@@ -233,10 +233,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not cfg_file.exists() or not w_file.exists():
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder: it needs adapter_config.json and "
                                 "adapter_model.safetensors")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    cfg = read_json(cfg_file)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for key, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False)):

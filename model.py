@@ -647,6 +647,14 @@ def save_tokenizer(tokenizer, out_dir):
         cfg_file.write_text(json.dumps(cfg, indent=2))
 
 
+def read_json(path) -> dict:
+    """json.loads of a file, with an error that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def atomic_write(path, write: Callable[[Path], None]):
     """write(tmp) then fsync + rename over path, so a crash never leaves a half-written file."""
     path = Path(path)

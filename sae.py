@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import atomic_write
+from model import atomic_write, read_json
 
 SPARSIFY_KEYS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
                  "skip_connection", "transcode")
@@ -157,10 +157,7 @@ class SAE(nn.Module):
             subs = sorted(p.name for p in path.glob("*/cfg.json")) if path.is_dir() else []
             hint = f"; it holds hookpoint folders {[s.split('/')[0] for s in subs]}: pass one" if subs else ""
             raise FileNotFoundError(f"{path} is not an SAE folder (needs cfg.json and sae.safetensors){hint}")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        cfg = read_json(cfg_file)
         if cfg.get("activation", "topk") != "topk":
             raise ValueError(f"{path}: activation {cfg['activation']!r} is not supported (only topk)")
         if cfg.get("transcode"):

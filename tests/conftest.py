@@ -104,3 +104,16 @@ def arith_file(tmp_path_factory):
             a, b = rng.randint(0, 20), rng.randint(0, 20)
             f.write(json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n")
     return p
+
+
+def identity_sae(d: int):
+    """A TopK SAE that reconstructs exactly: latents relu(x) and relu(-x), k = d."""
+    import sae as S
+    sae = S.SAE(d, 2 * d, d, normalize_decoder=False)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
+        sae.encoder.bias.zero_()
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_dec.zero_()
+    return sae

@@ -16,7 +16,7 @@ import model as M
 import sae as S
 import sae_tune as ST
 import train_sae as T
-from conftest import make_char_model
+from conftest import identity_sae, make_char_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,17 +73,6 @@ def test_sae_training_lowers_fvu_and_layers_train_independently(model3, arith_fi
     c = load_file(str(tmp_path / "ft" / "layers.2" / "sae.safetensors"))
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert json.loads((tmp_path / "ft" / "layers.2" / "cfg.json").read_text())["init_from"] == str(tmp_path / "both")
-
-
-def identity_sae(d):
-    sae = S.SAE(d, 2 * d, d, normalize_decoder=False)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
-        sae.encoder.bias.zero_()
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.b_dec.zero_()
-    return sae
 
 
 def test_kl_loss_matches_float64_reference_and_is_zero_when_perfect(model3):

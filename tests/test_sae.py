@@ -7,7 +7,7 @@ import torch
 import lora as L
 import model as M
 import sae as S
-from conftest import left_padded_batch
+from conftest import identity_sae, left_padded_batch
 
 
 def sparsify_sae(d=32, m=256, k=8, seed=0, skip=False):
@@ -138,18 +138,6 @@ def test_training_recovers_hidden_sparse_dictionary():
     with torch.no_grad():
         fvu = sae(batch(4096)).fvu.item()
     assert fvu < 0.1, fvu
-
-
-def identity_sae(d: int) -> S.SAE:
-    """A TopK SAE that reconstructs exactly: latents relu(x), relu(-x), k = d."""
-    sae = S.SAE(d, 2 * d, d, normalize_decoder=False)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
-        sae.encoder.bias.zero_()
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.b_dec.zero_()
-    return sae
 
 
 def test_perfect_sae_leaves_logits_unchanged_and_grad_modes(hf_models):
