@@ -481,8 +481,13 @@ class Generation(NamedTuple):
 @torch.no_grad()
 def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(), pad_id: int = 0,
-             seed: int | None = None, generator: torch.Generator | None = None) -> Generation:
-    """Batched sampling with a preallocated KV cache. input_ids [B, T] left-padded."""
+             seed: int | None = None, generator: torch.Generator | None = None, compact: bool = True) -> Generation:
+    """Batched sampling with a preallocated KV cache. input_ids [B, T] left-padded.
+
+    compact: once a quarter of the rows still decoding have finished, drop them from the batch and the
+    cache, so finished sequences stop costing work (the outputs are the same; a seeded sampler draws
+    from a smaller batch afterwards, so its samples differ from compact=False, reproducibly).
+    """
     B, T = input_ids.shape
     dev = input_ids.device
     if attention_mask is None:
@@ -494,20 +499,27 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)                                 # batch row of each cache row
     was_training = model.training
     model.eval()                                                       # no dropout while sampling
     last = model(input_ids, attention_mask, cache=cache, hidden=True)[:, -1]   # prefill -> [B, D]
     logits = model.lm_head(last)                                       # only the last position: [B, V]
     for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, top_k, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        out[:, t] = tok
-        hit = torch.isin(tok, eos) & ~done
-        lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
-        done = done | hit
-        if bool(done.all()) or t == max_new_tokens - 1:
+        tok = sample_next(logits, temperature, top_p, top_k, generator)   # [b] for the live cache rows
+        finished_before = done[rows]
+        tok = torch.where(finished_before, torch.full_like(tok, pad_id), tok)
+        out[rows, t] = tok
+        hit = torch.isin(tok, eos) & ~finished_before
+        lengths[rows[hit]] = t + 1
+        done[rows[hit]] = True
+        live = ~done[rows]
+        if not bool(live.any()) or t == max_new_tokens - 1:
             break
-        logits = model(tok[:, None], cache=cache)[:, -1]                  # decode one token -> [B, V]
+        if compact and 4 * int((~live).sum()) >= len(rows):
+            keep = live.nonzero().squeeze(1)
+            cache.k, cache.v, cache.valid = cache.k[:, keep], cache.v[:, keep], cache.valid[keep]
+            rows, tok = rows[keep], tok[keep]
+        logits = model(tok[:, None], cache=cache)[:, -1]                  # decode one token -> [b, V]
     model.train(was_training)
     return Generation(out, lengths, done)
 

@@ -236,3 +236,18 @@ def test_stop_after_and_residual_hook(hf_models):
     assert torch.allclose(same, base) and not torch.allclose(zeroed, base)
     with pytest.raises(ValueError, match="out of range"):
         ours.set_residual_hook(3, lambda h: h)
+
+
+def test_compaction_drops_finished_rows_without_changing_greedy_output(hf_models):
+    _, path = hf_models["qwen2"]
+    ours = M.load_model(str(path))
+    ids, mask = left_padded_batch(128, [8, 5, 6, 7, 3, 9], seed=12)
+    free = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, compact=False)
+    eos = sorted({int(free.tokens[0, 1]), int(free.tokens[2, 3]), int(free.tokens[4, 0])})
+    a = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=False)
+    b = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=True)
+    assert a.finished.sum() >= 2
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths) and torch.equal(a.finished, b.finished)
+    s1 = M.generate(ours, ids, mask, max_new_tokens=16, temperature=1.0, eos_ids=eos, seed=4)
+    s2 = M.generate(ours, ids, mask, max_new_tokens=16, temperature=1.0, eos_ids=eos, seed=4)
+    assert torch.equal(s1.tokens, s2.tokens)

@@ -1,0 +1,17 @@
+"""bench.py --smoke runs every benchmark and its baseline on CPU in seconds (nothing here is timed)."""
+import json
+
+import bench
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    res = bench.main(["--smoke", "--out", str(out), "--repeat", "1", "--warmup", "0"])
+    saved = json.loads(out.read_text())
+    assert saved["preset"] == "tiny-qwen2" and saved["copy_bandwidth_GBps"] > 0 and saved["matmul_peak_TFLOPs"] > 0
+    for key in ("tokens_per_s", "hf_tokens_per_s", "vs_hf", "share_of_floor"):
+        assert res["decode"][key] > 0
+    for key in ("seconds", "peft_seconds", "vs_peft", "mfu"):
+        assert res["grpo"][key] > 0
+    assert res["lora"]["ours_overhead"] > 0 and res["lora"]["peft_overhead"] > 0
+    assert res["sae"]["vs_sparsify"] > 0 and res["sae_tune"]["tokens_per_s"] > 0
