@@ -219,7 +219,7 @@ def test_two_processes_with_gloo(char_model_dir, arith_file, tmp_path):
     code = f"{EASY_REWARD}; import sys; G.main(sys.argv[1:])"
     script = tmp_path / "entry.py"
     script.write_text(code + "\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), *run_args(char_model_dir, arith_file, out, "--max_steps", "3", "--stop_step", "3",
                                   "--prompts_per_step", "2", "--grad_accum", "1", "--device", "cpu")]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
@@ -243,8 +243,8 @@ def test_all_reduce_keeps_ranks_identical(tmp_path):
         "M.all_reduce_mean(ts, 2)\n"
         "assert torch.allclose(ts[0], torch.full((3,), 1.5)) and torch.allclose(ts[1], torch.full((2, 2), 15.0))\n"
         "dist.destroy_process_group()\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29534", str(script)], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
 

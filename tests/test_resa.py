@@ -146,7 +146,7 @@ def test_sft_baseline_lowers_ce(model3, arith_file, tmp_path):
 def test_sae_tune_two_processes_with_gloo(model3, arith_file, tmp_path):
     script = tmp_path / "entry.py"
     script.write_text("import sys\nimport sae_tune\nsae_tune.main(sys.argv[1:])\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), "--model", str(model3), "--sae", "none", "--dataset", str(arith_file), "--ctx_len", "64",
            "--lr", "1e-3", "--lora_r", "4", "--max_steps", "3", "--system_prompt", "none", "--device", "cpu",
            "--out_dir", str(tmp_path / "ddp")]
