@@ -133,13 +133,12 @@ def bench_grpo(net, hf, cfg, args, device):
     n, T = cfg["grpo_seqs"], cfg["grpo_len"]
     ids = torch.randint(0, net.cfg.vocab_size, (n, T), generator=torch.Generator().manual_seed(1)).to(device)
     start = T // 8                                             # prompt share; log-probs on the rest
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     L.attach_lora(net, 32, 64, 0.0)
     net.gradient_checkpointing = True
     net.train()
 
     def ours():
-        with autocast:
+        with M.autocast(device):
             with torch.no_grad(), L.lora_disabled(net):
                 ref = net.logprobs(ids, start=start)
             lp = net.logprobs(ids, start=start)
@@ -162,7 +161,7 @@ def bench_grpo(net, hf, cfg, args, device):
                             for r, t in zip(logits, ids[:, start + 1:])])   # one row at a time
 
     def theirs():
-        with autocast:
+        with M.autocast(device):
             with torch.no_grad(), pm.disable_adapter():
                 ref = peft_logprobs()
             (peft_logprobs() - ref).sum().backward()
@@ -230,33 +229,21 @@ def bench_sae(net, hf, cfg, args, device):
     d = net.cfg.hidden_size
     sae = S.SAE(d, cfg["sae_latents"], cfg["sae_k"], device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def ours():
         with torch.no_grad():
             x = net(ids, stop_after=Ly).reshape(-1, d).float()
-        with autocast:
-            out = sae(x)
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
+        S.train_step(sae, opt, x)
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
     SparseCoder, SparseCoderConfig = sparsify_coder(device)
     sc = SparseCoder(d, SparseCoderConfig(num_latents=cfg["sae_latents"], k=cfg["sae_k"]), device=device)
     sopt = torch.optim.Adam(sc.parameters(), lr=1e-4)
 
-    def theirs():   # sparsify's trainer: a full forward with a hook on the layer, then the coder step
+    def theirs():   # sparsify's trainer: a full forward with a hook on the layer, then the same coder step
         with torch.no_grad():
             x = hf(input_ids=ids, output_hidden_states=True).hidden_states[Ly + 1].reshape(-1, d).float()
-        out = sc(x)
-        out.fvu.backward()
-        sc.remove_gradient_parallel_to_decoder_directions()
-        sopt.step()
-        sopt.zero_grad(set_to_none=True)
-        sc.set_decoder_norm_to_unit_norm()
+        S.train_step(sc, sopt, x)
 
     t_sp = timed(theirs, device, args.warmup, args.repeat)
     return {"tokens_per_s": B * T / t_ours, "sparsify_tokens_per_s": B * T / t_sp, "vs_sparsify": t_sp / t_ours}
@@ -270,10 +257,9 @@ def bench_sae_tune(net, cfg, args, device):
     L.attach_lora(net, 32, 128, 0.0)
     net.gradient_checkpointing = True
     net.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
-        with autocast:
+        with M.autocast(device):
             loss, _ = ST.kl_loss(net, ids, sae, cfg["sae_layer"], "block")
         loss.backward()
         net.zero_grad(set_to_none=True)

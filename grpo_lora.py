@@ -36,7 +36,6 @@ import math
 import os
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -317,8 +316,6 @@ def train(args) -> dict:
         return torch.randperm(len(usable), generator=torch.Generator().manual_seed(args.seed + ep)).tolist()
 
     perm = order(epoch)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != torch.float32 \
-        else nullcontext()
     G, P = args.num_generations, args.prompts_per_step
     buffer = None
     from tqdm import tqdm
@@ -352,7 +349,7 @@ def train(args) -> dict:
             t_reward = time.time() - t1
             old = None
             if args.num_iterations > 1:             # old log-probs of the policy that sampled
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), M.autocast(device, dtype):
                     old = [micro_logprobs(net, ro, sl, args.temperature) for sl in micro_slices(P, G, args.grad_accum)]
             buffer = (ro, rewards, per_reward, adv, old, mine, prompts, t_roll, t_reward)
         else:
@@ -362,7 +359,7 @@ def train(args) -> dict:
         t2 = time.time()
         kls, clips, losses = [], [], []
         for j, sl in enumerate(micro_slices(P, G, args.grad_accum)):
-            with autocast:
+            with M.autocast(device, dtype):
                 logp = micro_logprobs(net, ro, sl, args.temperature)
                 ref = None
                 if args.beta != 0.0:

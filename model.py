@@ -544,6 +544,12 @@ def pick_dtype(name: str = "auto", device: torch.device | str = "cpu") -> torch.
     return table[name]
 
 
+def autocast(device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """bf16 autocast on a GPU (unless the weights are fp32 by choice); a no-op context on the CPU."""
+    enabled = device.type == "cuda" and dtype != torch.float32
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def resolve_model_dir(name: str) -> Path:
     """A local folder as is; otherwise a hub id, downloaded (config, safetensors, tokenizer files)."""
     p = Path(name)

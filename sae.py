@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import atomic_write, read_json
+from model import atomic_write, autocast, read_json
 
 SPARSIFY_KEYS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
                  "skip_connection", "transcode")
@@ -201,6 +201,23 @@ def load_sae(name: str, hookpoint: str | None = None, device="cpu", dtype=None) 
     if "layer" not in sae.meta and m:
         sae.meta["layer"] = int(m.group(1))   # sparsify names hookpoint folders layers.N / model.layers.N
     return sae
+
+
+def train_step(sae, opt, x, dead_mask=None, auxk_alpha: float = 0.0):
+    """One update on activations x [N, d], sparsify's way: FVU (+ auxk_alpha x AuxK) backward, the gradient
+    parallel to each decoder row removed, optimiser step, decoder rows renormalised. Returns the forward
+    output. Works as well for sparsify's own SparseCoder (the same method names), which bench.py uses."""
+    with autocast(x.device):
+        out = sae(x, dead_mask=dead_mask)
+    loss = out.fvu + auxk_alpha * out.auxk_loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"SAE loss is {loss.item()}; lower the learning rate")
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sae.set_decoder_norm_to_unit_norm()
+    return out
 
 
 # -----------------------------------------------------------------------------------------------

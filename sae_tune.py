@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -130,8 +129,6 @@ def train(args) -> dict:
     if args.resume:
         step = L.load_training_state(out_dir, net, opt, generator)["step"]
     log.write_run(**run)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != torch.float32 \
-        else nullcontext()
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc=f"sae_tune ({args.loss})", disable=rank != 0, dynamic_ncols=True)
@@ -144,7 +141,7 @@ def train(args) -> dict:
         if len(rows) == 0:                                        # a short last step: reuse the epoch's start
             rows = order[:args.batch_size]
         batch, bmask = ids[rows].to(device), amask[rows].to(device)
-        with autocast:
+        with M.autocast(device, dtype):
             if args.loss == "kl":
                 loss, mse = kl_loss(net, batch, sae, layer, args.sae_grad, args.kl_chunk)
             else:

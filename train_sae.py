@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -121,7 +120,6 @@ def train(args) -> dict[int, S.SAE]:
     trackers = {layer: S.DeadLatentTracker(sae.num_latents, args.dead_tokens, device) for layer, sae in saes.items()}
     log = D.RunLog(out_dir, vars(args), "train_sae", n_gpus=int(device.type == "cuda"), gpu_hour_usd=args.gpu_hour_usd)
     log.write_run(data=data_stats, chunks=int(ids.shape[0]), ctx_len=int(ids.shape[1]), lr=lr)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(ids.shape[0], generator=g)
@@ -139,16 +137,11 @@ def train(args) -> dict[int, S.SAE]:
                 sae.init_b_dec(x)
             for grp in opts[layer].param_groups:
                 grp["lr"] = row["lr"]
-            with autocast:
-                out = sae(x, dead_mask=trackers[layer].dead_mask() if args.auxk_alpha > 0 else None)
-            loss = out.fvu + args.auxk_alpha * out.auxk_loss
-            if not torch.isfinite(loss):
-                raise SystemExit(f"step {step + 1}, layer {layer}: loss is {loss.item()}; lower --lr")
-            loss.backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            opts[layer].step()
-            opts[layer].zero_grad(set_to_none=True)
-            sae.set_decoder_norm_to_unit_norm()
+            dead = trackers[layer].dead_mask() if args.auxk_alpha > 0 else None
+            try:
+                out = S.train_step(sae, opts[layer], x, dead, args.auxk_alpha)
+            except FloatingPointError as e:
+                raise SystemExit(f"step {step + 1}, layer {layer}: {e}") from None
             trackers[layer].update(out.indices, out.acts)
             row.update({f"fvu/{layer}": out.fvu.item(), f"auxk/{layer}": out.auxk_loss.item(),
                         f"dead_fraction/{layer}": trackers[layer].dead_fraction(),

@@ -128,13 +128,9 @@ def test_training_recovers_hidden_sparse_dictionary():
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     tracker = S.DeadLatentTracker(96, dead_tokens=5000)
     for step in range(600):
-        out = sae(batch(), dead_mask=tracker.dead_mask())
+        out = S.train_step(sae, opt, batch(), tracker.dead_mask(), auxk_alpha=1 / 32)
         tracker.update(out.indices)
-        (out.fvu + out.auxk_loss / 32).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        sae.set_decoder_norm_to_unit_norm()
+        assert abs(sae.W_dec.norm(dim=1).mean().item() - 1) < 1e-5      # rows renormalised after each step
     with torch.no_grad():
         fvu = sae(batch(4096)).fvu.item()
     assert fvu < 0.1, fvu
