@@ -66,7 +66,9 @@ class LoRALinear(nn.Linear):
             return y
         if self.disabled:
             return y
-        a = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))   # [..., r]
+        if not torch.is_autocast_enabled(x.device.type):   # under autocast the matmuls pick their dtype
+            x = x.to(self.lora_A.weight.dtype)               # (no extra copy of x in float32)
+        a = self.lora_A(self.lora_dropout(x))                # [..., r]
         return y + (self.lora_B(a) * self.scaling).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
