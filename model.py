@@ -585,9 +585,13 @@ def load_model(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed
     model = Transformer.empty(cfg, device, dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     seen = set()
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     for f in _safetensors_files(d):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        try:
+            sf = safe_open(str(f), framework="pt", device="cpu")
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file: {e}") from None
+        with sf:
             for key in sf.keys():
                 if key not in params:
                     if key.endswith("rotary_emb.inv_freq"):

@@ -92,6 +92,9 @@ def test_bad_checkpoints_give_clear_errors(hf_models, tmp_path):
     save_file(sd, str(tmp_path / "a" / "model.safetensors"))
     with pytest.raises(ValueError, match="shape"):
         M.load_model(str(tmp_path / "a"))
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"\x01" * 5)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        M.load_model(str(tmp_path / "a"))
     with pytest.raises(FileNotFoundError):
         M.load_model(str(tmp_path / "nowhere" / "x"))
     with pytest.raises(ValueError, match="unknown preset"):
