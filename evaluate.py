@@ -133,6 +133,8 @@ def check_args(args):
     unknown = [b for b in args.benchmarks if b not in D.BENCHMARKS]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown}; choose from {', '.join(D.BENCHMARKS)}")
+    if args.backend == "vllm" and args.model.startswith("random:"):
+        raise SystemExit("--backend vllm needs a model folder or hub id that vLLM can load, not random:")
     if args.k and max(args.k) > args.n:
         raise SystemExit(f"--n {args.n} is smaller than the largest k in --k ({max(args.k)}): pass@k needs n >= k")
     for a in args.adapter:

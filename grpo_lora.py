@@ -260,6 +260,8 @@ def check_args(args):
                          f"({args.grad_accum}): each micro-batch holds whole groups")
     if args.loss_type not in ("grpo", "dr_grpo", "dapo"):
         raise SystemExit(f"unknown --loss_type {args.loss_type!r}")
+    if args.rollout == "vllm" and args.model.startswith("random:"):
+        raise SystemExit("--rollout vllm needs a model folder or hub id that vLLM can load, not random:")
     if args.num_iterations < 1 or args.max_steps < 1:
         raise SystemExit("--num_iterations and --max_steps must be >= 1")
 
