@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import lora as L
 import model as M
@@ -101,6 +100,16 @@ def hf_twin(net: M.Transformer):
     return hf.eval()
 
 
+def lora_training(net, r: int = 32, alpha: float = 64, on: bool = True):
+    """Put the model in the state a LoRA training step runs in (LoRA, checkpointing, train mode), or back."""
+    if on:
+        L.attach_lora(net, r, alpha, 0.0)
+    else:
+        L.unload_lora(net)
+    net.gradient_checkpointing = on
+    net.train(on)
+
+
 # -----------------------------------------------------------------------------------------------
 
 
@@ -133,9 +142,7 @@ def bench_grpo(net, hf, cfg, args, device):
     n, T = cfg["grpo_seqs"], cfg["grpo_len"]
     ids = torch.randint(0, net.cfg.vocab_size, (n, T), generator=torch.Generator().manual_seed(1)).to(device)
     start = T // 8                                             # prompt share; log-probs on the rest
-    L.attach_lora(net, 32, 64, 0.0)
-    net.gradient_checkpointing = True
-    net.train()
+    lora_training(net, 32, 64, on=True)
 
     def ours():
         with M.autocast(device):
@@ -147,9 +154,7 @@ def bench_grpo(net, hf, cfg, args, device):
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
     mem_ours = peak_memory(device, ours)
-    L.unload_lora(net)
-    net.gradient_checkpointing = False
-    net.eval()
+    lora_training(net, on=False)
     from peft import LoraConfig, get_peft_model
     pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=list(L.ALL_LINEARS)))
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -254,9 +259,7 @@ def bench_sae_tune(net, cfg, args, device):
     T = cfg["tune_len"]
     ids = torch.randint(0, net.cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(3)).to(device)
     sae = S.SAE(net.cfg.hidden_size, cfg["sae_latents"], cfg["sae_k"], device=device)
-    L.attach_lora(net, 32, 128, 0.0)
-    net.gradient_checkpointing = True
-    net.train()
+    lora_training(net, 32, 128, on=True)
 
     def step():
         with M.autocast(device):
@@ -266,9 +269,7 @@ def bench_sae_tune(net, cfg, args, device):
 
     t = timed(step, device, args.warmup, args.repeat)
     mem = peak_memory(device, step)
-    L.unload_lora(net)
-    net.gradient_checkpointing = False
-    net.eval()
+    lora_training(net, on=False)
     return {"tokens_per_s": T / t, "seconds": t, "peak_gib": mem}
 
 

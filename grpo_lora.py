@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache

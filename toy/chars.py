@@ -6,7 +6,6 @@ one token; <pad>, <eos> and <bos> are special.
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
