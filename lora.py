@@ -69,7 +69,11 @@ class LoRALinear(nn.Linear):
         if not torch.is_autocast_enabled(x.device.type):   # under autocast the matmuls pick their dtype
             x = x.to(self.lora_A.weight.dtype)               # (no extra copy of x in float32)
         a = self.lora_A(self.lora_dropout(x))                # [..., r]
-        return y + (self.lora_B(a) * self.scaling).to(y.dtype)
+        # y + scale * a @ B^T as one matmul whose epilogue adds y (no extra pass over the [.., out] output)
+        dt = y.dtype
+        out = torch.addmm(y.reshape(-1, self.out_features), a.reshape(-1, self.r).to(dt),
+                          self.lora_B.weight.to(dt).t(), alpha=self.scaling)
+        return out.view(y.shape)
 
     def delta(self) -> torch.Tensor:
         """scale * B @ A in float32, [out, in]."""

@@ -275,6 +275,26 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def contiguous_shift(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """When every row's real tokens form one run (left pads, tokens, right pads: prompts + completions),
+    the column where each row's run starts [B]; None when some row has a gap. Rotating the rows by it puts
+    every run at column 0, where plain causal attention is exact for the real tokens: the fused (flash)
+    kernels apply and no [B, 1, T, T] mask exists. Pad positions then see earlier tokens: their outputs
+    are meaningless either way (losses and reads mask them)."""
+    m = attention_mask
+    runs = (m[:, 1:] & ~m[:, :-1]).sum(-1) + m[:, 0]          # [B] starts of runs of real tokens
+    if not bool((runs <= 1).all()):
+        return None
+    return m.int().argmax(-1)                                  # [B] first real column (0 if none)
+
+
+def roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """out[b, t] = x[b, (t + shift[b]) % T] for x [B, T, ...]; roll_rows(., -shift) undoes it."""
+    T = x.shape[1]
+    idx = (torch.arange(T, device=x.device) + shift[:, None]) % T             # [B, T]
+    return x.gather(1, idx.view(*idx.shape, *[1] * (x.dim() - 2)).expand_as(x))
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -359,7 +379,7 @@ class Transformer(nn.Module):
         With a cache, the tokens are appended at slot cache.pos and attend to everything cached so far.
         """
         B, T = input_ids.shape
-        start = cache.pos if cache is not None else 0
+        start, shift = (cache.pos if cache is not None else 0), None
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         attention_mask = attention_mask.bool()
@@ -370,10 +390,15 @@ class Transformer(nn.Module):
             key_valid = cache.valid
             # position of a new token = real tokens already cached + real tokens before it in this chunk
             positions = key_valid[:, :start].sum(-1, keepdim=True) + positions_from_mask(attention_mask)
+            mask = self._mask(key_valid, T, start)
         else:
-            key_valid = attention_mask
+            shift = contiguous_shift(attention_mask)
+            mask = None if shift is not None else self._mask(attention_mask, T, 0)   # None: plain causal
+            if shift is not None and bool(shift.any()):   # rotate each row's tokens to start at column 0
+                input_ids, attention_mask = roll_rows(input_ids, shift), roll_rows(attention_mask, shift)
+            else:
+                shift = None
             positions = positions_from_mask(attention_mask)
-        mask = None if cache is None and bool(attention_mask.all()) else self._mask(key_valid, T, start)
         cos, sin = self._rope(positions)
         x = self.model.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -390,10 +415,10 @@ class Transformer(nn.Module):
                 x = self.residual_hooks[i](x)
         if cache is not None:
             cache.pos = start + T
-        if stop_after is not None:
-            return x
-        x = self.model.norm(x)
-        return x if hidden else self.lm_head(x)
+        if stop_after is None:
+            x = self.model.norm(x)
+            x = x if hidden else self.lm_head(x)
+        return roll_rows(x, -shift) if shift is not None else x
 
     def logprobs(self, input_ids, attention_mask=None, *, start: int = 0, temperature: float = 1.0,
                  chunk_size: int = 1024):
@@ -478,24 +503,149 @@ class Generation(NamedTuple):
     finished: torch.Tensor   # [B] True where an EOS ended the row (False = cut at max_new_tokens)
 
 
+class LayerWeights(NamedTuple):   # one decoder layer's weights as the static decode step uses them
+    qkv: torch.Tensor                # [(nh + 2 nkv) hd, D]   q, k, v projections stacked: one matmul
+    qkv_b: torch.Tensor | None
+    o: torch.Tensor
+    o_b: torch.Tensor | None
+    gate_up: torch.Tensor            # [2 I, D]               gate and up stacked
+    gate_up_b: torch.Tensor | None
+    down: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+def effective_weight(lin: nn.Linear) -> torch.Tensor:
+    """The [out, in] weight a Linear applies; for an enabled, unmerged LoRA layer (lora.py) W + scale B A."""
+    w = lin.weight
+    if hasattr(lin, "delta") and not lin.merged and not lin.disabled:
+        w = (w.float() + lin.delta()).to(w.dtype)
+    return w
+
+
+def _stack(*lins):
+    w = torch.cat([effective_weight(m) for m in lins])
+    b = torch.cat([m.bias for m in lins]) if lins[0].bias is not None else None
+    return w, b
+
+
+def layer_weights(block: Block) -> LayerWeights:
+    a, m = block.self_attn, block.mlp
+    return LayerWeights(*_stack(a.q_proj, a.k_proj, a.v_proj), effective_weight(a.o_proj), a.o_proj.bias,
+                        *_stack(m.gate_proj, m.up_proj), effective_weight(m.down_proj), m.down_proj.bias)
+
+
+class StaticDecoder:
+    """The decode step with every shape fixed, so that on CUDA it is captured once as a CUDA graph and then
+    replayed: one launch per token instead of hundreds of kernel launches from Python, and no compiler.
+
+    Fixed shapes: the KV cache is preallocated; the new token's slot is a device tensor (`slot`), not a
+    Python int; keys are read up to `span`, the filled slots rounded up to SPAN_BLOCK, so one graph serves
+    SPAN_BLOCK steps (the next block captures a new one: about the cost of two eager steps). Masking is an
+    additive [b, S] bias kept up to date in place. Grouped-query attention repeats no keys: the n_rep query
+    heads of a group are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one
+    matmul on stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that
+    much extra memory while decoding. Residual hooks (an inserted SAE) are not applied: generate() takes
+    the plain path when the model has any.
+    """
+    SPAN_BLOCK = 256
+
+    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool):
+        self.model, self.cache, self.use_graphs = model, cache, graphs
+        self.weights = [layer_weights(b) for b in model.model.layers]
+        dev = cache.k.device
+        self.slot = torch.tensor([cache.pos], device=dev)                # [1] slot of the next token
+        self.filled = cache.pos                                          # the same, on the host
+        self.positions = positions.clone()                               # [b] rope position of the next token
+        self.bias = torch.zeros(cache.valid.shape, dtype=model.dtype, device=dev)  # [b, S] 0 or -inf
+        self.bias.masked_fill_(~cache.valid, float("-inf"))
+        self.tok = torch.zeros(len(positions), dtype=torch.long, device=dev)      # [b] input token
+        self.graph, self.graph_span, self.logits = None, 0, None
+
+    def keep(self, rows: torch.Tensor):
+        """Drop every batch row not in `rows` (finished sequences); a new graph is captured for the new size."""
+        c = self.cache
+        c.k, c.v, c.valid = c.k[:, rows], c.v[:, rows], c.valid[rows]
+        self.positions, self.bias, self.tok = self.positions[rows], self.bias[rows], self.tok[rows]
+        self.graph = None
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """Feed tok [b] at the next slot -> logits [b, V] (a buffer that the next step overwrites)."""
+        self.filled += 1
+        span = min(-(-self.filled // self.SPAN_BLOCK) * self.SPAN_BLOCK, self.cache.max_len)
+        self.tok.copy_(tok)
+        if not self.use_graphs:
+            return self._step(span)
+        if self.graph is None or span != self.graph_span:
+            self._capture(span)
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self, span: int):
+        self.graph = None                                  # free the old graph before capturing the next
+        saved = self.slot.clone(), self.positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                      # warm-up runs (lazy cuBLAS init) outside capture;
+            for _ in range(2):                             # they compute this very step, then rewind
+                self._step(span)
+                self.slot.copy_(saved[0])
+                self.positions.copy_(saved[1])
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(span)
+        self.graph_span = span
+
+    def _step(self, span: int) -> torch.Tensor:
+        m, c = self.model, self.model.cfg
+        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        b = self.tok.shape[0]
+        cos, sin = m._rope(self.positions[:, None])                      # [b, 1, 1, hd] float32
+        x = m.model.embed_tokens(self.tok)[:, None]                      # [b, 1, D]
+        cos, sin = cos[:, 0].to(x.dtype), sin[:, 0].to(x.dtype)          # [b, 1, hd]
+        self.bias.index_fill_(1, self.slot, 0.0)                         # the new token's key is real
+        mask = self.bias[:, None, None, :span]                           # [b, 1, 1, span]
+        for i, (block, w) in enumerate(zip(m.model.layers, self.weights)):
+            qkv = F.linear(block.input_layernorm(x), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
+            qk = qkv[:, :nh + nkv]
+            qk = qk * cos + rotate_half(qk) * sin                        # [b, nh + nkv, hd] rotated q and k
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]          # [b, nkv, S, hd]
+            k_cache.index_copy_(2, self.slot, qk[:, nh:, None])
+            v_cache.index_copy_(2, self.slot, qkv[:, nh + nkv:, None])
+            q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                # a group's heads as query rows
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask)
+            x = x + F.linear(y.reshape(b, 1, nh * hd), w.o, w.o_b)
+            gate, up = F.linear(block.post_attention_layernorm(x), w.gate_up, w.gate_up_b).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down, w.down_b)
+        self.slot += 1
+        self.positions += 1
+        return m.lm_head(m.model.norm(x))[:, 0]                          # [b, V]
+
+
 @torch.no_grad()
 def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(), pad_id: int = 0,
-             seed: int | None = None, generator: torch.Generator | None = None, compact: bool = True) -> Generation:
+             seed: int | None = None, generator: torch.Generator | None = None, compact: bool = True,
+             static: bool | None = None) -> Generation:
     """Batched sampling with a preallocated KV cache. input_ids [B, T] left-padded.
 
-    compact: once a quarter of the rows still decoding have finished, drop them from the batch and the
-    cache, so finished sequences stop costing work (the outputs are the same; a seeded sampler draws
-    from a smaller batch afterwards, so its samples differ from compact=False, reproducibly).
+    static: decode with StaticDecoder (CUDA graphs on a GPU); None = on CUDA when the model has no
+    residual hooks. False = the plain forward with a growing key range (any hooks apply).
+    compact: once a quarter (static: a half) of the rows still decoding have finished, drop them from the
+    batch and the cache, so finished sequences stop costing work (the outputs are the same; a seeded
+    sampler draws from a smaller batch afterwards, so its samples differ from compact=False, reproducibly).
     """
     B, T = input_ids.shape
     dev = input_ids.device
+    if static is None:
+        static = dev.type == "cuda" and not model.residual_hooks
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     if generator is None and seed is not None:
         generator = torch.Generator(device=dev).manual_seed(seed)
     eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], device=dev)
-    cache = KVCache(model.cfg, B, T + max_new_tokens, dev, model.dtype)
+    max_len = T + max_new_tokens
+    cache = KVCache(model.cfg, B, -(-max_len // 64) * 64 if static else max_len, dev, model.dtype)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
@@ -504,22 +654,30 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     model.eval()                                                       # no dropout while sampling
     last = model(input_ids, attention_mask, cache=cache, hidden=True)[:, -1]   # prefill -> [B, D]
     logits = model.lm_head(last)                                       # only the last position: [B, V]
+    dec = StaticDecoder(model, cache, attention_mask.sum(-1), dev.type == "cuda") if static else None
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, top_k, generator)   # [b] for the live cache rows
         finished_before = done[rows]
         tok = torch.where(finished_before, torch.full_like(tok, pad_id), tok)
         out[rows, t] = tok
         hit = torch.isin(tok, eos) & ~finished_before
-        lengths[rows[hit]] = t + 1
-        done[rows[hit]] = True
+        lengths[rows] = torch.where(hit, t + 1, lengths[rows])
+        done[rows] = finished_before | hit
         live = ~done[rows]
-        if not bool(live.any()) or t == max_new_tokens - 1:
+        n_live = int(live.sum())                                       # the step's one host sync
+        if n_live == 0 or t == max_new_tokens - 1:
             break
-        if compact and 4 * int((~live).sum()) >= len(rows):
+        if compact and (2 if static else 4) * (len(rows) - n_live) >= len(rows):
             keep = live.nonzero().squeeze(1)
-            cache.k, cache.v, cache.valid = cache.k[:, keep], cache.v[:, keep], cache.valid[keep]
             rows, tok = rows[keep], tok[keep]
-        logits = model(tok[:, None], cache=cache)[:, -1]                  # decode one token -> [b, V]
+            if dec is not None:
+                dec.keep(keep)
+            else:
+                cache.k, cache.v, cache.valid = cache.k[:, keep], cache.v[:, keep], cache.valid[keep]
+        if dec is not None:
+            logits = dec.step(tok)                                     # decode one token -> [b, V]
+        else:
+            logits = model(tok[:, None], cache=cache)[:, -1]
     model.train(was_training)
     return Generation(out, lengths, done)
 

@@ -112,8 +112,9 @@ def test_random_presets_build():
         assert 1.0e9 < n < 2.0e9, (name, n)
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("kind", ["qwen2", "llama3"])
-def test_greedy_generation_matches_transformers(hf_models, kind):
+def test_greedy_generation_matches_transformers(hf_models, kind, static):
     hf, path = hf_models[kind]
     ours = M.load_model(str(path))
     ids, mask = left_padded_batch(128, [11, 6, 3], seed=4)
@@ -121,7 +122,7 @@ def test_greedy_generation_matches_transformers(hf_models, kind):
     with torch.no_grad():
         ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
-    out = M.generate(ours, ids, mask, max_new_tokens=n, temperature=0.0)
+    out = M.generate(ours, ids, mask, max_new_tokens=n, temperature=0.0, static=static)
     assert torch.equal(out.tokens, ref)
     assert out.lengths.tolist() == [n] * 3 and not out.finished.any()
 
@@ -241,16 +242,95 @@ def test_stop_after_and_residual_hook(hf_models):
         ours.set_residual_hook(3, lambda h: h)
 
 
-def test_compaction_drops_finished_rows_without_changing_greedy_output(hf_models):
+@pytest.mark.parametrize("static", [False, True])
+def test_compaction_drops_finished_rows_without_changing_greedy_output(hf_models, static):
     _, path = hf_models["qwen2"]
     ours = M.load_model(str(path))
     ids, mask = left_padded_batch(128, [8, 5, 6, 7, 3, 9], seed=12)
     free = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, compact=False)
     eos = sorted({int(free.tokens[0, 1]), int(free.tokens[2, 3]), int(free.tokens[4, 0])})
     a = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=False)
-    b = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=True)
+    b = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=True, static=static)
     assert a.finished.sum() >= 2
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths) and torch.equal(a.finished, b.finished)
     s1 = M.generate(ours, ids, mask, max_new_tokens=16, temperature=1.0, eos_ids=eos, seed=4)
     s2 = M.generate(ours, ids, mask, max_new_tokens=16, temperature=1.0, eos_ids=eos, seed=4)
     assert torch.equal(s1.tokens, s2.tokens)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3"])
+def test_prompt_plus_completion_rows_match_transformers(hf_models, kind):
+    # GRPO's layout: left-padded prompts then right-padded completions. Such rows are rotated to start at
+    # column 0 and run with plain causal attention; a row with a gap in it takes the masked path instead.
+    hf, path = hf_models[kind]
+    ours = M.load_model(str(path))
+    prompt, pmask = left_padded_batch(128, [7, 3, 5], seed=13)
+    comp, cmask = left_padded_batch(128, [6, 2, 4], seed=14)
+    comp, cmask = comp.flip(1), cmask.flip(1)                  # right padding
+    ids, mask = torch.cat([prompt, comp], 1), torch.cat([pmask, cmask], 1)
+    assert M.contiguous_shift(mask.bool()).tolist() == [0, 4, 2]
+    gap = mask.clone()
+    gap[0, 3] = 0                                              # row 0 now has a hole: not contiguous
+    assert M.contiguous_shift(gap.bool()) is None
+    for m in (mask, gap):
+        with torch.no_grad():
+            got = ours(ids, m)
+        ref = hf(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0)).logits
+        real = m.bool()
+        assert (got[real] - ref[real]).abs().max().item() < 1e-4
+    # log-probs and their gradients through the rotated path equal transformers' (masked attention)
+    P = prompt.shape[1]
+    lp = ours.logprobs(ids, mask, start=P - 1)                              # [B, N]
+    g, = torch.autograd.grad((lp * cmask).sum(), ours.model.embed_tokens.weight)
+    ref_logits = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    ref_lp = ref_logits[:, P - 1:-1].log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1)
+    g_ref, = torch.autograd.grad((ref_lp * cmask).sum(), hf.model.embed_tokens.weight)
+    assert (lp - ref_lp)[cmask.bool()].abs().max().item() < 1e-4
+    assert (g - g_ref).abs().max().item() < 1e-4 * max(1.0, g_ref.abs().max().item())
+
+
+def test_roll_rows_inverts():
+    x = torch.arange(24).view(2, 4, 3)
+    shift = torch.tensor([1, 3])
+    assert torch.equal(M.roll_rows(M.roll_rows(x, shift), -shift), x)
+    assert M.roll_rows(x, shift)[1, 0].tolist() == x[1, 3].tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_decoder_matches_plain_decoding(hf_models, kind, monkeypatch):
+    # the fixed-shape step (what a CUDA graph replays) against the plain cached forward, token for token,
+    # across key-span blocks and a batch shrink; llama_tied_bias has o / mlp biases, qwen2 GQA and q/k/v bias
+    monkeypatch.setattr(M.StaticDecoder, "SPAN_BLOCK", 8)
+    ours = M.load_model(str(hf_models[kind][1]))
+    ids, mask = left_padded_batch(128, [9, 4, 7], seed=15)
+    forced = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain, static = (M.KVCache(ours.cfg, 3, 40, "cpu", torch.float32) for _ in range(2))
+        ours(ids, mask, cache=plain)
+        ours(ids, mask, cache=static)
+        dec = M.StaticDecoder(ours, static, mask.sum(-1), graphs=False)
+        rows = torch.arange(3)
+        for t in range(20):
+            if t == 12:                                        # drop row 1, as compaction does
+                rows = torch.tensor([0, 2])
+                plain.k, plain.v, plain.valid = plain.k[:, rows], plain.v[:, rows], plain.valid[rows]
+                dec.keep(rows)
+            a = ours(forced[rows, t:t + 1], cache=plain)[:, -1]
+            b = dec.step(forced[rows, t])
+            assert (a - b).abs().max().item() < 1e-4, t
+        assert dec.filled == plain.pos
+
+
+def test_static_decoder_folds_in_an_unmerged_lora(hf_models):
+    import lora as L
+    ours = M.load_model(str(hf_models["qwen2"][1]))
+    L.attach_lora(ours, r=4, alpha=8)
+    for n, p in ours.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(len(n)))
+    ids, mask = left_padded_batch(128, [8, 5], seed=16)
+    plain = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=False)
+    static = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=True)
+    with L.lora_disabled(ours):
+        off = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=True)
+    assert torch.equal(plain.tokens, static.tokens) and not torch.equal(plain.tokens, off.tokens)
