@@ -5,21 +5,27 @@ bench.py -- speed and memory of the hot paths, each against its baseline measure
     python bench.py --only decode,lora    # a subset
     python bench.py --smoke               # tiny sizes on CPU in seconds (the tests run this; not timed)
 
-Benchmarks (each prints a table row and goes into --out as JSON):
-  decode    our sampler vs transformers' generate (same weights, batch, prompt, new tokens, sampling, EOS
-            off; --hf_static adds transformers' compiled static cache): tokens/s, the ratio, and the share
-            of the memory-bandwidth floor (weight + KV-cache bytes read per step / measured copy bandwidth)
-  grpo      one GRPO update: policy forward + backward through chunked log-probs and the reference pass
-            with LoRA off, vs the same with peft's LoRA on the transformers model and per-row log-softmax:
-            tokens/s, seconds, peak memory, MFU against a measured matmul peak (6 x params x tokens FLOPs)
-  lora      one LoRA Linear (r 32) forward + backward vs the plain Linear, ours and peft's: overhead ratios
+Benchmarks (each prints a table row and goes into --out as JSON, written after every benchmark):
+  decode    our sampler (StaticDecoder: CUDA graphs on a GPU) vs transformers' generate (same weights,
+            batch, prompt, new tokens, sampling, EOS off; --hf_static adds transformers' compiled static
+            cache): tokens/s, the ratios, the first call's seconds (graph captures; compiles for theirs),
+            our plain path, and the share of the bandwidth floor (bytes of the matmul weights + the
+            average KV cache read per step / measured copy bandwidth)
+  grpo      one GRPO update on left-padded prompts + right-padded completions: reference pass with LoRA
+            off, policy pass, backward through chunked log-probs; vs peft's LoRA on the transformers model
+            with per-row log-softmax: seconds, tokens/s, peak memory, MFU = 8 x matmul params x tokens
+            FLOPs (forward, input-gradient backward, checkpoint recompute, reference forward) / measured
+            matmul peak
+  lora      forward of the whole model with LoRA (r 32, all seven linears, unmerged) over the plain
+            model's forward, ours and peft's (on transformers' model)
   sae       SAE training step on layer L: our early-stopped forward + SAE vs a full forward + sparsify's
             SparseCoder on the same activations: tokens/s and the ratio
   sae_tune  one SAE-Tuning step (teacher pass, student pass through the SAE, chunked KL, backward):
             tokens/s and peak memory
 
 Baselines (transformers, peft, sparsify) are imported here only, lazily; the product never imports them.
-Times are medians over --repeat runs after --warmup runs, with the device synchronised.
+Times are medians over --repeat runs after --warmup runs, with the device synchronised; the slow
+baselines (our plain decode path, transformers' default-cache generate) run once.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -113,43 +120,73 @@ def lora_training(net, r: int = 32, alpha: float = 64, on: bool = True):
 # -----------------------------------------------------------------------------------------------
 
 
+def matmul_params(net: M.Transformer) -> int:
+    """Parameters that a token's forward multiplies with: all but the embedding table (read as B rows),
+    unless the table doubles as the tied lm_head."""
+    n = sum(p.numel() for p in net.parameters())
+    return n if net.cfg.tie_word_embeddings else n - net.model.embed_tokens.weight.numel()
+
+
+def first_and_median(fn, device, warmup: int, repeat: int) -> tuple[float, float]:
+    """Seconds of the very first call (captures, compiles, lazy init) and the median after it."""
+    first = timed(fn, device, 0, 1)
+    return first, timed(fn, device, warmup, repeat)
+
+
 def bench_decode(net, hf, cfg, args, device):
     B, P, N = cfg["batch"], cfg["prompt"], cfg["new"]
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
-    ours = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, args.warmup,
-                 args.repeat)
+    first, ours = first_and_median(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0),
+                                   device, args.warmup, args.repeat)
+    # the plain path (no CUDA graph, a growing key range) and transformers' default cache: one call each
+    plain = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, static=False),
+                  device, 0, 1)
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
-        theirs = timed(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen), device,
-                       args.warmup, args.repeat)
-        static = None
+        theirs = timed(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen), device, 0, 1)
         if args.hf_static:
-            static = timed(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               cache_implementation="static", **gen), device, 1, args.repeat)
+            static_first, static = first_and_median(
+                lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    cache_implementation="static", **gen), device, 0, args.repeat)
     c = net.cfg
-    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    weight_bytes = matmul_params(net) * net.dtype.itemsize
     kv_bytes = B * (P + N / 2) * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * net.dtype.itemsize
     floor = (weight_bytes + kv_bytes) / args.bandwidth        # seconds per decode step at the bandwidth limit
-    row = {"tokens_per_s": B * N / ours, "hf_tokens_per_s": B * N / theirs, "vs_hf": theirs / ours,
-           "ms_per_step": 1000 * ours / N, "floor_ms_per_step": 1000 * floor, "share_of_floor": floor / (ours / N)}
-    if static is not None:
-        row.update(hf_static_tokens_per_s=B * N / static, vs_hf_static=static / ours)
+    row = {"tokens_per_s": B * N / ours, "ms_per_step": 1000 * ours / N, "first_call_s": first,
+           "floor_ms_per_step": 1000 * floor, "share_of_floor": floor / (ours / N),
+           "plain_tokens_per_s": B * N / plain, "hf_tokens_per_s": B * N / theirs, "vs_hf": theirs / ours}
+    if args.hf_static:
+        row.update(hf_static_tokens_per_s=B * N / static, hf_static_ms_per_step=1000 * static / N,
+                   hf_static_first_call_s=static_first, vs_hf_static=static / ours)
     return row
+
+
+def grpo_batch(vocab: int, n: int, T: int, device):
+    """GRPO's layout: prompts left-padded in the first T/8 columns, completions right-padded after them;
+    lengths drawn between half and all of each region. -> ids [n, T], mask [n, T], completion mask, P."""
+    g = torch.Generator().manual_seed(1)
+    P = T // 8
+    ids = torch.randint(0, vocab, (n, T), generator=g)
+    cols = torch.arange(T)
+    p_len = torch.randint(P // 2, P + 1, (n, 1), generator=g)
+    c_len = torch.randint((T - P) // 2, T - P + 1, (n, 1), generator=g)
+    mask = (cols >= P - p_len) & (cols < P + c_len)
+    ids = ids.masked_fill(~mask, 0)
+    return ids.to(device), mask.to(device), mask[:, P:].to(device), P
 
 
 def bench_grpo(net, hf, cfg, args, device):
     n, T = cfg["grpo_seqs"], cfg["grpo_len"]
-    ids = torch.randint(0, net.cfg.vocab_size, (n, T), generator=torch.Generator().manual_seed(1)).to(device)
-    start = T // 8                                             # prompt share; log-probs on the rest
+    ids, mask, cmask, P = grpo_batch(net.cfg.vocab_size, n, T, device)
     lora_training(net, 32, 64, on=True)
 
-    def ours():
+    def ours():   # the reference pass with LoRA off, then the policy pass and its backward
         with M.autocast(device):
             with torch.no_grad(), L.lora_disabled(net):
-                ref = net.logprobs(ids, start=start)
-            lp = net.logprobs(ids, start=start)
-            (lp - ref).sum().backward()
+                ref = net.logprobs(ids, mask, start=P - 1)
+            lp = net.logprobs(ids, mask, start=P - 1)                # [n, T - P]
+            ((lp - ref) * cmask).sum().backward()
         net.zero_grad(set_to_none=True)
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
@@ -159,50 +196,55 @@ def bench_grpo(net, hf, cfg, args, device):
     pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=list(L.ALL_LINEARS)))
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def peft_logprobs():
-        logits = pm(input_ids=ids).logits[:, start:-1]
+        logits = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, P - 1:-1]
         return torch.stack([torch.log_softmax(r.float(), -1).gather(-1, t[:, None]).squeeze(-1)
-                            for r, t in zip(logits, ids[:, start + 1:])])   # one row at a time
+                            for r, t in zip(logits, ids[:, P:])])      # one row at a time, as TRL does
 
     def theirs():
         with M.autocast(device):
             with torch.no_grad(), pm.disable_adapter():
                 ref = peft_logprobs()
-            (peft_logprobs() - ref).sum().backward()
+            ((peft_logprobs() - ref) * cmask).sum().backward()
         pm.zero_grad(set_to_none=True)
 
     t_peft = timed(theirs, device, args.warmup, args.repeat)
     mem_peft = peak_memory(device, theirs)
     pm.unload()
-    params = sum(p.numel() for p in net.parameters())
-    flops = 6 * params * n * T
+    # 8 = forward 2 + input-gradient backward 2 (frozen base: no weight gradients) + checkpoint recompute 2
+    # + reference forward 2, per matmul parameter and token; attention's own FLOPs are not counted
+    flops = 8 * matmul_params(net) * n * T
     return {"seconds": t_ours, "peft_seconds": t_peft, "vs_peft": t_ours / t_peft, "tokens_per_s": n * T / t_ours,
-            "peak_gib": mem_ours, "peft_peak_gib": mem_peft, "mfu": flops / t_ours / args.peak_flops}
+            "real_tokens": int(mask.sum()), "peak_gib": mem_ours, "peft_peak_gib": mem_peft,
+            "mfu": flops / t_ours / args.peak_flops, "peft_mfu": flops / t_peft / args.peak_flops}
 
 
-def bench_lora(cfg, args, device, dtype):
-    d_in, d_out, N = 1536, 8960, cfg["lora_tokens"]
-    if args.smoke:
-        d_in, d_out = 64, 128
-    base = torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
-    x = torch.randn(N, d_in, device=device, dtype=dtype, requires_grad=True)
+def bench_lora(net, hf, cfg, args, device):
+    """Forward of the whole model (r 32 on all seven linears, unmerged) over the plain model's forward."""
+    B, T = 4, cfg["lora_tokens"] // 4
+    ids = torch.randint(0, net.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(4)).to(device)
 
-    def run(layer):
+    def run(fn):
         def f():
-            layer(x).sum().backward()
-            x.grad = None
+            with torch.no_grad(), M.autocast(device):
+                fn(ids)
         return timed(f, device, args.warmup, args.repeat)
 
-    plain = run(base)
-    ours = L.LoRALinear(base, 32, 64, 0.0)
-    t_ours = run(ours)
+    net.eval()
+    plain = run(lambda x: net(x, hidden=True))
+    L.attach_lora(net, 32, 64, 0.0)
+    ours = run(lambda x: net(x, hidden=True))
+    L.unload_lora(net)
+    hf_plain = run(lambda x: hf.model(input_ids=x))
     from peft import LoraConfig, get_peft_model
-    holder = torch.nn.Sequential()
-    holder.add_module("proj", torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype))
-    pm = get_peft_model(holder, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=["proj"]))
-    t_peft = run(pm.base_model.model.proj)
-    return {"plain_ms": 1000 * plain, "ours_overhead": t_ours / plain, "peft_overhead": t_peft / plain}
+    pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=list(L.ALL_LINEARS)))
+    pm.eval()
+    peft = run(lambda x: pm.base_model.model.model(input_ids=x))
+    pm.unload()
+    return {"plain_ms": 1000 * plain, "ours_overhead": ours / plain, "hf_plain_ms": 1000 * hf_plain,
+            "peft_overhead": peft / hf_plain}
 
 
 def sparsify_coder(device):
@@ -290,24 +332,30 @@ def main(argv=None):
     args.bandwidth = copy_bandwidth(device, 64 if args.smoke else 2048)
     args.peak_flops = matmul_peak(device, dtype, 256 if args.smoke else 8192)
     net = M.load_model(f"random:{cfg['preset']}", device, dtype, seed=0)
-    hf = hf_twin(net) if {"decode", "grpo", "sae"} & set(args.only) else None
+    hf = hf_twin(net) if {"decode", "grpo", "lora", "sae"} & set(args.only) else None
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "dtype": str(dtype), "preset": cfg["preset"], "sizes": cfg, "copy_bandwidth_GBps": args.bandwidth / 1e9,
                "matmul_peak_TFLOPs": args.peak_flops / 1e12, "date": time.strftime("%Y-%m-%d")}
     runners = {"decode": lambda: bench_decode(net, hf, cfg, args, device),
                "grpo": lambda: bench_grpo(net, hf, cfg, args, device),
-               "lora": lambda: bench_lora(cfg, args, device, dtype),
+               "lora": lambda: bench_lora(net, hf, cfg, args, device),
                "sae": lambda: bench_sae(net, hf, cfg, args, device),
                "sae_tune": lambda: bench_sae_tune(net, cfg, args, device)}
     unknown = [b for b in args.only if b not in runners]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown}; choose from {', '.join(runners)}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name in args.only:
-        results[name] = runners[name]()
+        try:
+            results[name] = runners[name]()
+        except Exception as e:   # one broken benchmark must not lose the others' numbers
+            if args.smoke:
+                raise
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name:9s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in results[name].items()), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps(results, indent=2))   # after every benchmark: nothing lost
     return results
 
 

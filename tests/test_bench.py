@@ -9,9 +9,10 @@ def test_bench_smoke(tmp_path):
     res = bench.main(["--smoke", "--out", str(out), "--repeat", "1", "--warmup", "0"])
     saved = json.loads(out.read_text())
     assert saved["preset"] == "tiny-qwen2" and saved["copy_bandwidth_GBps"] > 0 and saved["matmul_peak_TFLOPs"] > 0
-    for key in ("tokens_per_s", "hf_tokens_per_s", "vs_hf", "share_of_floor"):
+    for key in ("tokens_per_s", "hf_tokens_per_s", "vs_hf", "share_of_floor", "first_call_s", "plain_tokens_per_s"):
         assert res["decode"][key] > 0
     for key in ("seconds", "peft_seconds", "vs_peft", "mfu"):
         assert res["grpo"][key] > 0
+    assert 0 < res["grpo"]["real_tokens"] < 2 * 32             # the batch has padding on both sides
     assert res["lora"]["ours_overhead"] > 0 and res["lora"]["peft_overhead"] > 0
     assert res["sae"]["vs_sparsify"] > 0 and res["sae_tune"]["tokens_per_s"] > 0

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-from conftest import HF_CONFIGS, left_padded_batch
+from conftest import HF_CONFIGS, left_padded_batch, make_hf_model
 
 KINDS = list(HF_CONFIGS)
 
@@ -262,7 +262,8 @@ def test_compaction_drops_finished_rows_without_changing_greedy_output(hf_models
 def test_prompt_plus_completion_rows_match_transformers(hf_models, kind):
     # GRPO's layout: left-padded prompts then right-padded completions. Such rows are rotated to start at
     # column 0 and run with plain causal attention; a row with a gap in it takes the masked path instead.
-    hf, path = hf_models[kind]
+    path = hf_models[kind][1]
+    hf = make_hf_model(kind)              # a fresh copy: other tests may have frozen the shared one
     ours = M.load_model(str(path))
     prompt, pmask = left_padded_batch(128, [7, 3, 5], seed=13)
     comp, cmask = left_padded_batch(128, [6, 2, 4], seed=14)
