@@ -69,11 +69,12 @@ class LoRALinear(nn.Linear):
         if not torch.is_autocast_enabled(x.device.type):   # under autocast the matmuls pick their dtype
             x = x.to(self.lora_A.weight.dtype)               # (no extra copy of x in float32)
         a = self.lora_A(self.lora_dropout(x))                # [..., r]
-        # y + scale * a @ B^T as one matmul whose epilogue adds y (no extra pass over the [.., out] output)
+        # y += scale * a @ B^T in place: one matmul whose epilogue adds into y (no extra pass over the
+        # [..., out] output; y is not needed by the base matmul's backward)
         dt = y.dtype
-        out = torch.addmm(y.reshape(-1, self.out_features), a.reshape(-1, self.r).to(dt),
-                          self.lora_B.weight.to(dt).t(), alpha=self.scaling)
-        return out.view(y.shape)
+        y.view(-1, self.out_features).addmm_(a.reshape(-1, self.r).to(dt), self.lora_B.weight.to(dt).t(),
+                                             alpha=self.scaling)
+        return y
 
     def delta(self) -> torch.Tensor:
         """scale * B @ A in float32, [out, in]."""

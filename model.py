@@ -374,28 +374,33 @@ class Transformer(nn.Module):
         Returns logits [B, T, V]; with hidden=True the final-norm hidden states [B, T, D] instead;
         with stop_after=L the residual stream after layer L (hook applied) and no higher layer runs.
         With a cache, the tokens are appended at slot cache.pos and attend to everything cached so far.
+        With nothing cached, rows whose tokens form one run (left and/or right padding) are rotated to start
+        at column 0 and run with plain causal attention (see contiguous_shift); outputs come back in the
+        input's layout, and a cache filled this way holds each row's tokens from slot 0 on.
         """
         B, T = input_ids.shape
         start, shift = (cache.pos if cache is not None else 0), None
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         attention_mask = attention_mask.bool()
+        causal = False
+        if start == 0:          # nothing cached before: rows of one run of tokens can use plain causal attention
+            shift = contiguous_shift(attention_mask)
+            causal = shift is not None
+            if causal and bool(shift.any()):    # rotate each row's tokens to start at column 0 (and slot 0)
+                input_ids, attention_mask = roll_rows(input_ids, shift), roll_rows(attention_mask, shift)
+            else:
+                shift = None
         if cache is not None:
             if start + T > cache.max_len:
                 raise ValueError(f"KV cache full: {start} + {T} tokens > max_len {cache.max_len}")
             cache.valid[:, start:start + T] = attention_mask
-            key_valid = cache.valid
             # position of a new token = real tokens already cached + real tokens before it in this chunk
-            positions = key_valid[:, :start].sum(-1, keepdim=True) + positions_from_mask(attention_mask)
-            mask = self._mask(key_valid, T, start)
+            positions = cache.valid[:, :start].sum(-1, keepdim=True) + positions_from_mask(attention_mask)
+            mask = None if causal else self._mask(cache.valid, T, start)
         else:
-            shift = contiguous_shift(attention_mask)
-            mask = None if shift is not None else self._mask(attention_mask, T, 0)   # None: plain causal
-            if shift is not None and bool(shift.any()):   # rotate each row's tokens to start at column 0
-                input_ids, attention_mask = roll_rows(input_ids, shift), roll_rows(attention_mask, shift)
-            else:
-                shift = None
             positions = positions_from_mask(attention_mask)
+            mask = None if causal else self._mask(attention_mask, T, 0)
         cos, sin = self._rope(positions)
         x = self.model.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -541,7 +546,8 @@ class StaticDecoder:
     additive [b, S] bias kept up to date in place. Grouped-query attention repeats no keys: the n_rep query
     heads of a group are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one
     matmul on stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that
-    much extra memory while decoding. Residual hooks (an inserted SAE) are not applied: generate() takes
+    much extra memory while decoding; bias-free projections add into the residual stream in place (the
+    matmul's epilogue); rotary embedding is roll + multiply-add. Residual hooks (an inserted SAE) are not applied: generate() takes
     the plain path when the model has any.
     """
     SPAN_BLOCK = 256
@@ -556,6 +562,8 @@ class StaticDecoder:
         self.bias = torch.zeros(cache.valid.shape, dtype=model.dtype, device=dev)  # [b, S] 0 or -inf
         self.bias.masked_fill_(~cache.valid, float("-inf"))
         self.tok = torch.zeros(len(positions), dtype=torch.long, device=dev)      # [b] input token
+        half = model.cfg.head_dim // 2
+        self.sign = torch.tensor([-1.0] * half + [1.0] * half, device=dev)        # [hd] for the rotation
         self.graph, self.graph_span, self.logits = None, 0, None
 
     def keep(self, rows: torch.Tensor):
@@ -599,24 +607,33 @@ class StaticDecoder:
         b = self.tok.shape[0]
         cos, sin = m._rope(self.positions[:, None])                      # [b, 1, 1, hd] float32
         x = m.model.embed_tokens(self.tok)[:, None]                      # [b, 1, D]
-        cos, sin = cos[:, 0].to(x.dtype), sin[:, 0].to(x.dtype)          # [b, 1, hd]
+        # rotate_half(x) * sin == x.roll(hd / 2) * (sin with its first half negated): 3 kernels for q and k
+        cos, sin = cos[:, 0].to(x.dtype), (sin[:, 0] * self.sign).to(x.dtype)  # [b, 1, hd]
         self.bias.index_fill_(1, self.slot, 0.0)                         # the new token's key is real
         mask = self.bias[:, None, None, :span]                           # [b, 1, 1, span]
         for i, (block, w) in enumerate(zip(m.model.layers, self.weights)):
             qkv = F.linear(block.input_layernorm(x), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
             qk = qkv[:, :nh + nkv]
-            qk = qk * cos + rotate_half(qk) * sin                        # [b, nh + nkv, hd] rotated q and k
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)      # [b, nh + nkv, hd] rotated q and k
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]          # [b, nkv, S, hd]
             k_cache.index_copy_(2, self.slot, qk[:, nh:, None])
             v_cache.index_copy_(2, self.slot, qkv[:, nh + nkv:, None])
             q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                # a group's heads as query rows
             y = F.scaled_dot_product_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask)
-            x = x + F.linear(y.reshape(b, 1, nh * hd), w.o, w.o_b)
+            x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
             gate, up = F.linear(block.post_attention_layernorm(x), w.gate_up, w.gate_up_b).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down, w.down_b)
+            x = add_linear(x, F.silu(gate) * up, w.down, w.down_b)
         self.slot += 1
         self.positions += 1
         return m.lm_head(m.model.norm(x))[:, 0]                          # [b, V]
+
+
+def add_linear(x, h, w, b):
+    """x + h @ w.T (+ b) for x [..., D]; without a bias, in place into x as one matmul (epilogue add)."""
+    if b is not None:
+        return x + F.linear(h, w, b)
+    x.view(-1, x.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), w.t())
+    return x
 
 
 @torch.no_grad()

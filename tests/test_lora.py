@@ -174,3 +174,24 @@ def test_generation_ignores_dropout_and_keeps_training_mode(hf_models, batch):
     got = M.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
     assert ours.training
     assert torch.equal(ref.tokens, got.tokens) and torch.equal(ref.tokens, merged.tokens)
+
+
+def test_lora_linear_forward_and_gradients_match_float64():
+    # the in-place epilogue add must leave every gradient right: input, A and B, against a float64 formula
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10, bias=True)
+    lay = L.LoRALinear(base, r=4, alpha=8)
+    torch.nn.init.normal_(lay.lora_B.weight, std=0.3)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    y = lay(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    A = lay.lora_A.weight.detach().double().requires_grad_()
+    B = lay.lora_B.weight.detach().double().requires_grad_()
+    y64 = x64 @ base.weight.double().T + base.bias.double() + (x64 @ A.T) @ B.T * (8 / 4)
+    (y64 * g.double()).sum().backward()
+    assert (y.double() - y64).abs().max().item() < 1e-5
+    for ours, ref in ((x.grad, x64.grad), (lay.lora_A.weight.grad, A.grad), (lay.lora_B.weight.grad, B.grad)):
+        assert (ours.double() - ref).abs().max().item() < 1e-5
+    assert base.weight.grad is None                            # the base stays frozen
