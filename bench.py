@@ -213,6 +213,8 @@ def bench_grpo(net, hf, cfg, args, device):
     t_peft = timed(theirs, device, args.warmup, args.repeat)
     mem_peft = peak_memory(device, theirs)
     pm.unload()
+    hf.gradient_checkpointing_disable()
+    hf.eval()
     # 8 = forward 2 + input-gradient backward 2 (frozen base: no weight gradients) + checkpoint recompute 2
     # + reference forward 2, per matmul parameter and token; attention's own FLOPs are not counted
     flops = 8 * matmul_params(net) * n * T

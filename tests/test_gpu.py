@@ -53,7 +53,7 @@ def test_graph_replay_equals_eager_static_step(monkeypatch):
             b = dec_e.step(forced[rows, t]).clone()
             g = dec_g.step(forced[rows, t]).clone()
             spans.add(dec_g.graph_span)
-            assert rel(g, b) < 1e-3, t
+            assert rel(g, b) < 1e-2, t
             assert rel(b, a) < 3e-2, t
     assert spans == {64, 128, 192}
 
@@ -78,18 +78,19 @@ def test_cuda_greedy_generation_matches_transformers(hf_models, kind):
 
 def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos():
     net = short_r1()
+    with torch.no_grad():
+        net.lm_head.weight.mul_(20)        # peaked logits: greedy choices far from bf16 rounding ties
     ids = torch.randint(3, 1000, (8, 16), generator=torch.Generator().manual_seed(2)).to(CUDA)
     a = M.generate(net, ids, max_new_tokens=40, temperature=1.0, seed=7)
     b = M.generate(net, ids, max_new_tokens=40, temperature=1.0, seed=7)
     assert torch.equal(a.tokens, b.tokens)
-    eos = sorted({int(t) for t in a.tokens[:, 3]})[:4]          # stop about half the rows at step 4
-    c = M.generate(net, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos)
-    d = M.generate(net, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos, compact=False, static=False)
-    # greedy bf16 on random weights has near-ties: compare up to each row's first disagreement only
-    # where both paths agree on the prefix; then stopping must agree exactly
-    agree = (c.tokens == d.tokens).all(1)
-    assert agree.float().mean() >= 0.5
-    assert torch.equal(c.lengths[agree], d.lengths[agree])
+    greedy = M.generate(net, ids, max_new_tokens=40, temperature=0.0)
+    eos = sorted({int(t) for t in greedy.tokens[:4, 3]})          # rows 0-3 stop by step 4
+    c = M.generate(net, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos)   # graphs, shrinking batch
+    d = M.generate(net, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos, static=False, compact=False,
+                   sync_every=1)
+    assert c.finished[:4].all()
+    assert torch.equal(c.tokens, d.tokens) and torch.equal(c.lengths, d.lengths)
 
 
 def test_rotated_rows_bf16_logprobs_and_lora_grads(monkeypatch):
