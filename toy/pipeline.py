@@ -1,7 +1,7 @@
 """
 toy/pipeline.py -- the whole Tina -> Resa pipeline on the toy world, on a CPU, with the real stage scripts.
 
-    python toy/pipeline.py                 # about 15 minutes on 2 CPU cores -> out/toy/results.md, results.png
+    python toy/pipeline.py                 # about 10 minutes on 2 CPU cores -> out/toy/results.md, results.png
     python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~2 minutes
 
 Stages (each a subprocess running the same command a user would type; wall seconds recorded):
