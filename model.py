@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -542,13 +543,14 @@ class StaticDecoder:
 
     Fixed shapes: the KV cache is preallocated; the new token's slot is a device tensor (`slot`), not a
     Python int; keys are read up to `span`, the filled slots rounded up to SPAN_BLOCK, so one graph serves
-    SPAN_BLOCK steps (the next block captures a new one: about the cost of two eager steps). Masking is an
-    additive [b, S] bias kept up to date in place. Grouped-query attention repeats no keys: the n_rep query
-    heads of a group are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one
-    matmul on stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that
-    much extra memory while decoding; bias-free projections add into the residual stream in place (the
-    matmul's epilogue); rotary embedding is roll + multiply-add. Residual hooks (an inserted SAE) are not applied: generate() takes
-    the plain path when the model has any.
+    SPAN_BLOCK steps (the next block captures a new one, at about the cost of two eager steps; should a
+    capture fail, decoding goes on without graphs, with a warning). Masking is an additive [b, S] bias
+    kept up to date in place. Grouped-query attention repeats no keys: the n_rep query heads of a group
+    are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one matmul on
+    stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that much extra
+    memory while decoding; bias-free projections add into the residual stream in place (the matmul's
+    epilogue); rotary embedding is roll + multiply-add. Residual hooks (an inserted SAE) are not
+    applied: generate() takes the plain path when the model has any.
     """
     SPAN_BLOCK = 256
 
@@ -581,7 +583,12 @@ class StaticDecoder:
         if not self.use_graphs:
             return self._step(span)
         if self.graph is None or span != self.graph_span:
-            self._capture(span)
+            try:
+                self._capture(span)
+            except RuntimeError as e:                      # never lose a run to a capture problem
+                warnings.warn(f"CUDA graph capture failed ({e}); decoding without graphs")
+                self.use_graphs, self.graph = False, None
+                return self._step(span)
         self.graph.replay()
         return self.logits
 
@@ -590,16 +597,15 @@ class StaticDecoder:
         saved = self.slot.clone(), self.positions.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                      # warm-up runs (lazy cuBLAS init) outside capture;
-            for _ in range(2):                             # they compute this very step, then rewind
-                self._step(span)
-                self.slot.copy_(saved[0])
-                self.positions.copy_(saved[1])
+        with torch.cuda.stream(side):                      # a warm-up run (lazy cuBLAS / kernel loading)
+            self._step(span)                               # outside capture: it computes this very step,
+            self.slot.copy_(saved[0])                      # then rewinds
+            self.positions.copy_(saved[1])
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step(span)
-        self.graph_span = span
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step(span)                 # recorded, not run: the replay runs it
+        self.graph, self.graph_span = graph, span
 
     def _step(self, span: int) -> torch.Tensor:
         m, c = self.model, self.model.cfg
