@@ -337,3 +337,20 @@ def test_static_decoder_folds_in_an_unmerged_lora(hf_models):
     with L.lora_disabled(ours):
         off = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=True)
     assert torch.equal(plain.tokens, static.tokens) and not torch.equal(plain.tokens, off.tokens)
+
+
+def test_failed_graph_capture_falls_back_to_eager_steps(hf_models):
+    # here (no CUDA) every capture fails: decoding must warn once and go on with the same results
+    ours = M.load_model(str(hf_models["qwen2"][1]))
+    ids, mask = left_padded_batch(128, [6, 3], seed=17)
+    ref = M.generate(ours, ids, mask, max_new_tokens=10, temperature=0.0, static=False)
+    with torch.no_grad():
+        cache = M.KVCache(ours.cfg, 2, 16, "cpu", torch.float32)
+        logits = ours.lm_head(ours(ids, mask, cache=cache, hidden=True)[:, -1])
+        dec = M.StaticDecoder(ours, cache, mask.sum(-1), graphs=True)
+        toks = []
+        with pytest.warns(UserWarning, match="without graphs"):
+            for _ in range(10):
+                toks.append(logits.argmax(-1))
+                logits = dec.step(toks[-1])
+    assert not dec.use_graphs and torch.equal(torch.stack(toks, 1), ref.tokens)
