@@ -13,7 +13,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             average KV cache read per step / measured copy bandwidth)
   grpo      one GRPO update on left-padded prompts + right-padded completions: reference pass with LoRA
             off, policy pass, backward through chunked log-probs; vs peft's LoRA on the transformers model
-            with per-row log-softmax: seconds, tokens/s, peak memory, MFU = 8 x matmul params x tokens
+            with per-row log-softmax: seconds, tokens/s, peak memory (the model's parameters + what the
+            step allocates; the other model kept on the GPU is not counted), MFU = 8 x matmul params x tokens
             FLOPs (forward, input-gradient backward, checkpoint recompute, reference forward) / measured
             matmul peak
   lora      forward of the whole model with LoRA (r 32, all seven linears, unmerged) over the plain
@@ -67,16 +68,19 @@ def timed(fn, device, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
-def peak_memory(device, fn) -> float | None:
-    """Peak GiB allocated while fn runs (CUDA only)."""
+def peak_memory(device, fn, *models) -> float | None:
+    """Peak GiB of a step that uses `models`: their parameters plus the most fn allocates on top of what
+    was resident before it (so the other model that the benchmark keeps on the GPU is not counted)."""
     if device.type != "cuda":
         fn()
         return None
     torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    params = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    return (params + torch.cuda.max_memory_allocated(device) - before) / 2 ** 30
 
 
 def copy_bandwidth(device, mib: int) -> float:
@@ -190,7 +194,7 @@ def bench_grpo(net, hf, cfg, args, device):
         net.zero_grad(set_to_none=True)
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
-    mem_ours = peak_memory(device, ours)
+    mem_ours = peak_memory(device, ours, net)
     lora_training(net, on=False)
     from peft import LoraConfig, get_peft_model
     pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=list(L.ALL_LINEARS)))
@@ -211,7 +215,7 @@ def bench_grpo(net, hf, cfg, args, device):
         pm.zero_grad(set_to_none=True)
 
     t_peft = timed(theirs, device, args.warmup, args.repeat)
-    mem_peft = peak_memory(device, theirs)
+    mem_peft = peak_memory(device, theirs, hf)
     pm.unload()
     hf.gradient_checkpointing_disable()
     hf.eval()
@@ -312,7 +316,7 @@ def bench_sae_tune(net, cfg, args, device):
         net.zero_grad(set_to_none=True)
 
     t = timed(step, device, args.warmup, args.repeat)
-    mem = peak_memory(device, step)
+    mem = peak_memory(device, step, net, sae)
     lora_training(net, on=False)
     return {"tokens_per_s": T / t, "seconds": t, "peak_gib": mem}
 
