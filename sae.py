@@ -76,10 +76,13 @@ class SAE(nn.Module):
     # --- the model -----------------------------------------------------------------------------
 
     def encode(self, x):
-        """x [N, d] -> (top values [N, k], top indices [N, k], pre-activations [N, M])."""
-        pre = F.relu(F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias))
-        acts, idx = pre.topk(self.k, dim=-1, sorted=False)
-        return acts, idx, pre
+        """x [N, d] -> (top values [N, k], top indices [N, k], pre-activations [N, M] before the ReLU).
+
+        relu(topk(pre)) == topk(relu(pre)): the ReLU runs on the k winners only, not on all M latents
+        (one pass less over the [N, M] tensor, forward and backward)."""
+        pre = F.linear(x - self.b_dec, self.encoder.weight, self.encoder.bias)
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+        return F.relu(vals), idx, pre
 
     def decode(self, acts, idx):
         """Sparse decode: sum_j acts_j W_dec[idx_j] + b_dec, [N, d]."""
@@ -110,12 +113,12 @@ class SAE(nn.Module):
             k_aux = min(x.shape[-1] // 2, num_dead)                        # top half-width of dead latents
             scale = min(num_dead / (x.shape[-1] // 2), 1.0)
             aux_acts, aux_idx = torch.where(dead_mask[None], pre, -torch.inf).topk(k_aux, sorted=False)
-            e_hat = _sparse_decode(aux_acts, aux_idx, self.W_dec)           # predicts the residual, no b_dec
+            e_hat = _sparse_decode(F.relu(aux_acts), aux_idx, self.W_dec)   # predicts the residual, no b_dec
             auxk = scale * (e_hat - e.detach()).pow(2).sum() / total_variance
         multi = recon.new_zeros(())
         if self.multi_topk:
             m_acts, m_idx = pre.topk(4 * self.k, sorted=False)
-            multi = (self.decode(m_acts, m_idx) - x).pow(2).sum() / total_variance
+            multi = (self.decode(F.relu(m_acts), m_idx) - x).pow(2).sum() / total_variance
         return SAEOutput(recon, acts, idx, fvu, auxk, multi)
 
     # --- training helpers ----------------------------------------------------------------------
