@@ -549,7 +549,7 @@ class StaticDecoder:
     are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one matmul on
     stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that much extra
     memory while decoding; bias-free projections add into the residual stream in place (the matmul's
-    epilogue); rotary embedding is roll + multiply-add. Residual hooks (an inserted SAE) are not
+    epilogue); rotary embedding is roll + multiply-add; RMSNorm is one fused op. Residual hooks (an inserted SAE) are not
     applied: generate() takes the plain path when the model has any.
     """
     SPAN_BLOCK = 256
@@ -618,7 +618,7 @@ class StaticDecoder:
         self.bias.index_fill_(1, self.slot, 0.0)                         # the new token's key is real
         mask = self.bias[:, None, None, :span]                           # [b, 1, 1, span]
         for i, (block, w) in enumerate(zip(m.model.layers, self.weights)):
-            qkv = F.linear(block.input_layernorm(x), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
+            qkv = F.linear(rms_norm(block.input_layernorm, x), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
             qk = qkv[:, :nh + nkv]
             qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)      # [b, nh + nkv, hd] rotated q and k
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]          # [b, nkv, S, hd]
@@ -627,11 +627,17 @@ class StaticDecoder:
             q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                # a group's heads as query rows
             y = F.scaled_dot_product_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask)
             x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
-            gate, up = F.linear(block.post_attention_layernorm(x), w.gate_up, w.gate_up_b).chunk(2, dim=-1)
+            gate, up = F.linear(rms_norm(block.post_attention_layernorm, x), w.gate_up, w.gate_up_b).chunk(2, -1)
             x = add_linear(x, F.silu(gate) * up, w.down, w.down_b)
         self.slot += 1
         self.positions += 1
-        return m.lm_head(m.model.norm(x))[:, 0]                          # [b, V]
+        return m.lm_head(rms_norm(m.model.norm, x))[:, 0]                # [b, V]
+
+
+def rms_norm(norm: RMSNorm, x):
+    """RMSNorm as one fused op in x's dtype (float32 inside, weight applied before the one rounding):
+    within a rounding of RMSNorm.forward, which rounds before applying the weight as transformers does."""
+    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps)
 
 
 def add_linear(x, h, w, b):
