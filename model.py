@@ -549,8 +549,8 @@ class StaticDecoder:
     are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one matmul on
     stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that much extra
     memory while decoding; bias-free projections add into the residual stream in place (the matmul's
-    epilogue); rotary embedding is roll + multiply-add; RMSNorm is one fused op. Residual hooks (an inserted SAE) are not
-    applied: generate() takes the plain path when the model has any.
+    epilogue); rotary embedding is roll + multiply-add; RMSNorm is one fused op. Residual hooks (an
+    inserted SAE) are not applied: generate() takes the plain path when the model has any.
     """
     SPAN_BLOCK = 256
 
