@@ -89,6 +89,35 @@ def test_losses_and_decode_match_float64_reference():
     assert torch.allclose(sae.decode(out.acts, out.indices), dense @ sae.W_dec + sae.b_dec, atol=1e-5)
 
 
+def test_gradients_match_float64_reference():
+    # every parameter's gradient of FVU + AuxK (and the input's, for SAEs inserted with grad="pass")
+    # against autograd through the plain formula in float64
+    sae = S.SAE(16, 64, 5)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.5)
+        sae.encoder.bias.normal_(0, 0.1)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead_mask=dead)
+    (out.fvu + out.auxk_loss).backward()
+    ref = {n: p.detach().double().requires_grad_() for n, p in sae.named_parameters()}
+    W, b, Wd, bd = ref["encoder.weight"], ref["encoder.bias"], ref["W_dec"], ref["b_dec"]
+    x64 = x.detach().double().requires_grad_()
+    pre = torch.relu((x64 - bd) @ W.T + b)                                  # [N, M]
+    z = torch.zeros_like(pre).scatter(-1, out.indices, pre.gather(-1, out.indices))
+    recon = z @ Wd + bd
+    e, tv = x64 - recon, (x64 - x64.mean(0)).pow(2).sum()
+    k_aux = min(8, int(dead.sum()))
+    aux_idx = torch.where(dead, pre.detach(), -torch.inf).topk(k_aux).indices
+    za = torch.zeros_like(pre).scatter(-1, aux_idx, pre.gather(-1, aux_idx))
+    aux = min(int(dead.sum()) / 8, 1.0) * (za @ Wd - e.detach()).pow(2).sum() / tv
+    (e.pow(2).sum() / tv + aux).backward()
+    for n, p in sae.named_parameters():
+        assert torch.allclose(p.grad.double(), ref[n].grad, atol=1e-5), n
+    assert torch.allclose(x.grad.double(), x64.grad, atol=1e-5)
+
+
 def test_training_helpers_match_sparsify():
     sc = sparsify_sae(d=8, m=24, k=3)
     ours = S.SAE(8, 24, 3)
