@@ -274,3 +274,12 @@ def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, e
     G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "2", "--stop_step", "2", "--save_every", "2"))
     with pytest.raises(ValueError, match="lora_r"):
         G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "4", "--resume", "--lora_r", "4"))
+
+
+def test_gradient_checkpointing_flag():
+    parse = G.build_parser().parse_args
+    base = ["--model", "m", "--dataset", "d"]
+    assert G.use_checkpointing(parse(base))                                    # 512 + 3584: long rows
+    assert not G.use_checkpointing(parse(base + ["--max_completion_len", "96"]))
+    assert G.use_checkpointing(parse(base + ["--max_completion_len", "96", "--gradient_checkpointing"]))
+    assert not G.use_checkpointing(parse(base + ["--gradient_checkpointing", "off"]))
