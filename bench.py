@@ -4,6 +4,7 @@ bench.py -- speed and memory of the hot paths, each against its baseline measure
     python bench.py                       # GPU: the R1-Distill-Qwen-1.5B shape with random weights, bf16
     python bench.py --only decode,lora    # a subset
     python bench.py --smoke               # tiny sizes on CPU in seconds (the tests run this; not timed)
+    bash recipes/gpu_bench.sh             # on a GPU: the CUDA-only tests, then everything with --profile
 
 Benchmarks (each prints a table row and goes into --out as JSON, written after every benchmark):
   decode    our sampler (StaticDecoder: CUDA graphs on a GPU) vs transformers' generate (same weights,
@@ -23,6 +24,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             SparseCoder on the same activations: tokens/s and the ratio
   sae_tune  one SAE-Tuning step (teacher pass, student pass through the SAE, chunked KL, backward):
             tokens/s and peak memory
+
+--profile adds one profiled run of ours per benchmark; the top ops / kernels go to <out>.profile.txt.
 
 Baselines (transformers, peft, sparsify) are imported here only, lazily; the product never imports them.
 Times are medians over --repeat runs after --warmup runs, with the device synchronised; the slow
@@ -99,6 +102,19 @@ def matmul_peak(device, dtype, n: int) -> float:
     return 2 * n ** 3 / t
 
 
+def profiled(fn, device, args, name: str):
+    """--profile: run fn once more under torch.profiler and keep its top ops / kernels for the report."""
+    if not args.profile:
+        return
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    args.profiles.append(f"== {name}\n{prof.key_averages().table(sort_by=key, row_limit=30)}")
+
+
 def hf_twin(net: M.Transformer):
     """The same weights in transformers' own model class (the baseline)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -142,6 +158,14 @@ def bench_decode(net, hf, cfg, args, device):
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
     first, ours = first_and_median(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0),
                                    device, args.warmup, args.repeat)
+    def eager_steps(n: int = 16):   # the static step without a graph, so the profile lists its kernels
+        with torch.no_grad():
+            cache = M.KVCache(net.cfg, B, P + n, device, net.dtype)
+            net(ids, cache=cache)
+            dec = M.StaticDecoder(net, cache, torch.full((B,), P, device=device), graphs=False)
+            for _ in range(n):
+                dec.step(ids[:, -1])
+    profiled(eager_steps, device, args, "decode: 16 static steps, eager (a graph replays the same kernels)")
     # the plain path (no CUDA graph, a growing key range) and transformers' default cache: one call each
     plain = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, static=False),
                   device, 0, 1)
@@ -195,6 +219,7 @@ def bench_grpo(net, hf, cfg, args, device):
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
     mem_ours = peak_memory(device, ours, net)
+    profiled(ours, device, args, "grpo: one update")
     lora_training(net, on=False)
     from peft import LoraConfig, get_peft_model
     pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=list(L.ALL_LINEARS)))
@@ -289,6 +314,7 @@ def bench_sae(net, hf, cfg, args, device):
         S.train_step(sae, opt, x)
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
+    profiled(ours, device, args, "sae: one training step")
     SparseCoder, SparseCoderConfig = sparsify_coder(device)
     sc = SparseCoder(d, SparseCoderConfig(num_latents=cfg["sae_latents"], k=cfg["sae_k"]), device=device)
     sopt = torch.optim.Adam(sc.parameters(), lr=1e-4)
@@ -317,6 +343,7 @@ def bench_sae_tune(net, cfg, args, device):
 
     t = timed(step, device, args.warmup, args.repeat)
     mem = peak_memory(device, step, net, sae)
+    profiled(step, device, args, "sae_tune: one step")
     lora_training(net, on=False)
     return {"tokens_per_s": T / t, "seconds": t, "peak_gib": mem}
 
@@ -331,7 +358,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default="out/bench.json", help="JSON results (%(default)s)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one run of ours per benchmark; top kernels go to <out>.profile.txt")
     args = p.parse_args(argv)
+    args.profiles = []
     cfg = SMOKE if args.smoke else FULL
     device = torch.device("cpu") if args.smoke else M.pick_device(args.device)
     dtype = M.pick_dtype("auto", device)
@@ -362,6 +392,8 @@ def main(argv=None):
         print(f"{name:9s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in results[name].items()), flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2))   # after every benchmark: nothing lost
+        if args.profiles:
+            Path(args.out).with_suffix(".profile.txt").write_text("\n\n".join(args.profiles))
     return results
 
 

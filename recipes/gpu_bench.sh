@@ -6,7 +6,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl eai-sparsify==1.3.3 simple-parsing docstring-parser natsort
-# Results: $OUT/gpu_tests.log, $OUT/bench.json, $OUT/bench.log (OUT defaults to out/).
+# Results: $OUT/gpu_tests.log, $OUT/bench.json, $OUT/bench.log, $OUT/bench.profile.txt (top kernels of each
+# benchmark, for the next round of tuning); OUT defaults to out/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -23,7 +24,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_
 tests_rc=${PIPESTATUS[0]}
 echo "gpu tests: rc $tests_rc in ${SECONDS}s"
 SECONDS=0
-python3 bench.py --hf_static --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
+python3 bench.py --hf_static --profile --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "bench: rc $bench_rc in ${SECONDS}s"
 exit $(( tests_rc || bench_rc ))

@@ -6,7 +6,7 @@ import bench
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    res = bench.main(["--smoke", "--out", str(out), "--repeat", "1", "--warmup", "0"])
+    res = bench.main(["--smoke", "--out", str(out), "--repeat", "1", "--warmup", "0", "--profile"])
     saved = json.loads(out.read_text())
     assert saved["preset"] == "tiny-qwen2" and saved["copy_bandwidth_GBps"] > 0 and saved["matmul_peak_TFLOPs"] > 0
     for key in ("tokens_per_s", "hf_tokens_per_s", "vs_hf", "share_of_floor", "first_call_s", "plain_tokens_per_s"):
@@ -16,3 +16,6 @@ def test_bench_smoke(tmp_path):
     assert 0 < res["grpo"]["real_tokens"] < 2 * 32             # the batch has padding on both sides
     assert res["lora"]["ours_overhead"] > 0 and res["lora"]["peft_overhead"] > 0
     assert res["sae"]["vs_sparsify"] > 0 and res["sae_tune"]["tokens_per_s"] > 0
+    profile = out.with_suffix(".profile.txt").read_text()
+    assert all(f"== {name}" in profile for name in ("decode", "grpo", "sae", "sae_tune"))
+    assert "aten::scaled_dot_product_attention" in profile or "aten::_scaled_dot_product" in profile
