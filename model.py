@@ -608,6 +608,10 @@ class StaticDecoder:
         self.graph, self.graph_span = graph, span
 
     def _step(self, span: int) -> torch.Tensor:
+        with torch.autocast(self.cache.k.device.type, enabled=False):    # the model's own dtype throughout
+            return self._layers(span)
+
+    def _layers(self, span: int) -> torch.Tensor:
         m, c = self.model, self.model.cfg
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b = self.tok.shape[0]

@@ -354,3 +354,13 @@ def test_failed_graph_capture_falls_back_to_eager_steps(hf_models):
                 toks.append(logits.argmax(-1))
                 logits = dec.step(toks[-1])
     assert not dec.use_graphs and torch.equal(torch.stack(toks, 1), ref.tokens)
+
+
+def test_static_decoding_under_autocast_runs_in_the_model_dtype():
+    # a caller's autocast must not break the static step (in-place matmuls need one dtype)
+    net = M.load_model("random:tiny-qwen2")
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = M.generate(net, ids, max_new_tokens=6, temperature=0.0, static=True)
+        b = M.generate(net, ids, max_new_tokens=6, temperature=0.0, static=False)
+    assert a.tokens.shape == (2, 6) and torch.equal(a.tokens[:, 0], b.tokens[:, 0])   # same prefill
