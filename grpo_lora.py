@@ -290,7 +290,8 @@ def train(args) -> dict:
         raise SystemExit("the tokenizer and model config name no EOS token: completions could never end")
     torch.manual_seed(args.seed)                 # identical LoRA init on every rank
     L.attach_lora(net, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    net.gradient_checkpointing = use_checkpointing(args)
+    net.gradient_checkpointing = M.use_checkpointing(args.gradient_checkpointing,
+                                                     args.max_prompt_len + args.max_completion_len)
     params = L.lora_parameters(net)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -434,13 +435,6 @@ def train(args) -> dict:
     return {"step": step, "out_dir": str(out_dir)}
 
 
-def use_checkpointing(args) -> bool:
-    """--gradient_checkpointing: on, off, or auto = on when a prompt + completion can reach 1024 tokens."""
-    if args.gradient_checkpointing == "auto":
-        return args.max_prompt_len + args.max_completion_len >= 1024
-    return args.gradient_checkpointing == "on"
-
-
 def micro_slices(P: int, G: int, grad_accum: int):
     per = P // grad_accum * G
     return [slice(j * per, (j + 1) * per) for j in range(grad_accum)]
@@ -489,9 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=1500, help="length of the lr schedule (%(default)s)")
     g.add_argument("--stop_step", type=int, default=850, help="stop early at this step (Tina: 850 of 1500)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (%(default)s)")
-    g.add_argument("--gradient_checkpointing", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="recompute each layer's activations in backward; auto (default) = on when prompt + "
-                        "completion can reach 1024 tokens")
+    M.add_checkpointing_arg(g)
     g = p.add_argument_group("sampling")
     g.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="built-in sampler or vLLM")
     g.add_argument("--temperature", type=float, default=0.7, help="(%(default)s)")

@@ -896,6 +896,17 @@ def add_run_args(parser, default_model: str, default_out: str):
     return g
 
 
+def add_checkpointing_arg(group):
+    group.add_argument("--gradient_checkpointing", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                       help="recompute each layer's activations in backward; auto (default) = on when a row can "
+                            "reach 1024 tokens")
+
+
+def use_checkpointing(flag: str, row_tokens: int) -> bool:
+    """--gradient_checkpointing on / off / auto (on for rows of 1024 tokens or more)."""
+    return row_tokens >= 1024 if flag == "auto" else flag == "on"
+
+
 def csv_list(kind=str):
     """argparse type for comma-separated lists: --rewards format,accuracy --reward_weights 1,2."""
     def parse(text: str):

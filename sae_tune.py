@@ -110,7 +110,7 @@ def train(args) -> dict:
 
     torch.manual_seed(args.seed)                                  # same LoRA init on every rank
     L.attach_lora(net, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    net.gradient_checkpointing = args.gradient_checkpointing
+    net.gradient_checkpointing = M.use_checkpointing(args.gradient_checkpointing, args.ctx_len)
     params = L.lora_parameters(net)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     g.add_argument("--batch_size", type=int, default=1, help="sequences per step per process (%(default)s)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="(%(default)s)")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    M.add_checkpointing_arg(g)
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save_every", type=int, default=500, help="adapter + resume state every N steps (%(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/resume")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import grpo_lora as G
+import model as M
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,7 +280,11 @@ def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, e
 def test_gradient_checkpointing_flag():
     parse = G.build_parser().parse_args
     base = ["--model", "m", "--dataset", "d"]
-    assert G.use_checkpointing(parse(base))                                    # 512 + 3584: long rows
-    assert not G.use_checkpointing(parse(base + ["--max_completion_len", "96"]))
-    assert G.use_checkpointing(parse(base + ["--max_completion_len", "96", "--gradient_checkpointing"]))
-    assert not G.use_checkpointing(parse(base + ["--gradient_checkpointing", "off"]))
+
+    def on(extra):
+        a = parse(base + extra)
+        return M.use_checkpointing(a.gradient_checkpointing, a.max_prompt_len + a.max_completion_len)
+    assert on([])                                                   # 512 + 3584 tokens: long rows
+    assert not on(["--max_completion_len", "96"])
+    assert on(["--max_completion_len", "96", "--gradient_checkpointing"])
+    assert not on(["--gradient_checkpointing", "off"])
