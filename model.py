@@ -671,6 +671,8 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     dev = input_ids.device
     if static is None:
         static = dev.type == "cuda" and not model.residual_hooks
+    elif static and model.residual_hooks:
+        raise ValueError("static decoding does not apply residual hooks (an inserted SAE): use static=False")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     if generator is None and seed is not None:

@@ -364,3 +364,12 @@ def test_static_decoding_under_autocast_runs_in_the_model_dtype():
         a = M.generate(net, ids, max_new_tokens=6, temperature=0.0, static=True)
         b = M.generate(net, ids, max_new_tokens=6, temperature=0.0, static=False)
     assert a.tokens.shape == (2, 6) and torch.equal(a.tokens[:, 0], b.tokens[:, 0])   # same prefill
+
+
+def test_static_decoding_refuses_residual_hooks():
+    net = M.load_model("random:tiny-qwen2")
+    net.set_residual_hook(1, lambda h: h * 0.5)
+    ids = torch.randint(3, 256, (1, 4))
+    with pytest.raises(ValueError, match="residual hooks"):
+        M.generate(net, ids, max_new_tokens=2, static=True)
+    assert M.generate(net, ids, max_new_tokens=2).tokens.shape == (1, 2)     # auto: the plain path
