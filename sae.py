@@ -83,9 +83,10 @@ class SAE(nn.Module):
         # (x - b_dec) W^T + b_enc, with b_dec's gradient routed around the big matmul: its input then needs
         # no gradient when x needs none, so backward skips a [N, M] x [M, d] product. `zero` is exactly 0
         # and carries b_dec's gradient as -W^T colsum(d pre) (a [d, M] x [M] product); values are unchanged.
-        b_dec = self.b_dec.detach()
-        zero = self.b_dec - b_dec
-        bias = self.encoder.bias - self.encoder.weight.detach() @ zero                   # [M] == b_enc
+        b_dec, bias = self.b_dec.detach(), self.encoder.bias
+        if self.b_dec.requires_grad and torch.is_grad_enabled():
+            zero = self.b_dec - b_dec
+            bias = bias - self.encoder.weight.detach() @ zero                            # [M], == b_enc
         pre = F.linear(x - b_dec, self.encoder.weight, bias)                             # [N, M]
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         return F.relu(vals), idx, pre
