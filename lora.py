@@ -8,8 +8,10 @@ lora.py -- hand-written LoRA that reads and writes PEFT's adapter files.
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   [r, in]
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
 
-The low-rank path is two small matmuls (B @ A is never formed while training). LoRA weights are kept
-in float32 even when the base is bf16 (lr 1e-6 updates would vanish in bf16). Disabling is a flag
+Without dropout (and for 16 r rows or more) the forward is one matmul on W + scale * B @ A, built per
+call, and backward forms no full weight gradient (MergedLoRA); with dropout it is the base matmul plus
+two small ones, the second adding into the output in place. LoRA weights are kept in float32 even when
+the base is bf16 (lr 1e-6 updates would vanish in bf16). Disabling is a flag
 (GRPO's reference policy is the same model with LoRA off). merge() adds scale * B @ A into W for fast
 generation and export; by default it keeps a copy of W so that unmerge() restores it bit-exactly (a
 bf16 subtract would drift a little at every merge / unmerge cycle).
@@ -59,18 +61,20 @@ class LoRALinear(nn.Linear):
         self._backup: torch.Tensor | None = None
 
     def forward(self, x):                                   # x [..., in] -> [..., out]
+        if self.merged and self.disabled:
+            raise RuntimeError("LoRA is merged into the weights; unmerge before disabling it")
+        if self.merged or self.disabled:
+            return F.linear(x, self.weight, self.bias)
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        if not dropout and x.numel() >= 16 * self.r * self.in_features:   # >= 16 r rows: merging costs
+            return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A.weight,   # <= 1/16 of the matmul
+                                    self.lora_B.weight, self.scaling)
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            if self.disabled:
-                raise RuntimeError("LoRA is merged into the weights; unmerge before disabling it")
-            return y
-        if self.disabled:
-            return y
         if not torch.is_autocast_enabled(x.device.type):   # under autocast the matmuls pick their dtype
             x = x.to(self.lora_A.weight.dtype)               # (no extra copy of x in float32)
         a = self.lora_A(self.lora_dropout(x))                # [..., r]
-        # y += scale * a @ B^T in place: one matmul whose epilogue adds into y (no extra pass over the
-        # [..., out] output; y is not needed by the base matmul's backward)
+        # y += scale * a @ B^T in place: one matmul whose epilogue adds into y (y is not needed by the
+        # base matmul's backward)
         dt = y.dtype
         y.view(-1, self.out_features).addmm_(a.reshape(-1, self.r).to(dt), self.lora_B.weight.to(dt).t(),
                                              alpha=self.scaling)
@@ -101,6 +105,50 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+class MergedLoRA(torch.autograd.Function):
+    """y = x (W + s B A)^T + b, W and b frozen, as ONE matmul on a merged weight built per call: the low-rank
+    term costs no pass over y (the unmerged form reads and writes all of y once more, a quarter of a
+    1536-wide layer's matmul time). Backward builds the merged weight again for x's gradient, and gives
+    A and B theirs from rank-r products: dB = s grad^T (x A^T), dA = s (grad B)^T x; no full [out, in]
+    weight gradient is ever formed. Used when no dropout applies (dropout acts on the LoRA input only, so
+    it cannot be merged) and there are at least 16 r rows (merging costs r / rows of the matmul). Matmuls
+    run in the autocast dtype when autocast is on, else in W's."""
+
+    @staticmethod
+    def _dtype(x, W):
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
+
+    @staticmethod
+    def _merged(W, A, B, s, dt):                               # W + s B A in dt, one matmul (rank r)
+        return torch.addmm(W.to(dt), B.to(dt), A.to(dt), alpha=s)
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s):
+        dt = MergedLoRA._dtype(x, W)
+        ctx.save_for_backward(x, W, A, B)
+        ctx.s, ctx.dt = s, dt
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dt), MergedLoRA._merged(W, A, B, s, dt), None if b is None else b.to(dt))
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad):
+        x, W, A, B = ctx.saved_tensors
+        s, dt = ctx.s, ctx.dt
+        g = grad.reshape(-1, grad.shape[-1]).to(dt)            # [N, out]
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)                 # [N, in]
+        grad_x = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ MergedLoRA._merged(W, A, B, s, dt)).view(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[3]:
+            dA = ((g @ B.to(dt)).t() @ x2).mul_(s).to(A.dtype)                 # [r, in]
+        if ctx.needs_input_grad[4]:
+            dB = (g.t() @ (x2 @ A.to(dt).t())).mul_(s).to(B.dtype)              # [out, r]
+        return grad_x, None, None, dA, dB, None
 
 
 # -----------------------------------------------------------------------------------------------

@@ -176,20 +176,25 @@ def test_generation_ignores_dropout_and_keeps_training_mode(hf_models, batch):
     assert torch.equal(ref.tokens, got.tokens) and torch.equal(ref.tokens, merged.tokens)
 
 
-def test_lora_linear_forward_and_gradients_match_float64():
-    # the in-place epilogue add must leave every gradient right: input, A and B, against a float64 formula
+@pytest.mark.parametrize("path", ["merged", "few_rows", "dropout"])
+def test_lora_linear_forward_and_gradients_match_float64(path):
+    # each way LoRALinear computes (one matmul on a merged weight; the unmerged sum for few rows; the
+    # unmerged sum with dropout while training): output and the gradients of x, A and B against float64
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10, bias=True)
-    lay = L.LoRALinear(base, r=4, alpha=8)
+    lay = L.LoRALinear(base, r=4, alpha=8, dropout=0.3 if path == "dropout" else 0.0).train()
     torch.nn.init.normal_(lay.lora_B.weight, std=0.3)
-    x = torch.randn(2, 5, 12, requires_grad=True)
+    x = torch.randn(2, 5 if path == "few_rows" else 40, 12, requires_grad=True)
+    torch.manual_seed(1)
     y = lay(x)
+    torch.manual_seed(1)                                   # the same dropout mask for the reference
+    keep = torch.nn.functional.dropout(torch.ones_like(x), 0.3) if path == "dropout" else torch.ones_like(x)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     x64 = x.detach().double().requires_grad_()
     A = lay.lora_A.weight.detach().double().requires_grad_()
     B = lay.lora_B.weight.detach().double().requires_grad_()
-    y64 = x64 @ base.weight.double().T + base.bias.double() + (x64 @ A.T) @ B.T * (8 / 4)
+    y64 = x64 @ base.weight.double().T + base.bias.double() + ((x64 * keep.double()) @ A.T) @ B.T * (8 / 4)
     (y64 * g.double()).sum().backward()
     assert (y.double() - y64).abs().max().item() < 1e-5
     for ours, ref in ((x.grad, x64.grad), (lay.lora_A.weight.grad, A.grad), (lay.lora_B.weight.grad, B.grad)):
