@@ -124,3 +124,28 @@ def test_rotated_rows_bf16_logprobs_and_lora_grads(monkeypatch):
     real = cm.bool()
     assert (lp_roll - lp_mask)[real].abs().max().item() < 0.1
     assert torch.nn.functional.cosine_similarity(g_roll.float(), g_mask.float(), dim=0).item() > 0.99
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_layer_bf16_autocast_matches_float32(dropout):
+    # the merged-weight matmul (no dropout) and the unmerged sum (dropout, mask replayed) in bf16 on the GPU
+    torch.manual_seed(0)
+    base = torch.nn.Linear(1536, 8960, bias=False, device=CUDA, dtype=torch.bfloat16)
+    lay = L.LoRALinear(base, r=32, alpha=64, dropout=dropout).train()
+    torch.nn.init.normal_(lay.lora_B.weight, std=0.02)
+    x = torch.randn(4096, 1536, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(4096, 8960, device=CUDA)
+    torch.manual_seed(1)
+    with M.autocast(CUDA):
+        y = lay(x)
+    (y.float() * g).sum().backward()
+    torch.manual_seed(1)
+    keep = torch.nn.functional.dropout(torch.ones_like(x), dropout) if dropout else torch.ones_like(x)
+    x32 = x.detach().float().requires_grad_()
+    A = lay.lora_A.weight.detach().clone().requires_grad_()
+    B = lay.lora_B.weight.detach().clone().requires_grad_()
+    y32 = x32 @ base.weight.float().T + ((x32 * keep.float()) @ A.T) @ B.T * 2.0
+    (y32 * g).sum().backward()
+    assert rel(y, y32) < 2e-2
+    for ours, ref in ((x.grad, x32.grad), (lay.lora_A.weight.grad, A.grad), (lay.lora_B.weight.grad, B.grad)):
+        assert rel(ours, ref) < 3e-2
