@@ -19,7 +19,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             FLOPs (forward, input-gradient backward, checkpoint recompute, reference forward) / measured
             matmul peak
   lora      forward of the whole model with LoRA (r 32, all seven linears, unmerged) over the plain
-            model's forward, ours and peft's (on transformers' model)
+            model's forward, ours and peft's (on transformers' model); without dropout, and with Tina's
+            dropout 0.05 in train mode
   sae       SAE training step on layer L: our early-stopped forward + SAE vs a full forward + sparsify's
             SparseCoder on the same activations: tokens/s and the ratio
   sae_tune  one SAE-Tuning step (teacher pass, student pass through the SAE, chunked KL, backward):
@@ -253,7 +254,8 @@ def bench_grpo(net, hf, cfg, args, device):
 
 
 def bench_lora(net, hf, cfg, args, device):
-    """Forward of the whole model (r 32 on all seven linears, unmerged) over the plain model's forward."""
+    """Forward of the whole model (r 32 on all seven linears, unmerged) over the plain model's forward;
+    without dropout (eval) and with Tina's dropout 0.05 (train mode), ours and peft's."""
     B, T = 4, cfg["lora_tokens"] // 4
     ids = torch.randint(0, net.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(4)).to(device)
 
@@ -263,19 +265,25 @@ def bench_lora(net, hf, cfg, args, device):
                 fn(ids)
         return timed(f, device, args.warmup, args.repeat)
 
+    row = {}
     net.eval()
     plain = run(lambda x: net(x, hidden=True))
-    L.attach_lora(net, 32, 64, 0.0)
-    ours = run(lambda x: net(x, hidden=True))
-    L.unload_lora(net)
     hf_plain = run(lambda x: hf.model(input_ids=x))
+    row.update(plain_ms=1000 * plain, hf_plain_ms=1000 * hf_plain)
     from peft import LoraConfig, get_peft_model
-    pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=list(L.ALL_LINEARS)))
-    pm.eval()
-    peft = run(lambda x: pm.base_model.model.model(input_ids=x))
-    pm.unload()
-    return {"plain_ms": 1000 * plain, "ours_overhead": ours / plain, "hf_plain_ms": 1000 * hf_plain,
-            "peft_overhead": peft / hf_plain}
+    for dropout, tag in ((0.0, ""), (0.05, "_dropout")):
+        L.attach_lora(net, 32, 64, dropout)
+        net.train(dropout > 0)
+        row["ours_overhead" + tag] = run(lambda x: net(x, hidden=True)) / plain
+        L.unload_lora(net)
+        pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=dropout,
+                                           target_modules=list(L.ALL_LINEARS)))
+        pm.train(dropout > 0)
+        row["peft_overhead" + tag] = run(lambda x: pm.base_model.model.model(input_ids=x)) / hf_plain
+        pm.unload()
+    net.eval()
+    hf.eval()
+    return row
 
 
 def sparsify_coder(device):
