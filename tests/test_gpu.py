@@ -1,7 +1,7 @@
 """CUDA-only checks (skipped without a GPU; recipes/gpu_bench.sh runs them on the lent machine).
 
 The CPU tests already prove the math of every path; these prove what only a GPU has: CUDA-graph capture
-and replay of the decode step, bf16 kernels (flash attention on rotated rows, the fused LoRA epilogue).
+and replay of the decode step, bf16 kernels (flash attention on rotated rows, both LoRA forward paths).
 """
 import pytest
 import torch
