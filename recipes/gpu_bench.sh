@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, for a session lent a GPU (about 4 minutes on an H100/H200): the CUDA-only
+# Every GPU check in one run, for a session lent a GPU (a few minutes on an H100/H200, by estimate): the CUDA-only
 # tests (tests/test_gpu.py: CUDA-graph decode, bf16 kernels), then every benchmark of bench.py.
 # The GPU image has torch, transformers, safetensors, peft, pytest and tqdm. The sae baseline also needs
 # eai-sparsify and what its coder imports; download the wheels into .whl/ here and carry .whl:
