@@ -11,7 +11,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             batch, prompt, new tokens, sampling, EOS off; --hf_static adds transformers' compiled static
             cache): tokens/s, the ratios, the first call's seconds (graph captures; compiles for theirs),
             our plain path, and the share of the bandwidth floor (bytes of the matmul weights + the
-            average KV cache read per step / measured copy bandwidth)
+            average KV cache read per step / measured copy bandwidth); per-step times are whole calls
+            (prefill included) / new tokens
   grpo      one GRPO update on left-padded prompts + right-padded completions: reference pass with LoRA
             off, policy pass, backward through chunked log-probs; vs peft's LoRA on the transformers model
             with per-row log-softmax: seconds, tokens/s, peak memory (the model's parameters + what the
@@ -159,6 +160,7 @@ def bench_decode(net, hf, cfg, args, device):
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
     first, ours = first_and_median(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0),
                                    device, args.warmup, args.repeat)
+
     def eager_steps(n: int = 16):   # the static step without a graph, so the profile lists its kernels
         with torch.no_grad():
             cache = M.KVCache(net.cfg, B, P + n, device, net.dtype)
