@@ -281,7 +281,7 @@ def bench_lora(net, hf, cfg, args, device):
         pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=dropout,
                                            target_modules=list(L.ALL_LINEARS)))
         pm.train(dropout > 0)
-        row["peft_overhead" + tag] = run(lambda x: pm.base_model.model.model(input_ids=x)) / hf_plain
+        row["peft_overhead" + tag] = run(lambda x, pm=pm: pm.base_model.model.model(input_ids=x)) / hf_plain
         pm.unload()
     net.eval()
     hf.eval()

@@ -5,10 +5,10 @@ and replay of the decode step, bf16 kernels (flash attention on rotated rows, bo
 """
 import pytest
 import torch
+from conftest import left_padded_batch
 
 import lora as L
 import model as M
-from conftest import left_padded_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

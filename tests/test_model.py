@@ -348,11 +348,12 @@ def test_failed_graph_capture_falls_back_to_eager_steps(hf_models):
         cache = M.KVCache(ours.cfg, 2, 16, "cpu", torch.float32)
         logits = ours.lm_head(ours(ids, mask, cache=cache, hidden=True)[:, -1])
         dec = M.StaticDecoder(ours, cache, mask.sum(-1), graphs=True)
-        toks = []
+        toks = [logits.argmax(-1)]
         with pytest.warns(UserWarning, match="without graphs"):
-            for _ in range(10):
-                toks.append(logits.argmax(-1))
-                logits = dec.step(toks[-1])
+            logits = dec.step(toks[-1])                       # the first step tries to capture
+        for _ in range(9):
+            toks.append(logits.argmax(-1))
+            logits = dec.step(toks[-1])
     assert not dec.use_graphs and torch.equal(torch.stack(toks, 1), ref.tokens)
 
 
