@@ -8,8 +8,8 @@ lora.py -- hand-written LoRA that reads and writes PEFT's adapter files.
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   [r, in]
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
 
-Without dropout (and for 16 r rows or more) the forward is one matmul on W + scale * B @ A, built per
-call, and backward forms no full weight gradient (MergedLoRA); with dropout it is the base matmul plus
+Without dropout (and with enough rows) the forward is one matmul on W + scale * B @ A, built per call,
+and backward forms no full weight gradient (MergedLoRA); with dropout it is the base matmul plus
 two small ones, the second adding into the output in place. LoRA weights are kept in float32 even when
 the base is bf16 (lr 1e-6 updates would vanish in bf16). Disabling is a flag
 (GRPO's reference policy is the same model with LoRA off). merge() adds scale * B @ A into W for fast
@@ -66,9 +66,10 @@ class LoRALinear(nn.Linear):
         if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        if not dropout and x.numel() >= 16 * self.r * self.in_features:   # >= 16 r rows: merging costs
-            return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A.weight,   # <= 1/16 of the matmul
-                                    self.lora_B.weight, self.scaling)
+        rows, i, o = x.numel() // self.in_features, self.in_features, self.out_features
+        if not dropout and rows * (2 * o + i) > 3 * o * i:  # merging moves ~3 x W; the sum ~2 x y + 1 x x
+            return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+                                    self.scaling)
         y = F.linear(x, self.weight, self.bias)
         if not torch.is_autocast_enabled(x.device.type):   # under autocast the matmuls pick their dtype
             x = x.to(self.lora_A.weight.dtype)               # (no extra copy of x in float32)
@@ -113,8 +114,9 @@ class MergedLoRA(torch.autograd.Function):
     1536-wide layer's matmul time). Backward builds the merged weight again for x's gradient, and gives
     A and B theirs from rank-r products: dB = s grad^T (x A^T), dA = s (grad B)^T x; no full [out, in]
     weight gradient is ever formed. Used when no dropout applies (dropout acts on the LoRA input only, so
-    it cannot be merged) and there are at least 16 r rows (merging costs r / rows of the matmul). Matmuls
-    run in the autocast dtype when autocast is on, else in W's."""
+    it cannot be merged) and the rows are many enough that building the merged weight (about three
+    passes over W) moves fewer bytes than the unmerged sum's extra passes over y and x. Matmuls run in
+    the autocast dtype when autocast is on, else in W's."""
 
     @staticmethod
     def _dtype(x, W):
