@@ -428,7 +428,8 @@ class Transformer(nn.Module):
         """Log-probs of input_ids[:, start+1:] under the model, [B, T-1-start] float32.
 
         Only the hidden states are kept for the whole sequence; the vocabulary projection runs on
-        chunk_size rows at a time and is recomputed in backward (gradients flow to everything).
+        chunk_size rows at a time. With a frozen lm_head (LoRA) each chunk's gradient wrt the hidden
+        states is formed in the same pass (_VocabChunk); otherwise the chunk is recomputed in backward.
         """
         h = self(input_ids, attention_mask, hidden=True)[:, start:-1]   # [B, T', D]
         return token_logprobs(self.lm_head, h, input_ids[:, start + 1:], temperature, chunk_size)
@@ -441,41 +442,74 @@ def _chunk_logprobs(lm_head, h, tgt, temperature):
     return logits.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _chunk_kl(lm_head, h_student, logp_teacher, temperature):
+    logq = torch.log_softmax(lm_head(h_student).float() / temperature, dim=-1)   # [c, V]
+    return (logp_teacher.exp() * (logp_teacher - logq)).sum()
+
+
+class _VocabChunk(torch.autograd.Function):
+    """One chunk of log-probs (`kind` "logprobs": [c] values of targets) or of summed KL(teacher || student)
+    ("kl": a scalar) through a frozen lm_head W, with the gradient wrt h computed in the same pass while
+    the [c, V] probabilities are at hand: d logp / d h = (W[tgt] - p W) / T per row, d KL / d h =
+    (q - p) W / T. Backward then only scales that [c, D] tensor: one vocabulary matmul fewer than
+    recomputing the chunk (checkpointing) and differentiating it."""
+
+    @staticmethod
+    def forward(ctx, h, W, other, temperature, kind):     # other: targets [c] or teacher log-probs [c, V]
+        logq = torch.log_softmax(F.linear(h, W).float() / temperature, dim=-1)    # [c, V] float32
+        if kind == "logprobs":
+            out = logq.gather(-1, other[:, None]).squeeze(-1)
+        else:
+            out = (other.exp() * (other - logq)).sum()
+        if ctx.needs_input_grad[0]:
+            q = logq.exp_()                                                        # in place: logq is done
+            if kind == "logprobs":
+                dh = W[other].float() - (q.to(W.dtype) @ W).float()
+            else:
+                dh = ((q - other.exp()).to(W.dtype) @ W).float()
+            ctx.save_for_backward(dh / temperature)
+            ctx.h_dtype = h.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, = ctx.saved_tensors
+        g = g[:, None] if g.dim() else g
+        return (g * dh).to(ctx.h_dtype), None, None, None, None
+
+
+def _vocab_chunk(kind, lm_head, h, other, temperature):
+    """A chunk's value; gradients by _VocabChunk when only h needs them (a frozen lm_head, as under LoRA),
+    else by recomputing the chunk in backward (checkpoint)."""
+    plain = _chunk_logprobs if kind == "logprobs" else _chunk_kl
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return plain(lm_head, h, other, temperature)
+    if isinstance(lm_head, nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad:
+        return _VocabChunk.apply(h, lm_head.weight, other, temperature, kind)
+    return checkpoint(plain, lm_head, h, other, temperature, use_reentrant=False)
+
+
 def token_logprobs(lm_head: nn.Module, hidden, targets, temperature: float = 1.0, chunk_size: int = 1024):
     """log softmax(lm_head(hidden) / temperature)[targets] in row chunks. hidden [B, T, D], targets [B, T]."""
     B, T, D = hidden.shape
     h, tgt = hidden.reshape(B * T, D), targets.reshape(B * T)
-    out = []
-    for i in range(0, B * T, chunk_size):
-        args = (lm_head, h[i:i + chunk_size], tgt[i:i + chunk_size], temperature)
-        if torch.is_grad_enabled() and h.requires_grad:
-            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(*args))
+    out = [_vocab_chunk("logprobs", lm_head, h[i:i + chunk_size], tgt[i:i + chunk_size], temperature)
+           for i in range(0, B * T, chunk_size)]
     return torch.cat(out).view(B, T) if out else hidden.new_zeros(B, T, dtype=torch.float32)
-
-
-def _chunk_kl(lm_head, h_student, logp_teacher, temperature):
-    logq = torch.log_softmax(lm_head(h_student).float() / temperature, dim=-1)   # [c, V]
-    return (logp_teacher.exp() * (logp_teacher - logq)).sum()
 
 
 def chunked_kl(lm_head: nn.Module, h_teacher, h_student, temperature: float = 1.0, chunk_size: int = 512):
     """sum over rows of KL(softmax(teacher logits) || softmax(student logits)), in row chunks.
 
     h_teacher, h_student [B, T, D] final hidden states; only [chunk_size, V] float32 tensors exist at a
-    time (the student chunk is recomputed in backward). Divide by B for torch's kl_div 'batchmean'.
+    time. Divide by B for torch's kl_div 'batchmean'.
     """
     ht, hs = h_teacher.reshape(-1, h_teacher.shape[-1]), h_student.reshape(-1, h_student.shape[-1])
     total = hs.new_zeros((), dtype=torch.float32)
     for i in range(0, hs.shape[0], chunk_size):
         with torch.no_grad():
             logp = torch.log_softmax(lm_head(ht[i:i + chunk_size]).float() / temperature, -1)
-        args = (lm_head, hs[i:i + chunk_size], logp, temperature)
-        if torch.is_grad_enabled() and hs.requires_grad:
-            total = total + checkpoint(_chunk_kl, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_kl(*args)
+        total = total + _vocab_chunk("kl", lm_head, hs[i:i + chunk_size], logp, temperature)
     return total
 
 

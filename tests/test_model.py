@@ -189,10 +189,12 @@ def test_sample_next_distribution():
     assert torch.allclose(t, want / want.sum(), atol=0.03)
 
 
+@pytest.mark.parametrize("frozen_head", [False, True])    # True: gradients from _VocabChunk
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_logprobs_and_grads_match_float64(hf_models, temperature):
+def test_chunked_logprobs_and_grads_match_float64(hf_models, temperature, frozen_head):
     _, path = hf_models["qwen2"]
     ours = M.load_model(str(path))
+    ours.lm_head.weight.requires_grad_(not frozen_head)
     ids, mask = left_padded_batch(128, [12, 8], seed=8)
     start = 3
     lp = ours.logprobs(ids, mask, start=start, temperature=temperature, chunk_size=5)  # uneven chunks
@@ -202,7 +204,7 @@ def test_chunked_logprobs_and_grads_match_float64(hf_models, temperature):
     assert lp.dtype == torch.float32 and lp.shape == ref.shape
     assert (lp.double() - ref).abs().max().item() < 1e-5
     w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    params = [ours.lm_head.weight, ours.model.layers[0].self_attn.q_proj.weight]
+    params = [ours.model.layers[0].self_attn.q_proj.weight] + ([] if frozen_head else [ours.lm_head.weight])
     g_ours = torch.autograd.grad((lp.double() * w).sum(), params)
     g_ref = torch.autograd.grad((ref * w).sum(), params)
     for a, b in zip(g_ours, g_ref):
@@ -374,3 +376,19 @@ def test_static_decoding_refuses_residual_hooks():
     with pytest.raises(ValueError, match="residual hooks"):
         M.generate(net, ids, max_new_tokens=2, static=True)
     assert M.generate(net, ids, max_new_tokens=2).tokens.shape == (1, 2)     # auto: the plain path
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_kl_and_grads_match_float64(frozen_head):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(not frozen_head)
+    ht, hs = torch.randn(2, 9, 16), torch.randn(2, 9, 16, requires_grad=True)
+    kl = M.chunked_kl(head, ht, hs, temperature=0.8, chunk_size=4)          # uneven chunks
+    W = head.weight.double()
+    hs64 = hs.detach().double().requires_grad_()
+    p = torch.softmax(ht.double() @ W.T / 0.8, -1)
+    ref = (p * (p.log() - torch.log_softmax(hs64 @ W.T / 0.8, -1))).sum()
+    assert abs(kl.item() - ref.item()) < 1e-5
+    g = torch.randn(()).double()
+    assert torch.allclose(torch.autograd.grad(kl.double() * g, hs)[0].double(),
+                          torch.autograd.grad(ref * g, hs64)[0], atol=1e-6)
