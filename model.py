@@ -587,6 +587,7 @@ class StaticDecoder:
     inserted SAE) are not applied: generate() takes the plain path when the model has any.
     """
     SPAN_BLOCK = 256
+    MATMUL_ATTENTION_FROM = 1024    # key spans from this length attend with matmuls (see _attend)
 
     def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool):
         self.model, self.cache, self.use_graphs = model, cache, graphs
@@ -663,13 +664,26 @@ class StaticDecoder:
             k_cache.index_copy_(2, self.slot, qk[:, nh:, None])
             v_cache.index_copy_(2, self.slot, qkv[:, nh + nkv:, None])
             q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                # a group's heads as query rows
-            y = F.scaled_dot_product_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], attn_mask=mask)
+            y = self._attend(q, k_cache[:, :, :span], v_cache[:, :, :span], mask)
             x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
             gate, up = F.linear(rms_norm(block.post_attention_layernorm, x), w.gate_up, w.gate_up_b).chunk(2, -1)
             x = add_linear(x, F.silu(gate) * up, w.down, w.down_b)
         self.slot += 1
         self.positions += 1
         return m.lm_head(rms_norm(m.model.norm, x))[:, 0]                # [b, V]
+
+
+    def _attend(self, q, k, v, mask):
+        """One new token's attention: q [b, nkv, rep, hd] (a group's query heads as rows), k, v [b, nkv, span, hd],
+        mask [b, 1, 1, span] additive -> [b, nkv, rep, hd]. Spans below MATMUL_ATTENTION_FROM: one fused SDPA
+        kernel. Longer spans: two batched matmuls around a float32 softmax (as transformers' eager attention).
+        A fused kernel made for long queries gives each (row, key head) one block that walks the whole key
+        range, so 6 query rows against 4,096 keys leave most of the GPU idle; cuBLAS splits the key range
+        across blocks, and the few extra kernels cost nothing inside a CUDA graph."""
+        if k.shape[2] < self.MATMUL_ATTENTION_FROM:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + mask     # [b, nkv, rep, span]
+        return torch.matmul(s.softmax(-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def rms_norm(norm: RMSNorm, x):

@@ -25,10 +25,12 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def test_graph_replay_equals_eager_static_step(monkeypatch):
+@pytest.mark.parametrize("matmul_from", [1 << 30, 128])     # SDPA throughout; matmul attention from span 128
+def test_graph_replay_equals_eager_static_step(monkeypatch, matmul_from):
     # same kernels, so graph replay must give the eager step's logits; across three key-span blocks
     # (three captures) and a batch shrink (a recapture); and the plain cached forward within bf16 noise
     monkeypatch.setattr(M.StaticDecoder, "SPAN_BLOCK", 64)
+    monkeypatch.setattr(M.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
     net = short_r1()
     V = net.cfg.vocab_size
     ids, mask = left_padded_batch(V, [40, 17, 33, 5], seed=0)
@@ -76,18 +78,27 @@ def test_cuda_greedy_generation_matches_transformers(hf_models, kind):
     assert torch.equal(graph.tokens, ref) and torch.equal(plain.tokens, ref)
 
 
-def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos():
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos(monkeypatch, attention):
+    # Round 1 ran this comparison in bf16 and failed on row 2: the graph step (stacked q/k/v and gate/up
+    # matmuls, fused RMSNorm, a smaller batch after compaction) and the plain forward use different kernels,
+    # so their bf16 hidden states differ by rounding, and a random model's greedy margins are of the same
+    # size (scaling lm_head scales margin and error alike, so it cannot help). In float32 (no TF32) the two
+    # paths agree to ~1e-6, far below the margins: there the tokens must match exactly, and a bookkeeping
+    # bug after a shrink (slot, position, mask bias, kept rows) changes them.
+    monkeypatch.setattr(M.StaticDecoder, "MATMUL_ATTENTION_FROM", 0 if attention == "matmul" else 1 << 30)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     net = short_r1()
-    with torch.no_grad():
-        net.lm_head.weight.mul_(20)        # peaked logits: greedy choices far from bf16 rounding ties
     ids = torch.randint(3, 1000, (8, 16), generator=torch.Generator().manual_seed(2)).to(CUDA)
     a = M.generate(net, ids, max_new_tokens=40, temperature=1.0, seed=7)
     b = M.generate(net, ids, max_new_tokens=40, temperature=1.0, seed=7)
-    assert torch.equal(a.tokens, b.tokens)
-    greedy = M.generate(net, ids, max_new_tokens=40, temperature=0.0)
+    assert torch.equal(a.tokens, b.tokens)                       # bf16 graphs: seeded sampling reproduces
+    net32 = short_r1(dtype=torch.float32)
+    greedy = M.generate(net32, ids, max_new_tokens=40, temperature=0.0)
     eos = sorted({int(t) for t in greedy.tokens[:4, 3]})          # rows 0-3 stop by step 4
-    c = M.generate(net, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos)   # graphs, shrinking batch
-    d = M.generate(net, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos, static=False, compact=False,
+    c = M.generate(net32, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos)   # graphs, shrinking batch
+    d = M.generate(net32, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos, static=False, compact=False,
                    sync_every=1)
     assert c.finished[:4].all()
     assert torch.equal(c.tokens, d.tokens) and torch.equal(c.lengths, d.lengths)

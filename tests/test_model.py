@@ -301,11 +301,13 @@ def test_roll_rows_inverts():
     assert M.roll_rows(x, shift)[1, 0].tolist() == x[1, 3].tolist()
 
 
+@pytest.mark.parametrize("matmul_from", [1 << 30, 0, 16])     # SDPA only, matmul attention only, a switch
 @pytest.mark.parametrize("kind", KINDS)
-def test_static_decoder_matches_plain_decoding(hf_models, kind, monkeypatch):
+def test_static_decoder_matches_plain_decoding(hf_models, kind, matmul_from, monkeypatch):
     # the fixed-shape step (what a CUDA graph replays) against the plain cached forward, token for token,
     # across key-span blocks and a batch shrink; llama_tied_bias has o / mlp biases, qwen2 GQA and q/k/v bias
     monkeypatch.setattr(M.StaticDecoder, "SPAN_BLOCK", 8)
+    monkeypatch.setattr(M.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
     ours = M.load_model(str(hf_models[kind][1]))
     ids, mask = left_padded_batch(128, [9, 4, 7], seed=15)
     forced = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(1))
