@@ -26,6 +26,11 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             SparseCoder on the same activations: tokens/s and the ratio
   sae_tune  one SAE-Tuning step (teacher pass, student pass through the SAE, chunked KL, backward):
             tokens/s and peak memory
+  decode_long  decode near 4,096 keys (24 rows, 3,584-token prompts, 512 new): ms per step of each attention
+            path of the static step (SDPA, matmuls, the default switch) and its share of the bandwidth floor
+  grpo_step one whole GRPO step at Tina's shape (4 prompts x 6 completions, 512 + 3,584 tokens, EOS off):
+            rollout, rewards, update (4 micro-batches: reference, policy, backward; AdamW) timed apart, the
+            rollout against its bandwidth floor, the update's MFU and peak memory
 
 --profile adds one profiled run of ours per benchmark; the top ops / kernels go to <out>.profile.txt.
 
@@ -49,9 +54,13 @@ import model as M
 import sae as S
 
 FULL = dict(preset="r1-distill-qwen-1.5b", batch=32, prompt=512, new=512, grpo_seqs=6, grpo_len=4096,
-            lora_tokens=8192, sae_layer=12, sae_latents=65536, sae_k=32, sae_batch=16, sae_len=2048, tune_len=2048)
+            lora_tokens=8192, sae_layer=12, sae_latents=65536, sae_k=32, sae_batch=16, sae_len=2048, tune_len=2048,
+            long_batch=24, long_prompt=3584, long_new=512, step_prompts=4, step_gens=6, step_prompt=512,
+            step_new=3584, step_accum=4)
 SMOKE = dict(preset="tiny-qwen2", batch=2, prompt=8, new=8, grpo_seqs=2, grpo_len=32, lora_tokens=64,
-             sae_layer=1, sae_latents=256, sae_k=8, sae_batch=2, sae_len=32, tune_len=32)
+             sae_layer=1, sae_latents=256, sae_k=8, sae_batch=2, sae_len=32, tune_len=32,
+             long_batch=2, long_prompt=24, long_new=8, step_prompts=2, step_gens=2, step_prompt=8, step_new=8,
+             step_accum=2)
 
 
 def sync(device):
@@ -155,6 +164,31 @@ def first_and_median(fn, device, warmup: int, repeat: int) -> tuple[float, float
     return first, timed(fn, device, warmup, repeat)
 
 
+class matmul_attention_from:
+    """Within the block, StaticDecoder attends with matmuls from this key span on (0 = always, a huge
+    number = never): the benchmarks time both of its attention paths in one run."""
+    def __init__(self, span: int):
+        self.span = span
+
+    def __enter__(self):
+        self.saved, M.StaticDecoder.MATMUL_ATTENTION_FROM = M.StaticDecoder.MATMUL_ATTENTION_FROM, self.span
+
+    def __exit__(self, *exc):
+        M.StaticDecoder.MATMUL_ATTENTION_FROM = self.saved
+
+
+NEVER = 1 << 30
+
+
+def decode_floor(net, B: int, P: int, N: int, bandwidth: float) -> float:
+    """Seconds per decode step at the bandwidth limit: the matmul weights + the average KV cache read
+    (B rows, P prompt tokens, N new tokens) once per step."""
+    c = net.cfg
+    weight_bytes = matmul_params(net) * net.dtype.itemsize
+    kv_bytes = B * (P + N / 2) * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * net.dtype.itemsize
+    return (weight_bytes + kv_bytes) / bandwidth
+
+
 def bench_decode(net, hf, cfg, args, device):
     B, P, N = cfg["batch"], cfg["prompt"], cfg["new"]
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
@@ -180,13 +214,14 @@ def bench_decode(net, hf, cfg, args, device):
             static_first, static = first_and_median(
                 lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                     cache_implementation="static", **gen), device, 0, args.repeat)
-    c = net.cfg
-    weight_bytes = matmul_params(net) * net.dtype.itemsize
-    kv_bytes = B * (P + N / 2) * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * net.dtype.itemsize
-    floor = (weight_bytes + kv_bytes) / args.bandwidth        # seconds per decode step at the bandwidth limit
+    floor = decode_floor(net, B, P, N, args.bandwidth)
     row = {"tokens_per_s": B * N / ours, "ms_per_step": 1000 * ours / N, "first_call_s": first,
            "floor_ms_per_step": 1000 * floor, "share_of_floor": floor / (ours / N),
            "plain_tokens_per_s": B * N / plain, "hf_tokens_per_s": B * N / theirs, "vs_hf": theirs / ours}
+    for tag, span in (("sdpa", NEVER), ("matmul", 0)):      # each attention path of the static step alone
+        with matmul_attention_from(span):
+            t = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, args.repeat)
+        row[f"{tag}_attention_ms_per_step"] = 1000 * t / N
     if args.hf_static:
         row.update(hf_static_tokens_per_s=B * N / static, hf_static_ms_per_step=1000 * static / N,
                    hf_static_first_call_s=static_first, vs_hf_static=static / ours)
@@ -358,11 +393,94 @@ def bench_sae_tune(net, cfg, args, device):
     return {"tokens_per_s": T / t, "seconds": t, "peak_gib": mem}
 
 
+def bench_decode_long(net, cfg, args, device):
+    """Decode at long context (GRPO's rollouts end near 4,096 keys): B rows with a P-token prompt, N new
+    tokens; both attention paths of the static step, each against the bandwidth floor (KV reads included)."""
+    B, P, N = cfg["long_batch"], cfg["long_prompt"], cfg["long_new"]
+    ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(5)).to(device)
+    with torch.no_grad():
+        prefill = timed(lambda: net(ids, hidden=True)[:, -1], device, 1, args.repeat)
+    floor = decode_floor(net, B, P, N, args.bandwidth)
+    row = {"prefill_s": prefill, "floor_ms_per_step": 1000 * floor}
+    for tag, span in (("default", M.StaticDecoder.MATMUL_ATTENTION_FROM), ("sdpa", NEVER), ("matmul", 0)):
+        with matmul_attention_from(span):
+            t = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, args.repeat)
+        step = (t - prefill) / N
+        row[f"{tag}_ms_per_step"] = 1000 * step
+        row[f"{tag}_share_of_floor"] = floor / step
+    return row
+
+
+def bench_grpo_step(net, cfg, args, device):
+    """One whole GRPO step at Tina's shape, as grpo_lora.train runs it: rollouts of P prompts x G completions
+    (LoRA merged, EOS off so every completion runs to the limit), rewards (format + accuracy on the decoded
+    text), then grad_accum micro-batches of reference pass (LoRA off), policy pass, loss and backward, and
+    the AdamW step. Parts timed separately; the rollout against its bandwidth floor."""
+    import grpo_lora as G
+    Pn, Gn, P, N, accum = (cfg[k] for k in ("step_prompts", "step_gens", "step_prompt", "step_new", "step_accum"))
+    g = torch.Generator().manual_seed(6)
+    prompts = torch.randint(0, net.cfg.vocab_size, (Pn, P), generator=g).to(device)
+    ids = prompts.repeat_interleave(Gn, 0)
+    mask = torch.ones_like(ids)
+    lora_training(net, 32, 128, on=True)
+    net.gradient_checkpointing = M.use_checkpointing("auto", P + N)
+    params = L.lora_parameters(net)
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    alphabet = "0123456789 +-=*/()\n</think>{boxed}abcxyz."
+    times = {}
+
+    def part(name, fn):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times[name] = time.perf_counter() - t0
+        return out
+
+    def rollout():
+        with L.lora_merged(net):
+            return M.generate(net, ids, mask, max_new_tokens=N, temperature=0.7, seed=0)
+
+    def rewards(out):
+        texts = ["".join(alphabet[t % len(alphabet)] for t in row) for row in out.tokens.tolist()]
+        totals = [G.score(texts[i * Gn:(i + 1) * Gn], "42", ["format", "accuracy"], [1.0, 2.0])[0]
+                  for i in range(Pn)]
+        return G.group_advantages(torch.cat(totals), Gn, True).to(device)
+
+    def update(out, adv):
+        ro = G.Rollouts(ids, mask, out.tokens, torch.ones_like(out.tokens), [], out.finished)
+        for sl in G.micro_slices(Pn, Gn, accum):
+            with M.autocast(device):
+                logp = G.micro_logprobs(net, ro, sl, 1.0)
+                with torch.no_grad(), L.lora_disabled(net):
+                    ref = G.micro_logprobs(net, ro, sl, 1.0)
+            loss, _, _ = G.grpo_loss(logp, logp.detach(), ref, adv[sl], ro.completion_mask[sl], beta=0.04,
+                                     epsilon=0.2, loss_type="grpo", max_completion_len=N)
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    net.train()
+    out = part("rollout", rollout)
+    adv = part("rewards", lambda: rewards(out))
+    part("update", lambda: update(out, adv))
+    mem = peak_memory(device, lambda: update(out, adv), net)
+    lora_training(net, on=False)
+    floor = decode_floor(net, Pn * Gn, P, N, args.bandwidth) * N
+    total = sum(times.values())
+    flops = 8 * matmul_params(net) * Pn * Gn * (P + N)
+    return {"seconds": total, **{f"{k}_s": v for k, v in times.items()}, "rollout_floor_s": floor,
+            "rollout_share_of_floor": floor / times["rollout"], "update_mfu": flops / times["update"] / args.peak_flops,
+            "update_peak_gib": mem, "completion_tokens": Pn * Gn * N}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (seconds)")
-    p.add_argument("--only", type=M.csv_list(), default=["decode", "grpo", "lora", "sae", "sae_tune"],
-                   help="comma-separated subset of decode, grpo, lora, sae, sae_tune")
+    p.add_argument("--only", type=M.csv_list(), default=["decode", "decode_long", "grpo", "lora", "sae", "sae_tune",
+                                                         "grpo_step"],
+                   help="comma-separated subset of decode, decode_long, grpo, lora, sae, sae_tune, grpo_step")
     p.add_argument("--device", default="auto")
     p.add_argument("--hf_static", action="store_true", help="also time transformers' static-cache generate")
     p.add_argument("--warmup", type=int, default=1)
@@ -386,7 +504,9 @@ def main(argv=None):
                "grpo": lambda: bench_grpo(net, hf, cfg, args, device),
                "lora": lambda: bench_lora(net, hf, cfg, args, device),
                "sae": lambda: bench_sae(net, hf, cfg, args, device),
-               "sae_tune": lambda: bench_sae_tune(net, cfg, args, device)}
+               "sae_tune": lambda: bench_sae_tune(net, cfg, args, device),
+               "decode_long": lambda: bench_decode_long(net, cfg, args, device),
+               "grpo_step": lambda: bench_grpo_step(net, cfg, args, device)}
     unknown = [b for b in args.only if b not in runners]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown}; choose from {', '.join(runners)}")

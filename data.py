@@ -451,7 +451,10 @@ class RunLog:
     def write_run(self, **extra):
         import time
         from model import atomic_write
+        import torch
         wall = time.time() - self.t0
+        if torch.cuda.is_available() and torch.cuda.is_initialized():   # this process's peak, for the cost table
+            extra["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         self.info.update(extra, wall_seconds=round(wall, 2), gpu_hours=round(wall * self.n_gpus / 3600, 5),
                          dollars=round(wall * self.n_gpus / 3600 * self.usd, 4))
         if self.enabled:

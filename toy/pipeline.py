@@ -3,6 +3,8 @@ toy/pipeline.py -- the whole Tina -> Resa pipeline on the toy world, on a CPU, w
 
     python toy/pipeline.py                 # about 10 minutes on 2 CPU cores -> out/toy/results.md, results.png
     python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~2 minutes
+    python toy/pipeline.py --device cuda   # the same on a GPU (float32; its numbers differ from the CPU's in
+                                           # the last bits, so the table may differ by a sample or two)
 
 Stages (each a subprocess running the same command a user would type; wall seconds recorded):
   1. toy data (toy/world.py) and two base models trained from scratch with different seeds (toy/train_base.py)
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -42,16 +45,26 @@ QUICK = dict(n_train=64, n_test=24, base=["--steps", "8", "--hidden", "32", "--m
              tune=["--max_steps", "3"])
 
 
+ENV = dict(os.environ)      # the stages' environment; main() sets their torch thread count in it
+
+
 def run(cmd: list[str], log: Path) -> float:
-    """Run one stage as a user would; its output goes to log. -> wall seconds."""
+    """Run one stage as a user would; its output goes to log; one line on stdout when it ends. -> seconds."""
     t0 = time.time()
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV)
     if r.returncode != 0:
         raise SystemExit(f"stage failed ({log}):\n" + "".join(open(log).readlines()[-20:]))
-    return time.time() - t0
+    dt = time.time() - t0
+    print(f"  {log.stem:16s} {dt:6.1f} s", flush=True)
+    return dt
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def per_problem(eval_dir: Path, adapter: str) -> dict[int, float]:
@@ -77,8 +90,15 @@ def main(argv=None):
     p.add_argument("--out", default="out/toy", help="output folder (%(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI: checks the plumbing, not the accuracy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default; the README's figures), cuda, or auto; the models train in float32 either way")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per stage process on CPU (%(default)s: fastest on a loaded 2-core machine)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    print(f"toy pipeline on {device} ({args.threads} thread(s) per stage on the CPU) -> {args.out}", flush=True)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -91,7 +111,7 @@ def main(argv=None):
     train, test = str(out / "data" / "train.jsonl"), str(out / "data" / "test.jsonl")
     for name, seed in (("base", 1), ("base2", 2)):
         secs[name] = run([py, "toy/train_base.py", "--out", str(out / name), "--seed", str(seed + args.seed),
-                          "--exclude", test, *cfg["base"]], logs / f"{name}.log")
+                          "--exclude", test, "--device", device, *cfg["base"]], logs / f"{name}.log")
         params[name] = json.loads((out / name / "run.json").read_text())["params"]
     base, base2 = str(out / "base"), str(out / "base2")
 
@@ -101,10 +121,14 @@ def main(argv=None):
             [py, "evaluate.py", "--model", model, "--adapter", ",".join(adapters), "--data", test, "--limit",
              str(cfg["limit"]), "--n", str(cfg["n"]), "--temperature", "0.6", "--top_p", "0.95", "--max_new_tokens",
              str(cfg["max_new"]), "--batch_size", str(cfg["eval_batch"]), "--template", "none", "--system_prompt",
-             "none", "--device", "cpu", "--seed", str(args.seed), "--out_dir", str(d)], logs / f"eval_{name}.log")
+             "none", "--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--out_dir", str(d)],
+            logs / f"eval_{name}.log")
+        res = json.loads((d / "results.json").read_text())["results"]
+        print("      pass@1 " + ", ".join(f"{Path(a).name if a != 'base' else 'base'} {100 * res[a]['test']['pass@1']:.1f}%"
+                                      for a in adapters), flush=True)
         return d
 
-    common = ["--device", "cpu", "--seed", str(args.seed), "--system_prompt", "none"]
+    common = ["--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--system_prompt", "none"]
     lora = ["--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0"]
     # 2-3. GRPO with LoRA on the base (Tina), evaluated at every checkpoint
     secs["grpo"] = run([py, "grpo_lora.py", "--model", base, "--dataset", train, "--out_dir", str(out / "grpo"),

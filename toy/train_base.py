@@ -1,5 +1,5 @@
 """
-toy/train_base.py -- train the toy world's tiny Qwen2 base model from scratch on CPU, saved in Hugging
+toy/train_base.py -- train the toy world's tiny Qwen2 base model from scratch (CPU by default), saved in Hugging
 Face format (config.json, model.safetensors, tokenizer files) so every stage loads it like a real model.
 
     python toy/train_base.py --out toy/out/base --seed 1 --exclude toy/out/test.jsonl
@@ -62,7 +62,8 @@ def train(args):
                         intermediate_size=args.mlp, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                         num_key_value_heads=args.kv_heads, tie_word_embeddings=True, max_position_embeddings=1024,
                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    net = M.Transformer(cfg).init_weights(seed=args.seed).train()
+    device = M.pick_device(args.device)
+    net = M.Transformer(cfg).init_weights(seed=args.seed).to(device).train()   # same weights on any device
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
@@ -74,6 +75,7 @@ def train(args):
     bar = tqdm(zip(range(args.steps), batches(tok, rng, args, exclude)), total=args.steps, desc="base",
                dynamic_ncols=True)
     for step, (inputs, targets) in bar:
+        inputs, targets = inputs.to(device), targets.to(device)
         logits = net(inputs)                                         # [B, T, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         loss.backward()
@@ -86,7 +88,7 @@ def train(args):
                    "tokens_per_s": (step + 1) * inputs.numel() / (time.time() - t0)}
             log.metrics(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-    net.eval()
+    net.cpu().eval()
     M.save_model(net, args.out, tokenizer=tok)
     log.write_run(params=n_params, finished=True)
     return net
@@ -97,6 +99,7 @@ def build_parser():
     p.add_argument("--out", default="toy/out/base", help="output folder (Hugging Face layout)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--exclude", default=None, help="JSONL of held-out problems never to train on")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     g = p.add_argument_group("corpus")
     g.add_argument("--worked_fraction", type=float, default=0.35, help="share of answers with a scratchpad")
     g.add_argument("--min_terms", type=int, default=2)
