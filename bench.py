@@ -220,7 +220,7 @@ def bench_decode(net, hf, cfg, args, device):
            "plain_tokens_per_s": B * N / plain, "hf_tokens_per_s": B * N / theirs, "vs_hf": theirs / ours}
     for tag, span in (("sdpa", NEVER), ("matmul", 0)):      # each attention path of the static step alone
         with matmul_attention_from(span):
-            t = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, args.repeat)
+            t = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
         row[f"{tag}_attention_ms_per_step"] = 1000 * t / N
     if args.hf_static:
         row.update(hf_static_tokens_per_s=B * N / static, hf_static_ms_per_step=1000 * static / N,
@@ -404,7 +404,7 @@ def bench_decode_long(net, cfg, args, device):
     row = {"prefill_s": prefill, "floor_ms_per_step": 1000 * floor}
     for tag, span in (("default", M.StaticDecoder.MATMUL_ATTENTION_FROM), ("sdpa", NEVER), ("matmul", 0)):
         with matmul_attention_from(span):
-            t = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, args.repeat)
+            t = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
         step = (t - prefill) / N
         row[f"{tag}_ms_per_step"] = 1000 * step
         row[f"{tag}_share_of_floor"] = floor / step
@@ -478,8 +478,8 @@ def bench_grpo_step(net, cfg, args, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (seconds)")
-    p.add_argument("--only", type=M.csv_list(), default=["decode", "decode_long", "grpo", "lora", "sae", "sae_tune",
-                                                         "grpo_step"],
+    p.add_argument("--only", type=M.csv_list(), default=["decode", "grpo_step", "decode_long", "grpo", "lora", "sae",
+                                                         "sae_tune"],
                    help="comma-separated subset of decode, decode_long, grpo, lora, sae, sae_tune, grpo_step")
     p.add_argument("--device", default="auto")
     p.add_argument("--hf_static", action="store_true", help="also time transformers' static-cache generate")
