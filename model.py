@@ -587,7 +587,7 @@ class StaticDecoder:
     inserted SAE) are not applied: generate() takes the plain path when the model has any.
     """
     SPAN_BLOCK = 256
-    MATMUL_ATTENTION_FROM = 1024    # key spans from this length attend with matmuls (see _attend)
+    MATMUL_ATTENTION_FROM = 2048    # key spans from this length attend with matmuls (see _attend; measured)
 
     def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool):
         self.model, self.cache, self.use_graphs = model, cache, graphs
