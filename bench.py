@@ -49,8 +49,10 @@ from pathlib import Path
 
 import torch
 
+import common as C
 import lora as L
 import model as M
+import sampling as SM
 import sae as S
 
 FULL = dict(preset="r1-distill-qwen-1.5b", batch=32, prompt=512, new=512, grpo_seqs=6, grpo_len=4096,
@@ -171,10 +173,10 @@ class matmul_attention_from:
         self.span = span
 
     def __enter__(self):
-        self.saved, M.StaticDecoder.MATMUL_ATTENTION_FROM = M.StaticDecoder.MATMUL_ATTENTION_FROM, self.span
+        self.saved, SM.StaticDecoder.MATMUL_ATTENTION_FROM = SM.StaticDecoder.MATMUL_ATTENTION_FROM, self.span
 
     def __exit__(self, *exc):
-        M.StaticDecoder.MATMUL_ATTENTION_FROM = self.saved
+        SM.StaticDecoder.MATMUL_ATTENTION_FROM = self.saved
 
 
 NEVER = 1 << 30
@@ -192,19 +194,19 @@ def decode_floor(net, B: int, P: int, N: int, bandwidth: float) -> float:
 def bench_decode(net, hf, cfg, args, device):
     B, P, N = cfg["batch"], cfg["prompt"], cfg["new"]
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
-    first, ours = first_and_median(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0),
+    first, ours = first_and_median(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0),
                                    device, args.warmup, args.repeat)
 
     def eager_steps(n: int = 16):   # the static step without a graph, so the profile lists its kernels
         with torch.no_grad():
-            cache = M.KVCache(net.cfg, B, P + n, device, net.dtype)
+            cache = SM.KVCache(net.cfg, B, P + n, device, net.dtype)
             net(ids, cache=cache)
-            dec = M.StaticDecoder(net, cache, torch.full((B,), P, device=device), graphs=False)
+            dec = SM.StaticDecoder(net, cache, torch.full((B,), P, device=device), graphs=False)
             for _ in range(n):
                 dec.step(ids[:, -1])
     profiled(eager_steps, device, args, "decode: 16 static steps, eager (a graph replays the same kernels)")
     # the plain path (no CUDA graph, a growing key range) and transformers' default cache: one call each
-    plain = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, static=False),
+    plain = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, static=False),
                   device, 0, 1)
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                eos_token_id=None, pad_token_id=0)
@@ -220,7 +222,7 @@ def bench_decode(net, hf, cfg, args, device):
            "plain_tokens_per_s": B * N / plain, "hf_tokens_per_s": B * N / theirs, "vs_hf": theirs / ours}
     for tag, span in (("sdpa", NEVER), ("matmul", 0)):      # each attention path of the static step alone
         with matmul_attention_from(span):
-            t = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
+            t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
         row[f"{tag}_attention_ms_per_step"] = 1000 * t / N
     if args.hf_static:
         row.update(hf_static_tokens_per_s=B * N / static, hf_static_ms_per_step=1000 * static / N,
@@ -248,7 +250,7 @@ def bench_grpo(net, hf, cfg, args, device):
     lora_training(net, 32, 64, on=True)
 
     def ours():   # the reference pass with LoRA off, then the policy pass and its backward
-        with M.autocast(device):
+        with C.autocast(device):
             with torch.no_grad(), L.lora_disabled(net):
                 ref = net.logprobs(ids, mask, start=P - 1)
             lp = net.logprobs(ids, mask, start=P - 1)                # [n, T - P]
@@ -271,7 +273,7 @@ def bench_grpo(net, hf, cfg, args, device):
                             for r, t in zip(logits, ids[:, P:])])      # one row at a time, as TRL does
 
     def theirs():
-        with M.autocast(device):
+        with C.autocast(device):
             with torch.no_grad(), pm.disable_adapter():
                 ref = peft_logprobs()
             ((peft_logprobs() - ref) * cmask).sum().backward()
@@ -298,7 +300,7 @@ def bench_lora(net, hf, cfg, args, device):
 
     def run(fn):
         def f():
-            with torch.no_grad(), M.autocast(device):
+            with torch.no_grad(), C.autocast(device):
                 fn(ids)
         return timed(f, device, args.warmup, args.repeat)
 
@@ -381,7 +383,7 @@ def bench_sae_tune(net, cfg, args, device):
     lora_training(net, 32, 128, on=True)
 
     def step():
-        with M.autocast(device):
+        with C.autocast(device):
             loss, _ = ST.kl_loss(net, ids, sae, cfg["sae_layer"], "block")
         loss.backward()
         net.zero_grad(set_to_none=True)
@@ -402,9 +404,9 @@ def bench_decode_long(net, cfg, args, device):
         prefill = timed(lambda: net(ids, hidden=True)[:, -1], device, 1, args.repeat)
     floor = decode_floor(net, B, P, N, args.bandwidth)
     row = {"prefill_s": prefill, "floor_ms_per_step": 1000 * floor}
-    for tag, span in (("default", M.StaticDecoder.MATMUL_ATTENTION_FROM), ("sdpa", NEVER), ("matmul", 0)):
+    for tag, span in (("default", SM.StaticDecoder.MATMUL_ATTENTION_FROM), ("sdpa", NEVER), ("matmul", 0)):
         with matmul_attention_from(span):
-            t = timed(lambda: M.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
+            t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
         step = (t - prefill) / N
         row[f"{tag}_ms_per_step"] = 1000 * step
         row[f"{tag}_share_of_floor"] = floor / step
@@ -423,7 +425,7 @@ def bench_grpo_step(net, cfg, args, device):
     ids = prompts.repeat_interleave(Gn, 0)
     mask = torch.ones_like(ids)
     lora_training(net, 32, 128, on=True)
-    net.gradient_checkpointing = M.use_checkpointing("auto", P + N)
+    net.gradient_checkpointing = C.use_checkpointing("auto", P + N)
     params = L.lora_parameters(net)
     opt = torch.optim.AdamW(params, lr=1e-6)
     alphabet = "0123456789 +-=*/()\n</think>{boxed}abcxyz."
@@ -439,7 +441,7 @@ def bench_grpo_step(net, cfg, args, device):
 
     def rollout():
         with L.lora_merged(net):
-            return M.generate(net, ids, mask, max_new_tokens=N, temperature=0.7, seed=0)
+            return SM.generate(net, ids, mask, max_new_tokens=N, temperature=0.7, seed=0)
 
     def rewards(out):
         texts = ["".join(alphabet[t % len(alphabet)] for t in row) for row in out.tokens.tolist()]
@@ -450,7 +452,7 @@ def bench_grpo_step(net, cfg, args, device):
     def update(out, adv):
         ro = G.Rollouts(ids, mask, out.tokens, torch.ones_like(out.tokens), [], out.finished)
         for sl in G.micro_slices(Pn, Gn, accum):
-            with M.autocast(device):
+            with C.autocast(device):
                 logp = G.micro_logprobs(net, ro, sl, 1.0)
                 with torch.no_grad(), L.lora_disabled(net):
                     ref = G.micro_logprobs(net, ro, sl, 1.0)
@@ -478,7 +480,7 @@ def bench_grpo_step(net, cfg, args, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (seconds)")
-    p.add_argument("--only", type=M.csv_list(), default=["decode", "decode_long", "grpo", "lora", "sae", "sae_tune",
+    p.add_argument("--only", type=C.csv_list(), default=["decode", "decode_long", "grpo", "lora", "sae", "sae_tune",
                                                          "grpo_step"],
                    help="comma-separated subset of decode, decode_long, grpo, lora, sae, sae_tune, grpo_step "
                    "(grpo_step runs last: after it, the same process measured LoRA and SAE-Tuning 1.4-1.6x slower)")
@@ -492,8 +494,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.profiles = []
     cfg = SMOKE if args.smoke else FULL
-    device = torch.device("cpu") if args.smoke else M.pick_device(args.device)
-    dtype = M.pick_dtype("auto", device)
+    device = torch.device("cpu") if args.smoke else C.pick_device(args.device)
+    dtype = C.pick_dtype("auto", device)
     args.bandwidth = copy_bandwidth(device, 64 if args.smoke else 2048)
     args.peak_flops = matmul_peak(device, dtype, 256 if args.smoke else 8192)
     net = M.load_model(f"random:{cfg['preset']}", device, dtype, seed=0)

@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+import torch
+from latex2sympy2_extended import NormalizationConfig
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 # the recipes' system prompts, verbatim (Tina: tina/utils/prompt.py)
 SYSTEM_PROMPTS = {
@@ -213,7 +218,6 @@ def load_benchmark(name: str, local_dir: str | None = None, limit: int | None = 
         raise FileNotFoundError(f"{name}: no local copy {spec.note!r} in {local_dir}")
     rows, source = (_read_local(local), str(local)) if local else (_read_hub(spec), spec.hub)
     if name == "gpqa_diamond":
-        import random
         rng = random.Random(seed)
         examples = []
         for i, r in enumerate(rows[:limit] if limit else rows):
@@ -320,7 +324,6 @@ def pack_chunks(tok, pieces: list[tuple[str, str]], ctx_len: int):
     """Tokenise (prefix, assistant) pairs, join the texts with EOS and cut the stream into ctx_len chunks
     (as sparsify's chunk_and_tokenize; the last partial chunk is dropped unless it is the only one).
     -> ids [N, ctx_len] long, assistant_mask [N, ctx_len] bool (True on assistant tokens)."""
-    import torch
     if tok.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to join texts with")
     ids, mask = [], []
@@ -351,7 +354,6 @@ def _wrap_gold(gold: str) -> str:
 
 @lru_cache(maxsize=1 << 16)
 def _parse_gold(gold: str, mode: str):
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
     text = _wrap_gold(gold)
     if mode == "reward":                      # Tina: default targets, first match
         parsed = parse(text, extraction_mode="first_match")
@@ -370,8 +372,6 @@ def _usable(parsed) -> bool:
 
 @lru_cache(maxsize=None)
 def _pred_config(mode: str) -> tuple:
-    from latex2sympy2_extended import NormalizationConfig
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
     if mode == "reward":   # Tina's accuracy reward, verbatim settings
         return (LatexExtractionConfig(
             normalization_config=NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True,
@@ -381,7 +381,6 @@ def _pred_config(mode: str) -> tuple:
 
 
 def _parse_pred(text: str, mode: str):
-    from math_verify import parse
     return parse(text, extraction_config=list(_pred_config(mode)), extraction_mode="first_match")
 
 
@@ -393,7 +392,6 @@ def grade(completion: str, gold: str, mode: str = "reward") -> float | None:
     """1.0 if the completion's final answer equals gold, 0.0 if not, None if gold cannot be parsed."""
     if mode not in ("reward", "eval"):
         raise ValueError(f"grading mode must be 'reward' or 'eval', not {mode!r}")
-    from math_verify import verify
     g = _parse_gold(gold, mode)
     if not g:
         return None
@@ -417,58 +415,3 @@ def extract_answer(completion: str, mode: str = "eval") -> str:
     """The answer string grade() found in a completion ('' if none), for per-sample records."""
     p = _parse_pred(completion, mode)
     return str(p[-1]) if p else ""
-
-
-# -----------------------------------------------------------------------------------------------
-# Run records: every stage writes out_dir/run.json, metrics.jsonl (one JSON object per step) and
-# samples.jsonl. Only rank 0 writes.
-
-
-def _git_commit() -> str | None:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-class RunLog:
-    def __init__(self, out_dir, args: dict, stage: str, enabled: bool = True, n_gpus: int = 0,
-                 gpu_hour_usd: float = 0.0):
-        import time
-        import torch
-        import transformers
-        self.dir, self.enabled, self.t0 = Path(out_dir), enabled, time.time()
-        self.n_gpus, self.usd = n_gpus, gpu_hour_usd
-        self.info = {"stage": stage, "args": args, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "git_commit": _git_commit(),
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "n_gpus": n_gpus}
-        if enabled:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.write_run()
-
-    def write_run(self, **extra):
-        import time
-        from model import atomic_write
-        import torch
-        wall = time.time() - self.t0
-        if torch.cuda.is_available() and torch.cuda.is_initialized():   # this process's peak, for the cost table
-            extra["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        self.info.update(extra, wall_seconds=round(wall, 2), gpu_hours=round(wall * self.n_gpus / 3600, 5),
-                         dollars=round(wall * self.n_gpus / 3600 * self.usd, 4))
-        if self.enabled:
-            atomic_write(self.dir / "run.json", lambda p: Path(p).write_text(json.dumps(self.info, indent=2)))
-
-    def _append(self, name: str, rows):
-        if self.enabled:
-            with open(self.dir / name, "a") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-                f.flush()
-
-    def metrics(self, row: dict):
-        self._append("metrics.jsonl", [row])
-
-    def samples(self, rows: list[dict]):
-        self._append("samples.jsonl", rows)

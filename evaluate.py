@@ -35,10 +35,13 @@ import zlib
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+import common as C
 import data as D
 import lora as L
 import model as M
+import sampling as SM
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -77,44 +80,21 @@ def grade_sample(benchmark: str, completion: str, gold: str):
 
 def generate_hf(net, tok, prompts: list[str], args, seed: int, eos_ids):
     """-> list of (completion text, tokens, finished) for the prompt texts, one batch."""
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    T = max(len(e) for e in enc)
-    ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(enc), T, dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, T - len(e):], mask[i, T - len(e):] = torch.tensor(e), 1
+    ids, mask = SM.encode_prompts(tok, prompts, net.device)
     gen = torch.Generator(device=net.device).manual_seed(seed)
     with L.lora_merged(net):
-        out = M.generate(net, ids.to(net.device), mask.to(net.device), max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p, eos_ids=eos_ids, pad_id=tok.pad_token_id,
-                         generator=gen)
-    res = []
-    for t, n, f in zip(out.tokens, out.lengths.tolist(), out.finished.tolist()):
-        res.append((tok.decode(t[:n].tolist(), skip_special_tokens=True), n, bool(f)))
-    return res
+        out = SM.generate(net, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, eos_ids=eos_ids, pad_id=tok.pad_token_id, generator=gen)
+    return [(tok.decode(t[:n].tolist(), skip_special_tokens=True), n, bool(f))
+            for t, n, f in zip(out.tokens, out.lengths.tolist(), out.finished.tolist())]
 
 
-class VLLMBackend:
-    """The same prompts through vLLM, the adapter as a LoRARequest. Not exercised by the test suite: vLLM
-    does not install on the machines this project is tested on."""
-
-    def __init__(self, args, max_rank: int):
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise SystemExit("--backend vllm needs vLLM (pip install vllm, GPU only); or use --backend hf") from None
-        self.llm = LLM(model=str(M.resolve_model_dir(args.model)), enable_lora=max_rank > 0,
-                       max_lora_rank=max(max_rank, 8), seed=args.seed, dtype="bfloat16",
-                       max_model_len=args.max_new_tokens + 2048)
-
-    def __call__(self, prompts, args, seed, adapter: str | None, adapter_id: int):
-        from vllm import SamplingParams
-        from vllm.lora.request import LoRARequest
-        sp = SamplingParams(temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
-                            max_tokens=args.max_new_tokens, seed=seed)
-        req = LoRARequest(f"adapter{adapter_id}", adapter_id, adapter) if adapter else None
-        outs = self.llm.generate(prompts, sp, lora_request=req, use_tqdm=False)
-        return [(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop") for o in outs]
+def generate_vllm(engine: SM.VLLMEngine, tok, prompts: list[str], args, seeds: list[int], eos_ids, adapter):
+    """The same prompts as token ids through vLLM, one seed per sample. -> (text, tokens, finished) each."""
+    outs = engine.generate(SM.prompt_token_ids(tok, prompts), seeds, temperature=args.temperature, top_p=args.top_p,
+                           max_tokens=args.max_new_tokens, stop_ids=eos_ids,
+                           adapter=None if adapter == "base" else (adapter, 0))
+    return [(tok.decode(t, skip_special_tokens=True), len(t), f) for t, f in outs]
 
 
 def load_sets(args) -> dict[str, list[D.Example]]:
@@ -135,93 +115,78 @@ def check_args(args):
         raise SystemExit(f"unknown benchmark {unknown}; choose from {', '.join(D.BENCHMARKS)}")
     if args.backend == "vllm" and args.model.startswith("random:"):
         raise SystemExit("--backend vllm needs a model folder or hub id that vLLM can load, not random:")
+    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise SystemExit("--n, --batch_size and --max_new_tokens must be at least 1")
+    if args.temperature < 0:
+        raise SystemExit(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
     if args.k and max(args.k) > args.n:
         raise SystemExit(f"--n {args.n} is smaller than the largest k in --k ({max(args.k)}): pass@k needs n >= k")
     for a in args.adapter:
-        if a != "base" and not Path(a).is_dir():
-            raise SystemExit(f"--adapter {a}: no such folder")
+        if a != "base" and not (Path(a) / "adapter_config.json").is_file():
+            raise SystemExit(f"--adapter {a}: not an adapter folder (needs adapter_config.json and "
+                             "adapter_model.safetensors)")
 
 
-def evaluate(args) -> dict:
-    check_args(args)
-    out_dir = Path(args.out_dir)
+def sample_settings(args, sets) -> dict:
+    """Everything that determines the recorded samples: a re-run may reuse them only if all of it matches."""
+    keys = ("model", "tokenizer", "dtype", "template", "system_prompt", "temperature", "top_p", "max_new_tokens",
+            "batch_size", "seed", "backend")
+    return {**{k: getattr(args, k) for k in keys},
+            "questions": {b: zlib.crc32(json.dumps([[e.index, e.question, e.answer] for e in ex]).encode())
+                          for b, ex in sets.items()}}
+
+
+def recorded_samples(out_dir: Path, settings: dict, overwrite: bool) -> dict:
+    """Samples a previous run recorded with the same settings, by (adapter, benchmark, index, sample)."""
+    files = [out_dir / n for n in ("samples.jsonl", "samples_settings.json", "results.json", "results.md")]
+    if overwrite:
+        for f in files:
+            f.unlink(missing_ok=True)
+    path = out_dir / "samples.jsonl"
+    if path.exists():
+        old = C.read_json(out_dir / "samples_settings.json") if files[1].exists() else {}
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise SystemExit(f"--out_dir {out_dir} holds samples made with other settings ({', '.join(changed)}): "
+                             "pass --overwrite to sample anew, or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = M.pick_device(args.device)
-    dtype = M.pick_dtype(args.dtype, device)
+    C.atomic_write(files[1], lambda p: Path(p).write_text(json.dumps(settings, indent=2)))
+    rows = C.read_jsonl(path)
+    if rows:      # rewrite without an incomplete last line, so appending continues a valid file
+        C.atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    return {(r["adapter"], r["benchmark"], r["index"], r["sample"]): r for r in rows}
+
+
+def prepare(args):
+    """Sets, tokenizer, model, EOS ids; every adapter is loaded once to check it fits before any sampling."""
+    device = C.pick_device(args.device)
     sets, stats = load_sets(args)
     tok = M.load_tokenizer(args.tokenizer or args.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    net = M.load_model(args.model, device, dtype, seed=args.seed)
-    eos_ids = M.eos_token_ids(tok, args.model, net.cfg)
-    adapters = args.adapter or ["base"]
-    for a in adapters:                      # every adapter must fit before any generation starts
+    net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
+    for a in args.adapter:
         if a != "base":
             try:
                 L.load_adapter(net, a)
             except ValueError as e:
                 raise SystemExit(f"--adapter {a}: {e}") from None
             L.unload_lora(net)
-    system_prompt = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
-    backend = None
+    engine = None
     if args.backend == "vllm":
-        ranks = [json.loads((Path(a) / "adapter_config.json").read_text())["r"] for a in adapters if a != "base"]
-        backend = VLLMBackend(args, max(ranks, default=0))
+        ranks = [C.read_json(Path(a) / "adapter_config.json")["r"] for a in args.adapter if a != "base"]
+        engine = SM.VLLMEngine(M.resolve_model_dir(args.model), max_lora_rank=max(ranks, default=0), seed=args.seed,
+                               max_model_len=args.max_new_tokens + 2048)
+    return sets, stats, tok, net, M.eos_token_ids(tok, args.model, net.cfg), engine
 
-    samples_path = out_dir / "samples.jsonl"
-    done = {}
-    if samples_path.exists():                # resume: keep what a previous run recorded
-        for line in open(samples_path):
-            if line.strip():
-                r = json.loads(line)
-                done[(r["adapter"], r["benchmark"], r["index"], r["sample"])] = r
-    from tqdm import tqdm
-    total = len(adapters) * sum(len(v) for v in sets.values()) * args.n
-    bar = tqdm(total=total, initial=len(done), desc="eval", dynamic_ncols=True)
-    results = {}
-    with open(samples_path, "a") as fout:
-        for ai, adapter in enumerate(adapters):
-            if adapter != "base" and backend is None:
-                L.load_adapter(net, adapter)
-            results[adapter] = {}
-            for bench, examples in sets.items():
-                template = args.template if args.template != "auto" else ("gpqa" if bench == "gpqa_diamond" else "math")
-                prompts = [D.format_prompt(tok, D.apply_template(template, e.question), system_prompt) for e in examples]
-                jobs = [(i, j) for i in range(len(examples)) for j in range(args.n)]   # fixed order and batches
-                for b in range(0, len(jobs), args.batch_size):
-                    batch = jobs[b:b + args.batch_size]
-                    if all((adapter, bench, examples[i].index, j) in done for i, j in batch):
-                        continue
-                    seed = zlib.crc32(f"{args.seed}/{bench}/{b}".encode())
-                    texts = [prompts[i] for i, _ in batch]
-                    if backend is not None:
-                        gens = backend(texts, args, seed, None if adapter == "base" else adapter, ai + 1)
-                    else:
-                        gens = generate_hf(net, tok, texts, args, seed, eos_ids)
-                    for (i, j), (text, ntok, finished) in zip(batch, gens):
-                        key = (adapter, bench, examples[i].index, j)
-                        if key in done:
-                            continue
-                        ex = examples[i]
-                        extracted, correct = grade_sample(bench, text, ex.answer)
-                        row = {"adapter": adapter, "benchmark": bench, "index": ex.index, "sample": j,
-                               "question": ex.question, "prompt": prompts[i], "gold": ex.answer, "completion": text,
-                               "extracted": extracted, "correct": correct, "tokens": ntok, "finished": finished}
-                        done[key] = row
-                        fout.write(json.dumps(row) + "\n")
-                        bar.update(1)
-                    fout.flush()
-                rows = [done[(adapter, bench, e.index, j)] for e in examples for j in range(args.n)]
-                results[adapter][bench] = summarize(rows, args.n, args.k)
-            if adapter != "base" and backend is None:
-                L.unload_lora(net)
-    bar.close()
-    report = {"results": results, "data": stats, "args": {k: v for k, v in vars(args).items()}}
-    M.atomic_write(out_dir / "results.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
-    table = markdown_table(results, args.k)
-    M.atomic_write(out_dir / "results.md", lambda p: Path(p).write_text(table + "\n"))
-    print(table)
-    return results
+
+def sample_row(adapter, bench, ex, j, prompt, gen) -> dict:
+    """One sample's record: the exact prompt, the completion, what was extracted and whether it is right."""
+    text, ntok, finished = gen
+    extracted, correct = grade_sample(bench, text, ex.answer)
+    return {"adapter": adapter, "benchmark": bench, "index": ex.index, "sample": j, "question": ex.question,
+            "prompt": prompt, "gold": ex.answer, "completion": text, "extracted": extracted, "correct": correct,
+            "tokens": ntok, "finished": finished}
 
 
 def markdown_table(results: dict, ks: list[int]) -> str:
@@ -239,14 +204,65 @@ def markdown_table(results: dict, ks: list[int]) -> str:
     return "\n".join(lines) + f"\n\npass@1 in % with its 95% interval over problems (n = {next(iter(next(iter(results.values())).values()))['n']} samples each)."
 
 
+def evaluate(args) -> dict:
+    check_args(args)
+    out_dir = Path(args.out_dir)
+    sets, stats, tok, net, eos_ids, engine = prepare(args)
+    done = recorded_samples(out_dir, sample_settings(args, sets), args.overwrite)
+    log = C.RunLog(out_dir, vars(args), "evaluate", n_gpus=int(net.device.type == "cuda"),
+                   gpu_hour_usd=args.gpu_hour_usd, resume=True)
+    log.write_run(data=stats)
+    system_prompt = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
+    adapters = args.adapter or ["base"]
+    total = len(adapters) * sum(len(v) for v in sets.values()) * args.n
+    bar = tqdm(total=total, initial=len(done), desc="eval", dynamic_ncols=True)
+    results = {}
+    for adapter in adapters:
+        if adapter != "base" and engine is None:
+            L.load_adapter(net, adapter)
+        results[adapter] = {}
+        for bench, examples in sets.items():
+            template = args.template if args.template != "auto" else ("gpqa" if bench == "gpqa_diamond" else "math")
+            prompts = [D.format_prompt(tok, D.apply_template(template, e.question), system_prompt) for e in examples]
+            jobs = [(i, j) for i in range(len(examples)) for j in range(args.n)]     # fixed order and batches
+            for b in range(0, len(jobs), args.batch_size):
+                batch = jobs[b:b + args.batch_size]      # a batch is sampled whole (its seed fixes its samples)
+                if all((adapter, bench, examples[i].index, j) in done for i, j in batch):
+                    continue
+                seed = zlib.crc32(f"{args.seed}/{bench}/{b}".encode())
+                texts = [prompts[i] for i, _ in batch]
+                if engine is not None:
+                    seeds = [zlib.crc32(f"{args.seed}/{bench}/{examples[i].index}/{j}".encode()) for i, j in batch]
+                    gens = generate_vllm(engine, tok, texts, args, seeds, eos_ids, adapter)
+                else:
+                    gens = generate_hf(net, tok, texts, args, seed, eos_ids)
+                rows = [sample_row(adapter, bench, examples[i], j, prompts[i], g) for (i, j), g in zip(batch, gens)
+                        if (adapter, bench, examples[i].index, j) not in done]
+                log.samples(rows)
+                done.update({(r["adapter"], r["benchmark"], r["index"], r["sample"]): r for r in rows})
+                bar.update(len(rows))
+            rows = [done[(adapter, bench, e.index, j)] for e in examples for j in range(args.n)]
+            results[adapter][bench] = summarize(rows, args.n, args.k)
+        if adapter != "base" and engine is None:
+            L.unload_lora(net)
+    bar.close()
+    report = {"results": results, "data": stats, "args": {k: v for k, v in vars(args).items()}}
+    C.atomic_write(out_dir / "results.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    table = markdown_table(results, args.k)
+    C.atomic_write(out_dir / "results.md", lambda p: Path(p).write_text(table + "\n"))
+    log.write_run(finished=True)
+    print(table)
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = M.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/eval")
-    g.add_argument("--adapter", type=M.csv_list(), default=[],
+    g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/eval")
+    g.add_argument("--adapter", type=C.csv_list(), default=[],
                    help="comma-separated adapter folders (a sweep: one row each); 'base' = no adapter")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
     g = p.add_argument_group("data")
-    g.add_argument("--benchmarks", type=M.csv_list(), default=[], help=f"comma-separated from {', '.join(D.BENCHMARKS)}")
+    g.add_argument("--benchmarks", type=C.csv_list(), default=[], help=f"comma-separated from {', '.join(D.BENCHMARKS)}")
     g.add_argument("--data_dir", default=None, help="folder with local copies of the benchmarks (e.g. ../shared/data/eval)")
     g.add_argument("--data", default=None, help="any local .jsonl/.json/.parquet question/answer file")
     g.add_argument("--question_field", default=None, help="question column of --data")
@@ -257,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: lighteval's math template (GPQA: its multiple-choice template)")
     g.add_argument("--system_prompt", default="none", help="none (lighteval's default), open_r1, open_rs, resa, or text")
     g.add_argument("--n", type=int, default=1, help="samples per problem (%(default)s; AIME needs >= 16 for a stable number)")
-    g.add_argument("--k", type=M.csv_list(int), default=[], help="also report pass@k for these k (<= n)")
+    g.add_argument("--k", type=C.csv_list(int), default=[], help="also report pass@k for these k (<= n)")
     g.add_argument("--temperature", type=float, default=0.6, help="(%(default)s; 0 = greedy)")
     g.add_argument("--top_p", type=float, default=0.95, help="(%(default)s)")
     g.add_argument("--max_new_tokens", type=int, default=32768, help="(%(default)s)")

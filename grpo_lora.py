@@ -11,7 +11,7 @@ Usage
   Several GPUs (each rank owns whole prompt groups):
     torchrun --nproc_per_node 2 grpo_lora.py ...
 
-Per optimizer step (DESIGN.md 4.2): take prompts_per_step prompts per process, sample num_generations
+Per optimizer step: take prompts_per_step prompts per process, sample num_generations
 completions of each with the LoRA merged into the weights, score them with the weighted rewards,
 turn rewards into group-relative advantages, then (in grad_accum micro-batches) minimise
     -(min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) - beta * KL_k3(policy || policy with LoRA off))
@@ -24,14 +24,15 @@ Simplifications versus the paper's TRL 0.15 setup, all deliberate:
     cosine and length rewards scored such cases as correct, ours never do.
   * With --num_iterations N > 1 one batch of rollouts feeds N consecutive optimizer steps and the old
     log-probs are those of the first; with N = 1 (Tina) the ratio is exactly 1 and only the gradient counts.
-  * Log-probs are computed at the sampling temperature (logits / T), as later TRL versions do.
+  * Log-probs are computed at --logprob_temperature, by default the sampling temperature (logits / T) as
+    later TRL versions do; trl 0.15.2, which Tina ran, used 1.0, and the Tina recipes set that.
   * --rollout vllm runs vLLM in-process and syncs the policy by saving the adapter every step (no server).
   * The reward functions all grade correctness with data.grade(mode="reward"), Tina's accuracy settings.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -40,10 +41,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+import common as C
 import data as D
 import lora as L
 import model as M
+import sampling as SM
+
+# what --resume accepts changed from the saved run (everything else must match, or the run is refused)
+RESUME_MAY_CHANGE = ("max_steps", "stop_step", "save_every", "log_every", "resume", "overwrite", "wandb",
+                     "device", "gpu_hour_usd", "model_dir", "rollout")
 
 # -----------------------------------------------------------------------------------------------
 # Rewards: fn(completions of one group, gold answer) -> list of float or None (Tina's definitions)
@@ -181,67 +189,40 @@ class Rollouts:
     finished: torch.Tensor        # [N] an EOS ended it (else truncated at max_completion_len)
 
 
-def encode_prompts(tok, prompts: list[str], max_len: int, device):
-    """Left-truncate each prompt to max_len tokens, left-pad the batch. -> ids, mask [P, Tp]."""
-    enc = [tok(p, add_special_tokens=False).input_ids[-max_len:] for p in prompts]
-    T = max(len(e) for e in enc)
-    ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(enc), T, dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, T - len(e):] = torch.tensor(e, dtype=torch.long)
-        mask[i, T - len(e):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def rollout_hf(net, tok, prompts, args, eos_ids, generator) -> Rollouts:
-    ids, mask = encode_prompts(tok, prompts, args.max_prompt_len, net.device)
+    ids, mask = SM.encode_prompts(tok, prompts, net.device, args.max_prompt_len)
     ids, mask = ids.repeat_interleave(args.num_generations, 0), mask.repeat_interleave(args.num_generations, 0)
     with L.lora_merged(net):
-        out = M.generate(net, ids, mask, max_new_tokens=args.max_completion_len, temperature=args.temperature,
-                         top_p=args.top_p, eos_ids=eos_ids, pad_id=tok.pad_token_id, generator=generator)
+        out = SM.generate(net, ids, mask, max_new_tokens=args.max_completion_len, temperature=args.temperature,
+                          top_p=args.top_p, eos_ids=eos_ids, pad_id=tok.pad_token_id, generator=generator)
     steps = torch.arange(out.tokens.shape[1], device=out.tokens.device)
     cmask = (steps[None] < out.lengths[:, None]).long()
     texts = tok.batch_decode([t[:n].tolist() for t, n in zip(out.tokens, out.lengths)], skip_special_tokens=True)
     return Rollouts(ids, mask, out.tokens, cmask, texts, out.finished)
 
 
-def rollout_vllm(net, tok, prompts, args, eos_ids, step) -> Rollouts:
-    """Generate with vLLM (in-process), the current adapter passed as a LoRARequest. Not exercised by the
-    test suite: vLLM does not install on the machines this project is tested on."""
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
-    except ImportError:
-        raise SystemExit("--rollout vllm needs vLLM (pip install vllm, GPU only); or use --rollout hf") from None
-    global _VLLM
-    if "_VLLM" not in globals():
-        _VLLM = LLM(model=args.model_dir, enable_lora=True, max_lora_rank=args.lora_r, seed=args.seed,
-                    max_model_len=args.max_prompt_len + args.max_completion_len, gpu_memory_utilization=0.4,
-                    dtype="bfloat16")
+def rollout_vllm(engine: SM.VLLMEngine, net, tok, prompts, args, eos_ids, step) -> Rollouts:
+    """The same rollouts through vLLM: the current adapter is saved and sent as a new LoRA version."""
     adapter_dir = Path(args.out_dir) / "_rollout_adapter"
     L.save_adapter(net, adapter_dir, base_model=args.model)
-    ids, mask = encode_prompts(tok, prompts, args.max_prompt_len, "cpu")
-    token_prompts = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
-    sp = SamplingParams(n=args.num_generations, temperature=args.temperature, top_p=args.top_p,
-                        max_tokens=args.max_completion_len, stop_token_ids=eos_ids, seed=args.seed + step)
-    outs = _VLLM.generate(token_prompts, sp, lora_request=LoRARequest("policy", step + 1, str(adapter_dir)),
-                          use_tqdm=False)
-    comps = [list(o.token_ids) for out in outs for o in out.outputs]
-    N, C = len(comps), args.max_completion_len
-    cids = torch.full((N, C), tok.pad_token_id, dtype=torch.long)
-    for i, c in enumerate(comps):
-        cids[i, :len(c)] = torch.tensor(c[:C])
-    lengths = torch.tensor([min(len(c), C) for c in comps])
-    finished = torch.tensor([bool(c) and c[-1] in eos_ids for c in comps])
+    G = args.num_generations
+    enc = [e for e in SM.prompt_token_ids(tok, prompts, args.max_prompt_len) for _ in range(G)]
+    seeds = [args.seed * 1_000_003 + step * 1009 + i for i in range(len(enc))]     # one seed per completion
+    outs = engine.generate(enc, seeds, temperature=args.temperature, top_p=args.top_p,
+                           max_tokens=args.max_completion_len, stop_ids=eos_ids, adapter=(adapter_dir, step))
+    C, dev = args.max_completion_len, net.device
+    cids = torch.full((len(outs), C), tok.pad_token_id, dtype=torch.long)
+    for i, (toks, _) in enumerate(outs):
+        cids[i, :len(toks)] = torch.tensor(toks[:C], dtype=torch.long)
+    lengths = torch.tensor([min(len(t), C) for t, _ in outs])
     cmask = (torch.arange(C)[None] < lengths[:, None]).long()
-    dev = net.device
-    return Rollouts(ids.repeat_interleave(args.num_generations, 0).to(dev),
-                    mask.repeat_interleave(args.num_generations, 0).to(dev), cids.to(dev), cmask.to(dev),
-                    tok.batch_decode(comps, skip_special_tokens=True), finished.to(dev))
+    ids, mask = SM.left_pad(enc, tok.pad_token_id, dev)
+    return Rollouts(ids, mask, cids.to(dev), cmask.to(dev), tok.batch_decode([t for t, _ in outs], skip_special_tokens=True),
+                    torch.tensor([f for _, f in outs], device=dev))
 
 
 # -----------------------------------------------------------------------------------------------
-# Training
+# One step's pieces, in the order train() calls them
 
 
 def check_args(args):
@@ -262,177 +243,70 @@ def check_args(args):
         raise SystemExit("--rollout vllm needs a model folder or hub id that vLLM can load, not random:")
     if args.num_iterations < 1 or args.max_steps < 1:
         raise SystemExit("--num_iterations and --max_steps must be >= 1")
+    if args.logprob_temperature is None:
+        args.logprob_temperature = args.temperature
+    if args.wandb:
+        if importlib.util.find_spec("wandb") is None:      # found out now, not after the first step
+            raise SystemExit("--wandb needs the wandb package (pip install wandb)")
 
 
-def train(args) -> dict:
-    check_args(args)
-    rank, world, device = M.setup_distributed(args.device)
-    dtype = M.pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed + rank)
-    out_dir = Path(args.out_dir)
+class PromptStream:
+    """Every rank reads the same shuffled order (a fresh shuffle per epoch) and takes its own slice of each
+    step's prompts. Its position (epoch, pos) is part of the resume state."""
 
-    # data: every rank reads the same shuffled order and takes its own slice of each step's prompts
-    examples, data_stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
-    usable = [e for e in examples if D.gold_parses(e.answer, "reward")] if "accuracy" in args.rewards else examples
-    data_stats["unparseable_gold"] = len(examples) - len(usable)
-    if not usable:
-        raise SystemExit(f"{args.dataset}: no example has a gold answer math-verify can parse")
-    system_prompt = D.system_prompt_for(args.system_prompt, args.dataset)
+    def __init__(self, examples, seed: int, epoch: int = 0, pos: int = 0):
+        self.examples, self.seed, self.epoch, self.pos = examples, seed, epoch, pos
+        self.perm = self._order()
 
-    # model, tokenizer, LoRA, optimiser
-    net = M.load_model(args.model, device, dtype, seed=args.seed)
-    args.model_dir = str(M.resolve_model_dir(args.model)) if not args.model.startswith("random:") else None
-    tok = M.load_tokenizer(args.tokenizer or args.model)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    eos_ids = M.eos_token_ids(tok, args.model, net.cfg)
-    if not eos_ids:
-        raise SystemExit("the tokenizer and model config name no EOS token: completions could never end")
-    torch.manual_seed(args.seed)                 # identical LoRA init on every rank
-    L.attach_lora(net, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    net.gradient_checkpointing = M.use_checkpointing(args.gradient_checkpointing,
-                                                     args.max_prompt_len + args.max_completion_len)
-    params = L.lora_parameters(net)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, args.max_steps, args.warmup_ratio, args.min_lr_rate))
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
-    stop = min(args.stop_step or args.max_steps, args.max_steps)
+    def _order(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
 
-    step, epoch, pos = 0, 0, 0
-    log = D.RunLog(out_dir, {k: v for k, v in vars(args).items()}, "grpo_lora", enabled=rank == 0,
-                   n_gpus=world if device.type == "cuda" else 0, gpu_hour_usd=args.gpu_hour_usd)
-    if args.resume:
-        state = L.load_training_state(out_dir, net, opt, generator)
-        step, epoch, pos = state["step"], state["epoch"], state["pos"]
-        for _ in range(step):
-            sched.step()
-        if rank == 0 and (out_dir / "metrics.jsonl").exists():   # drop rows logged after the saved step
-            rows = [r for r in map(json.loads, open(out_dir / "metrics.jsonl")) if r["step"] <= step]
-            M.atomic_write(out_dir / "metrics.jsonl",
-                           lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    log.write_run(data=data_stats, trainable_params=sum(p.numel() for p in params), eos_ids=eos_ids)
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            if self.pos >= len(self.perm):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.perm = self._order()
+            out.append(self.examples[self.perm[self.pos]])
+            self.pos += 1
+        return out
 
-    def order(ep):  # a fresh shuffle per epoch, the same on every rank
-        return torch.randperm(len(usable), generator=torch.Generator().manual_seed(args.seed + ep)).tolist()
 
-    perm = order(epoch)
-    G, P = args.num_generations, args.prompts_per_step
-    buffer = None
-    from tqdm import tqdm
-    bar = tqdm(total=stop, initial=step, desc="grpo", disable=rank != 0, dynamic_ncols=True)
-    while step < stop:
-        t0 = time.time()
-        net.train()
-        if step % args.num_iterations == 0 or buffer is None:
-            # ---- take this step's prompts (whole groups per rank)
-            batch = []
-            for _ in range(P * world):
-                if pos >= len(perm):
-                    epoch, pos = epoch + 1, 0
-                    perm = order(epoch)
-                batch.append(usable[perm[pos]])
-                pos += 1
-            mine = batch[rank * P:(rank + 1) * P]
-            prompts = [D.format_prompt(tok, e.question, system_prompt) for e in mine]
-            # ---- rollouts
-            if args.rollout == "vllm":
-                ro = rollout_vllm(net, tok, prompts, args, eos_ids, step)
-            else:
-                ro = rollout_hf(net, tok, prompts, args, eos_ids, generator)
-            t_roll = time.time() - t0
-            # ---- rewards and advantages
-            t1 = time.time()
-            totals, pers = zip(*(score(ro.texts[i * G:(i + 1) * G], e.answer, args.rewards, args.reward_weights)
-                                 for i, e in enumerate(mine)))
-            rewards, per_reward = torch.cat(totals), torch.cat(pers, dim=1)    # [P*G], [R, P*G]
-            adv = group_advantages(rewards, G, args.scale_rewards).to(device)
-            t_reward = time.time() - t1
-            old = None
-            if args.num_iterations > 1:             # old log-probs of the policy that sampled
-                with torch.no_grad(), M.autocast(device, dtype):
-                    old = [micro_logprobs(net, ro, sl, args.temperature) for sl in micro_slices(P, G, args.grad_accum)]
-            buffer = (ro, rewards, per_reward, adv, old, mine, prompts, t_roll, t_reward)
-        else:
-            ro, rewards, per_reward, adv, old, mine, prompts, _, _ = buffer
-            t_roll = t_reward = 0.0
-        # ---- update: grad_accum micro-batches of whole groups
-        t2 = time.time()
-        kls, clips, losses = [], [], []
-        for j, sl in enumerate(micro_slices(P, G, args.grad_accum)):
-            with M.autocast(device, dtype):
-                logp = micro_logprobs(net, ro, sl, args.temperature)
-                ref = None
-                if args.beta != 0.0:
-                    with torch.no_grad(), L.lora_disabled(net):
-                        ref = micro_logprobs(net, ro, sl, args.temperature)
-            old_lp = logp.detach() if old is None else old[j]
-            loss, kl, clip = grpo_loss(logp, old_lp, ref, adv[sl], ro.completion_mask[sl], beta=args.beta,
-                                       epsilon=args.epsilon, loss_type=args.loss_type,
-                                       max_completion_len=args.max_completion_len)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"step {step}: loss is {loss.item()} (NaN/inf); lower --lr or check the data")
-            (loss / args.grad_accum).backward()
-            kls.append(kl)
-            clips.append(clip)
-            losses.append(loss.detach())
-        M.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        t_update = time.time() - t2
+@dataclass
+class Batch:
+    """One step's rollouts, scored: what the update (and, with --num_iterations > 1, the next ones) uses."""
+    examples: list                # this rank's P examples
+    prompts: list[str]            # their formatted prompts
+    ro: Rollouts                  # P x G completions, groups contiguous
+    rewards: torch.Tensor         # [P*G] weighted sums
+    per_reward: torch.Tensor      # [R, P*G], NaN where a reward returned None
+    adv: torch.Tensor             # [P*G] group-relative advantages
+    old: list | None              # old log-probs per micro-batch (num_iterations > 1), else None
+    seconds_rollout: float
+    seconds_reward: float
 
-        # ---- metrics (averaged over ranks)
-        lens = ro.completion_mask.sum(1).float()
-        groups = rewards.view(-1, G)
-        local = torch.tensor([rewards.mean(), groups.std(1).mean(), (groups.std(1) == 0).float().mean(),
-                              lens.mean().item(), lens.max().item(), (~ro.finished).float().mean().item(),
-                              torch.stack(kls).mean().item(), torch.stack(clips).mean().item(),
-                              torch.stack(losses).mean().item(), *per_reward.nanmean(1).tolist(),
-                              *torch.isnan(per_reward).float().sum(1).tolist()], dtype=torch.float64)
-        if world > 1:
-            local = local.to(device)
-            dist.all_reduce(local)
-            local = (local / world).cpu()
-        v = local.tolist()
-        R = len(args.rewards)
-        dt = time.time() - t0
-        row = {"step": step, "reward": v[0], "reward_std": v[1], "zero_spread_groups": v[2],
-               "completion_len_mean": v[3], "completion_len_max": v[4], "truncated": v[5], "kl": v[6],
-               "clip_fraction": v[7], "loss": v[8],
-               **{f"reward/{n}": v[9 + i] for i, n in enumerate(args.rewards)},
-               **{f"reward_none/{n}": v[9 + R + i] * world for i, n in enumerate(args.rewards)},
-               "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch, "seconds_rollout": t_roll,
-               "seconds_reward": t_reward, "seconds_update": t_update,
-               "tokens_per_s": float(ro.completion_mask.sum() + ro.prompt_mask.sum()) * world / dt}
-        log.metrics(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['completion_len_mean']:.0f}", kl=f"{row['kl']:.4f}")
-        if args.wandb and rank == 0:
-            import wandb
-            if wandb.run is None:
-                wandb.init(project=args.wandb, config=vars(args))
-            wandb.log(row, step=step)
-        if step % args.log_every == 0 or step == 1:
-            log.samples([{"step": step, "prompt": prompts[0], "gold": mine[0].answer, "completion": ro.texts[k],
-                          "reward": float(rewards[k])} for k in range(G)])
-        if step % args.save_every == 0 or step == stop:
-            if rank == 0:
-                L.save_adapter(net, out_dir / f"step_{step:06d}", base_model=args.model)
-                L.save_training_state(out_dir, net, opt, step, {"epoch": epoch, "pos": pos}, generator)
-                log.write_run(last_step=step)
-            if world > 1:
-                dist.barrier()
-    bar.close()
-    if rank == 0:
-        L.save_adapter(net, out_dir / "final", base_model=args.model)
-        log.write_run(last_step=step, finished=True)
-    if world > 1:
-        dist.destroy_process_group()
-    return {"step": step, "out_dir": str(out_dir)}
+
+def sample_and_score(net, tok, examples, system_prompt, args, eos_ids, generator, engine, step) -> Batch:
+    """Rollouts (LoRA merged), rewards, advantages, and the old log-probs when batches are reused."""
+    t0 = time.time()
+    prompts = [D.format_prompt(tok, e.question, system_prompt) for e in examples]
+    if engine is not None:
+        ro = rollout_vllm(engine, net, tok, prompts, args, eos_ids, step)
+    else:
+        ro = rollout_hf(net, tok, prompts, args, eos_ids, generator)
+    t1 = time.time()
+    G = args.num_generations
+    totals, pers = zip(*(score(ro.texts[i * G:(i + 1) * G], e.answer, args.rewards, args.reward_weights)
+                         for i, e in enumerate(examples)))
+    rewards, per_reward = torch.cat(totals), torch.cat(pers, dim=1)            # [P*G], [R, P*G]
+    adv = group_advantages(rewards, G, args.scale_rewards).to(net.device)
+    old = None
+    if args.num_iterations > 1:                        # old log-probs of the policy that sampled
+        with torch.no_grad(), C.autocast(net.device, net.dtype):
+            old = [micro_logprobs(net, ro, sl, args.logprob_temperature)
+                   for sl in micro_slices(len(examples), G, args.grad_accum)]
+    return Batch(examples, prompts, ro, rewards, per_reward, adv, old, t1 - t0, time.time() - t1)
 
 
 def micro_slices(P: int, G: int, grad_accum: int):
@@ -447,11 +321,156 @@ def micro_logprobs(net, ro: Rollouts, sl: slice, temperature: float):
     return net.logprobs(ids, mask, start=ro.prompt_ids.shape[1] - 1, temperature=temperature)
 
 
+def update(net, batch: Batch, args, params, world: int) -> dict:
+    """The GRPO objective over grad_accum micro-batches of whole groups, then the clipped gradient (summed
+    over ranks). -> mean loss, KL and clip fraction over the micro-batches, and the gradient norm."""
+    kls, clips, losses = [], [], []
+    for j, sl in enumerate(micro_slices(len(batch.examples), args.num_generations, args.grad_accum)):
+        with C.autocast(net.device, net.dtype):
+            logp = micro_logprobs(net, batch.ro, sl, args.logprob_temperature)
+            ref = None
+            if args.beta != 0.0:                       # the reference policy: the same weights, LoRA off
+                with torch.no_grad(), L.lora_disabled(net):
+                    ref = micro_logprobs(net, batch.ro, sl, args.logprob_temperature)
+        old = logp.detach() if batch.old is None else batch.old[j]
+        loss, kl, clip = grpo_loss(logp, old, ref, batch.adv[sl], batch.ro.completion_mask[sl], beta=args.beta,
+                                   epsilon=args.epsilon, loss_type=args.loss_type,
+                                   max_completion_len=args.max_completion_len)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"loss is {loss.item()} (NaN/inf); lower --lr or check the data")
+        (loss / args.grad_accum).backward()
+        kls.append(kl)
+        clips.append(clip)
+        losses.append(loss.detach())
+    C.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    return {"loss": torch.stack(losses).mean().item(), "kl": torch.stack(kls).mean().item(),
+            "clip_fraction": torch.stack(clips).mean().item(), "grad_norm": float(grad_norm)}
+
+
+def step_metrics(batch: Batch, stats: dict, args, world: int, device) -> dict:
+    """The step's metrics by name, averaged over ranks."""
+    ro, G = batch.ro, args.num_generations
+    lens = ro.completion_mask.sum(1).float()
+    spread = batch.rewards.view(-1, G).std(1)
+    row = {"reward": batch.rewards.mean().item(), "reward_std": spread.mean().item(),
+           "zero_spread_groups": (spread == 0).float().mean().item(), "completion_len_mean": lens.mean().item(),
+           "completion_len_max": lens.max().item(), "truncated": (~ro.finished).float().mean().item(), **stats}
+    for i, n in enumerate(args.rewards):
+        row[f"reward/{n}"] = batch.per_reward[i].nanmean().item()
+        row[f"reward_none/{n}"] = torch.isnan(batch.per_reward[i]).float().sum().item() * world  # a count
+    if world > 1:
+        v = torch.tensor(list(row.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(v)
+        row = dict(zip(row, (v / world).tolist()))
+    return row
+
+
+# -----------------------------------------------------------------------------------------------
+# Training
+
+
+def setup(args, rank: int, device):
+    """Data, model, tokenizer, LoRA, optimizer and schedule; everything checked before the first step."""
+    examples, data_stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
+    usable = [e for e in examples if D.gold_parses(e.answer, "reward")] if "accuracy" in args.rewards else examples
+    data_stats["unparseable_gold"] = len(examples) - len(usable)
+    if not usable:
+        raise SystemExit(f"{args.dataset}: no example has a gold answer math-verify can parse")
+    net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
+    args.model_dir = str(M.resolve_model_dir(args.model)) if not args.model.startswith("random:") else None
+    tok = M.load_tokenizer(args.tokenizer or args.model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    eos_ids = M.eos_token_ids(tok, args.model, net.cfg)
+    if not eos_ids:
+        raise SystemExit("the tokenizer and model config name no EOS token: completions could never end")
+    torch.manual_seed(args.seed)                 # identical LoRA init on every rank
+    L.attach_lora(net, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    net.gradient_checkpointing = C.use_checkpointing(args.gradient_checkpointing,
+                                                     args.max_prompt_len + args.max_completion_len)
+    params = L.lora_parameters(net)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, args.max_steps, args.warmup_ratio, args.min_lr_rate))
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    engine = None
+    if args.rollout == "vllm":
+        engine = SM.VLLMEngine(args.model_dir, max_lora_rank=args.lora_r, seed=args.seed,
+                               max_model_len=args.max_prompt_len + args.max_completion_len, gpu_memory_utilization=0.4)
+    return usable, data_stats, net, tok, eos_ids, params, opt, sched, generator, engine
+
+
+def train(args) -> dict:
+    """sample -> score -> advantages -> update -> log -> save, for stop_step steps (see the docstring)."""
+    check_args(args)
+    rank, world, device = C.setup_distributed(args.device)
+    torch.manual_seed(args.seed + rank)
+    out_dir = Path(args.out_dir)
+    log = C.RunLog(out_dir, vars(args), "grpo_lora", enabled=rank == 0, n_gpus=world if device.type == "cuda" else 0,
+                   gpu_hour_usd=args.gpu_hour_usd, resume=args.resume, overwrite=args.overwrite)
+    usable, data_stats, net, tok, eos_ids, params, opt, sched, generator, engine = setup(args, rank, device)
+    system_prompt = D.system_prompt_for(args.system_prompt, args.dataset)
+    stop = min(args.stop_step or args.max_steps, args.max_steps)
+    step, stream = 0, PromptStream(usable, args.seed)
+    if args.resume:
+        state = L.load_training_state(out_dir, net, opt, generator, run_args=vars(args), may_change=RESUME_MAY_CHANGE)
+        step, stream = state["step"], PromptStream(usable, args.seed, state["epoch"], state["pos"])
+        for _ in range(step):
+            sched.step()
+        log.resume(step)
+    log.write_run(data=data_stats, trainable_params=sum(p.numel() for p in params), eos_ids=eos_ids)
+    P, batch = args.prompts_per_step, None
+    bar = tqdm(total=stop, initial=step, desc="grpo", disable=rank != 0, dynamic_ncols=True)
+    while step < stop:
+        t0 = time.time()
+        net.train()
+        if step % args.num_iterations == 0 or batch is None:                 # fresh rollouts
+            mine = stream.take(P * world)[rank * P:(rank + 1) * P]
+            batch = sample_and_score(net, tok, mine, system_prompt, args, eos_ids, generator, engine, step)
+            t_roll, t_reward = batch.seconds_rollout, batch.seconds_reward
+        else:                                                                 # the same batch again
+            t_roll = t_reward = 0.0
+        t2 = time.time()
+        stats = update(net, batch, args, params, world)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        ro = batch.ro
+        row = {"step": step, **step_metrics(batch, stats, args, world, device), "lr": lr, "epoch": stream.epoch,
+               "seconds_rollout": t_roll, "seconds_reward": t_reward, "seconds_update": time.time() - t2,
+               "tokens_per_s": float(ro.completion_mask.sum() + ro.prompt_mask.sum()) * world / (time.time() - t0)}
+        log.metrics(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['completion_len_mean']:.0f}", kl=f"{row['kl']:.4f}")
+        if args.wandb and rank == 0:
+            import wandb
+            if wandb.run is None:
+                wandb.init(project=args.wandb, config=vars(args))
+            wandb.log(row, step=step)
+        if step % args.log_every == 0 or step == 1:
+            log.samples([{"step": step, "prompt": batch.prompts[0], "gold": batch.examples[0].answer,
+                          "completion": ro.texts[k], "reward": float(batch.rewards[k])}
+                         for k in range(args.num_generations)])
+        if step % args.save_every == 0 or step == stop:
+            L.save_checkpoint(net, opt, out_dir, step, {"epoch": stream.epoch, "pos": stream.pos}, generator,
+                              args.model, run_args=vars(args), rank=rank, world=world)
+            log.write_run(last_step=step)
+    bar.close()
+    if rank == 0:
+        L.save_adapter(net, out_dir / "final", base_model=args.model)
+        log.write_run(last_step=step, finished=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return {"step": step, "out_dir": str(out_dir)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    M.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/grpo")
-    p.add_argument_group("model and run").add_argument(
-        "--tokenizer", default=None, help="tokenizer folder or hub id when --model has none (random: models)")
+    g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/grpo")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id when --model has none (random: models)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="open_rs2", help=f"registry name ({', '.join(D.TRAIN_SETS)}) or a local "
                    ".jsonl/.json/.parquet file (%(default)s)")
@@ -462,9 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a literal prompt text")
     L.add_lora_args(p)
     g = p.add_argument_group("GRPO")
-    g.add_argument("--rewards", type=M.csv_list(), default=["format", "accuracy"],
+    g.add_argument("--rewards", type=C.csv_list(), default=["format", "accuracy"],
                    help=f"comma-separated, from {', '.join(REWARDS)} (%(default)s)")
-    g.add_argument("--reward_weights", type=M.csv_list(float), default=[1.0, 2.0], help="one per reward (%(default)s)")
+    g.add_argument("--reward_weights", type=C.csv_list(float), default=[1.0, 2.0], help="one per reward (%(default)s)")
     g.add_argument("--num_generations", type=int, default=6, help="completions per prompt, G (%(default)s)")
     g.add_argument("--prompts_per_step", type=int, default=4, help="prompts per optimizer step per process (%(default)s)")
     g.add_argument("--grad_accum", type=int, default=4, help="micro-batches per step (%(default)s)")
@@ -483,10 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=1500, help="length of the lr schedule (%(default)s)")
     g.add_argument("--stop_step", type=int, default=850, help="stop early at this step (Tina: 850 of 1500)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (%(default)s)")
-    M.add_checkpointing_arg(g)
+    C.add_checkpointing_arg(g)
     g = p.add_argument_group("sampling")
     g.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="built-in sampler or vLLM")
     g.add_argument("--temperature", type=float, default=0.7, help="(%(default)s)")
+    g.add_argument("--logprob_temperature", type=float, default=None,
+                   help="temperature of the policy, reference and KL log-probs (default: --temperature, as later "
+                   "TRL versions; 1.0 = trl 0.15.2, which Tina ran: the Tina recipes set it)")
     g.add_argument("--top_p", type=float, default=1.0, help="(%(default)s)")
     g.add_argument("--max_prompt_len", type=int, default=512, help="prompts are left-truncated (%(default)s)")
     g.add_argument("--max_completion_len", type=int, default=3584, help="(%(default)s)")

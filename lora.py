@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from model import atomic_write, read_json
+from common import atomic_write, csv_list, read_json
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."   # PEFT's key prefix for a causal LM
@@ -85,6 +85,13 @@ class LoRALinear(nn.Linear):
         """scale * B @ A in float32, [out, in]."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def effective_weight(self) -> torch.Tensor:
+        """The [out, in] weight this layer applies right now: W, or W + scale B A while enabled and unmerged
+        (the static decoder folds it into its stacked weights)."""
+        if self.merged or self.disabled:
+            return self.weight
+        return (self.weight.float() + self.delta()).to(self.weight.dtype)
+
     @torch.no_grad()
     def merge(self, keep_backup: bool = True):
         if self.merged:
@@ -106,51 +113,6 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}"
-
-
-class MergedLoRA(torch.autograd.Function):
-    """y = x (W + s B A)^T + b, W and b frozen, as ONE matmul on a merged weight built per call: the low-rank
-    term costs no pass over y (the unmerged form reads and writes all of y once more, a quarter of a
-    1536-wide layer's matmul time). Backward builds the merged weight again for x's gradient, and gives
-    A and B theirs from rank-r products: dB = s grad^T (x A^T), dA = s (grad B)^T x; no full [out, in]
-    weight gradient is ever formed. Used when no dropout applies (dropout acts on the LoRA input only, so
-    it cannot be merged) and the rows are many enough that building the merged weight (about three
-    passes over W) moves fewer bytes than the unmerged sum's extra passes over y and x. Matmuls run in
-    the autocast dtype when autocast is on, else in W's."""
-
-    @staticmethod
-    def _dtype(x, W):
-        dev = x.device.type
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
-
-    @staticmethod
-    def _merged(W, A, B, s, dt):                               # W + s B A in dt, one matmul (rank r)
-        return torch.addmm(W.to(dt), B.to(dt), A.to(dt), alpha=s)
-
-    @staticmethod
-    def forward(ctx, x, W, b, A, B, s):
-        dt = MergedLoRA._dtype(x, W)
-        ctx.save_for_backward(x, W, A, B)
-        ctx.s, ctx.dt = s, dt
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dt), MergedLoRA._merged(W, A, B, s, dt), None if b is None else b.to(dt))
-
-    @staticmethod
-    @torch.autocast("cuda", enabled=False)
-    @torch.autocast("cpu", enabled=False)
-    def backward(ctx, grad):
-        x, W, A, B = ctx.saved_tensors
-        s, dt = ctx.s, ctx.dt
-        g = grad.reshape(-1, grad.shape[-1]).to(dt)            # [N, out]
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)                 # [N, in]
-        grad_x = dA = dB = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ MergedLoRA._merged(W, A, B, s, dt)).view(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[3]:
-            dA = ((g @ B.to(dt)).t() @ x2).mul_(s).to(A.dtype)                 # [r, in]
-        if ctx.needs_input_grad[4]:
-            dB = (g.t() @ (x2 @ A.to(dt).t())).mul_(s).to(B.dtype)              # [out, r]
-        return grad_x, None, None, dA, dB, None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -355,7 +317,6 @@ def load_adapter(model: nn.Module, path, trainable: bool = False) -> dict:
 
 def add_lora_args(parser, r: int = 32, alpha: float = 128, dropout: float = 0.05):
     """--lora_r / --lora_alpha / --lora_dropout / --lora_targets (Tina and Resa: 32 / 128 / 0.05 / all seven)."""
-    from model import csv_list
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_r", type=int, default=r, help="rank (%(default)s)")
     g.add_argument("--lora_alpha", type=float, default=alpha, help="alpha; scale = alpha / r (%(default)s)")
@@ -400,12 +361,35 @@ def save_training_state(out_dir: Path, net, opt, step: int, data_state: dict, ge
                 old.unlink()
 
 
-def load_training_state(out_dir: Path, net, opt, generator: torch.Generator) -> dict:
+def load_training_state(out_dir: Path, net, opt, generator: torch.Generator, run_args: dict | None = None,
+                        may_change=()) -> dict:
+    """Restore LoRA weights, optimizer moments and RNG states from out_dir/resume. With run_args, the saved
+    run's arguments must equal these except the keys in may_change (a changed lr, dataset or schedule would
+    silently make another run). Every problem names its file."""
     d = out_dir / "resume"
     if not (d / "state.json").exists():
-        raise FileNotFoundError(f"--resume: no resume state in {d} (nothing saved yet?)")
-    state = json.loads((d / "state.json").read_text())
-    weights = load_file(str(d / state["adapter"] / "adapter_model.safetensors"))
+        raise SystemExit(f"--resume: no resume state in {d} (nothing saved yet?)")
+    try:
+        state = read_json(d / "state.json")
+    except ValueError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    if run_args is not None and "args" in state:
+        changed = [k for k, v in state["args"].items() if k not in may_change and k in run_args and run_args[k] != v]
+        if changed:
+            raise SystemExit("--resume: " + "; ".join(f"--{k} was {state['args'][k]!r}, now {run_args[k]!r}"
+                                                      for k in changed)
+                             + ". Resume with the saved values (only " + ", ".join(f"--{k}" for k in may_change
+                                                                                   if k not in ("resume", "model_dir"))
+                             + " may change), or start a new run")
+
+    def read(path):
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise SystemExit(f"--resume: {path} is missing or corrupt ({e}); delete {d} to start over, or "
+                             "restore it") from None
+
+    weights = read(d / state["adapter"] / "adapter_model.safetensors")
     layers = lora_layers(net)
     for key, t in weights.items():
         name, ab = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key).groups()
@@ -418,7 +402,7 @@ def load_training_state(out_dir: Path, net, opt, generator: torch.Generator) -> 
                              "(different --lora_r or model?)")
         with torch.no_grad():
             p.copy_(t)
-    tensors = load_file(str(d / state["optim"]))
+    tensors = read(d / state["optim"])
     names = {id(p): n for n, p in net.named_parameters()}
     for p in lora_parameters(net):
         n = names[id(p)]
@@ -432,3 +416,67 @@ def load_training_state(out_dir: Path, net, opt, generator: torch.Generator) -> 
     if "rng/torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/torch_cuda"])
     return state
+
+
+def save_checkpoint(net, opt, out_dir: Path, step: int, data_state: dict, generator: torch.Generator,
+                    base_model: str, run_args: dict | None = None, rank: int = 0, world: int = 1):
+    """Every stage's checkpoint: the adapter in out_dir/step_NNNNNN (PEFT format) and the resume state
+    (written by rank 0; other ranks wait at a barrier)."""
+    if rank == 0:
+        save_adapter(net, out_dir / f"step_{step:06d}", base_model=base_model)
+        save_training_state(out_dir, net, opt, step, {**data_state, "args": run_args or {}}, generator)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------------------------
+# Custom autograd (read last): the fast no-dropout path of LoRALinear.forward. The plain formula above
+# (base matmul + scale * B(A(dropout(x)))) is what it computes; the test named below holds it to that.
+
+
+class MergedLoRA(torch.autograd.Function):
+    """y = x (W + s B A)^T + b, W and b frozen, as ONE matmul on a merged weight built per call: the low-rank
+    term costs no pass over y (the unmerged form reads and writes all of y once more, a quarter of a
+    1536-wide layer's matmul time). Backward builds the merged weight again for x's gradient, and gives
+    A and B theirs from rank-r products: dB = s grad^T (x A^T), dA = s (grad B)^T x; no full [out, in]
+    weight gradient is ever formed. Used when no dropout applies (dropout acts on the LoRA input only, so
+    it cannot be merged) and the rows are many enough that building the merged weight (about three
+    passes over W) moves fewer bytes than the unmerged sum's extra passes over y and x. Matmuls run in
+    the autocast dtype when autocast is on, else in W's.
+    Checked against float64 autograd of the plain formula, values and all three gradients:
+    tests/test_lora.py::test_lora_linear_forward_and_gradients_match_float64."""
+
+    @staticmethod
+    def _dtype(x, W):
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
+
+    @staticmethod
+    def _merged(W, A, B, s, dt):                               # W + s B A in dt, one matmul (rank r)
+        return torch.addmm(W.to(dt), B.to(dt), A.to(dt), alpha=s)
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s):
+        dt = MergedLoRA._dtype(x, W)
+        ctx.save_for_backward(x, W, A, B)
+        ctx.s, ctx.dt = s, dt
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dt), MergedLoRA._merged(W, A, B, s, dt), None if b is None else b.to(dt))
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad):
+        x, W, A, B = ctx.saved_tensors
+        s, dt = ctx.s, ctx.dt
+        g = grad.reshape(-1, grad.shape[-1]).to(dt)            # [N, out]
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)                 # [N, in]
+        grad_x = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ MergedLoRA._merged(W, A, B, s, dt)).view(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[3]:
+            dA = ((g @ B.to(dt)).t() @ x2).mul_(s).to(A.dtype)                 # [r, in]
+        if ctx.needs_input_grad[4]:
+            dB = (g.t() @ (x2 @ A.to(dt).t())).mul_(s).to(B.dtype)              # [out, r]
+        return grad_x, None, None, dA, dB, None

@@ -7,15 +7,15 @@ SwiGLU MLP, optional q/k/v (and o, mlp) bias, tied or untied embeddings. Module 
 mirror transformers' (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm, lm_head), so
 checkpoints load 1:1 and LoRA adapter keys match PEFT's.
 
-What else lives here, because every stage needs it:
+What else lives here:
   * load_model(name)       local HF folder (single or sharded safetensors), hub id, or random:<preset>
-  * save_model(model, dir)  write config.json + model.safetensors (HF layout)
-  * Transformer.forward     left-padded batches; a hook slot after any layer (the SAE goes there);
-                            stop after layer L (activation collection needs no higher layers)
-  * Transformer.logprobs    per-token log-probs in row chunks, never a float32 [B, T, V] tensor
-  * generate(...)           batched sampling with a preallocated KV cache (temperature, top_p, top_k,
-                            greedy at temperature 0, several EOS ids, per-sequence stop, seeded)
-  * pick_device / pick_dtype  the shared --device / --dtype conventions ("auto")
+  * save_model(model, dir)  write config.json + model.safetensors (HF layout); load_tokenizer, eos_token_ids
+  * Transformer.forward     left-padded batches, an optional KV cache; a hook slot after any layer (the SAE
+                            goes there); stop after layer L (activation collection needs no higher layers)
+  * Transformer.logprobs, token_logprobs, chunked_kl   per-token log-probs and KL in row chunks, never a
+                            float32 [B, T, V] tensor (their hand-written gradient is the last section)
+Sampling (generate, the CUDA-graph decoder) is in sampling.py; run plumbing (devices, files, argparse
+conventions, torchrun, run records) in common.py.
 
 Simplifications versus transformers: no sliding-window attention (none of the supported checkpoints
 enable it), no rope types other than default / linear / llama3, no dropout inside the model.
@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from common import atomic_write
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -251,20 +250,6 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# KV cache: preallocated, fixed shape, so a compiled / CUDA-graph decode step can reuse it.
-
-
-class KVCache:
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)    # [L, B, nkv, S_max, hd]
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S_max] real keys
-        self.pos = 0          # slots filled so far (same for every row; left padding is marked invalid)
-        self.max_len = max_len
-
-
-# -----------------------------------------------------------------------------------------------
 # The model
 
 
@@ -368,13 +353,13 @@ class Transformer(nn.Module):
         mask = mask | (k_idx == q_idx)[None]  # a pad query sees itself (no all-masked row -> no NaN)
         return mask[:, None]
 
-    def forward(self, input_ids, attention_mask=None, *, cache: KVCache | None = None,
+    def forward(self, input_ids, attention_mask=None, *, cache=None,
                 stop_after: int | None = None, hidden: bool = False):
         """input_ids [B, T] (left-padded, attention_mask [B, T] 1 = real token).
 
         Returns logits [B, T, V]; with hidden=True the final-norm hidden states [B, T, D] instead;
         with stop_after=L the residual stream after layer L (hook applied) and no higher layer runs.
-        With a cache, the tokens are appended at slot cache.pos and attend to everything cached so far.
+        With a cache (sampling.KVCache), the tokens are appended at slot cache.pos and attend to everything cached so far.
         With nothing cached, rows whose tokens form one run (left and/or right padding) are rotated to start
         at column 0 and run with plain causal attention (see contiguous_shift); outputs come back in the
         input's layout, and a cache filled this way holds each row's tokens from slot 0 on.
@@ -447,48 +432,6 @@ def _chunk_kl(lm_head, h_student, logp_teacher, temperature):
     return (logp_teacher.exp() * (logp_teacher - logq)).sum()
 
 
-class _VocabChunk(torch.autograd.Function):
-    """One chunk of log-probs (`kind` "logprobs": [c] values of targets) or of summed KL(teacher || student)
-    ("kl": a scalar) through a frozen lm_head W, with the gradient wrt h computed in the same pass while
-    the [c, V] probabilities are at hand: d logp / d h = (W[tgt] - p W) / T per row, d KL / d h =
-    (q - p) W / T. Backward then only scales that [c, D] tensor: one vocabulary matmul fewer than
-    recomputing the chunk (checkpointing) and differentiating it."""
-
-    @staticmethod
-    def forward(ctx, h, W, other, temperature, kind):     # other: targets [c] or teacher log-probs [c, V]
-        logq = torch.log_softmax(F.linear(h, W).float() / temperature, dim=-1)    # [c, V] float32
-        if kind == "logprobs":
-            out = logq.gather(-1, other[:, None]).squeeze(-1)
-        else:
-            out = (other.exp() * (other - logq)).sum()
-        if ctx.needs_input_grad[0]:
-            q = logq.exp_()                                                        # in place: logq is done
-            if kind == "logprobs":
-                dh = W[other].float() - (q.to(W.dtype) @ W).float()
-            else:
-                dh = ((q - other.exp()).to(W.dtype) @ W).float()
-            ctx.save_for_backward(dh / temperature)
-            ctx.h_dtype = h.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        dh, = ctx.saved_tensors
-        g = g[:, None] if g.dim() else g
-        return (g * dh).to(ctx.h_dtype), None, None, None, None
-
-
-def _vocab_chunk(kind, lm_head, h, other, temperature):
-    """A chunk's value; gradients by _VocabChunk when only h needs them (a frozen lm_head, as under LoRA),
-    else by recomputing the chunk in backward (checkpoint)."""
-    plain = _chunk_logprobs if kind == "logprobs" else _chunk_kl
-    if not (torch.is_grad_enabled() and h.requires_grad):
-        return plain(lm_head, h, other, temperature)
-    if isinstance(lm_head, nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad:
-        return _VocabChunk.apply(h, lm_head.weight, other, temperature, kind)
-    return checkpoint(plain, lm_head, h, other, temperature, use_reentrant=False)
-
-
 def token_logprobs(lm_head: nn.Module, hidden, targets, temperature: float = 1.0, chunk_size: int = 1024):
     """log softmax(lm_head(hidden) / temperature)[targets] in row chunks. hidden [B, T, D], targets [B, T]."""
     B, T, D = hidden.shape
@@ -514,284 +457,7 @@ def chunked_kl(lm_head: nn.Module, h_teacher, h_student, temperature: float = 1.
 
 
 # -----------------------------------------------------------------------------------------------
-# Sampling
-
-
-def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):
-    """logits [B, V] -> next tokens [B]. temperature 0 = greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p   # mass before this token already reaches top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-class Generation(NamedTuple):
-    tokens: torch.Tensor     # [B, N] new tokens, pad_id after a sequence stopped
-    lengths: torch.Tensor    # [B] new tokens per row, the EOS included
-    finished: torch.Tensor   # [B] True where an EOS ended the row (False = cut at max_new_tokens)
-
-
-class LayerWeights(NamedTuple):   # one decoder layer's weights as the static decode step uses them
-    qkv: torch.Tensor                # [(nh + 2 nkv) hd, D]   q, k, v projections stacked: one matmul
-    qkv_b: torch.Tensor | None
-    o: torch.Tensor
-    o_b: torch.Tensor | None
-    gate_up: torch.Tensor            # [2 I, D]               gate and up stacked
-    gate_up_b: torch.Tensor | None
-    down: torch.Tensor
-    down_b: torch.Tensor | None
-
-
-def effective_weight(lin: nn.Linear) -> torch.Tensor:
-    """The [out, in] weight a Linear applies; for an enabled, unmerged LoRA layer (lora.py) W + scale B A."""
-    w = lin.weight
-    if hasattr(lin, "delta") and not lin.merged and not lin.disabled:
-        w = (w.float() + lin.delta()).to(w.dtype)
-    return w
-
-
-def _stack(*lins):
-    w = torch.cat([effective_weight(m) for m in lins])
-    b = torch.cat([m.bias for m in lins]) if lins[0].bias is not None else None
-    return w, b
-
-
-def layer_weights(block: Block) -> LayerWeights:
-    a, m = block.self_attn, block.mlp
-    return LayerWeights(*_stack(a.q_proj, a.k_proj, a.v_proj), effective_weight(a.o_proj), a.o_proj.bias,
-                        *_stack(m.gate_proj, m.up_proj), effective_weight(m.down_proj), m.down_proj.bias)
-
-
-class StaticDecoder:
-    """The decode step with every shape fixed, so that on CUDA it is captured once as a CUDA graph and then
-    replayed: one launch per token instead of hundreds of kernel launches from Python, and no compiler.
-
-    Fixed shapes: the KV cache is preallocated; the new token's slot is a device tensor (`slot`), not a
-    Python int; keys are read up to `span`, the filled slots rounded up to SPAN_BLOCK, so one graph serves
-    SPAN_BLOCK steps (the next block captures a new one, at about the cost of two eager steps; should a
-    capture fail, decoding goes on without graphs, with a warning). Masking is an additive [b, S] bias
-    kept up to date in place. Grouped-query attention repeats no keys: the n_rep query heads of a group
-    are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one matmul on
-    stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that much extra
-    memory while decoding; bias-free projections add into the residual stream in place (the matmul's
-    epilogue); rotary embedding is roll + multiply-add; RMSNorm is one fused op. Residual hooks (an
-    inserted SAE) are not applied: generate() takes the plain path when the model has any.
-    """
-    SPAN_BLOCK = 256
-    MATMUL_ATTENTION_FROM = 2048    # key spans from this length attend with matmuls (see _attend; measured)
-
-    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool):
-        self.model, self.cache, self.use_graphs = model, cache, graphs
-        self.weights = [layer_weights(b) for b in model.model.layers]
-        dev = cache.k.device
-        self.slot = torch.tensor([cache.pos], device=dev)                # [1] slot of the next token
-        self.filled = cache.pos                                          # the same, on the host
-        self.positions = positions.clone()                               # [b] rope position of the next token
-        self.bias = torch.zeros(cache.valid.shape, dtype=model.dtype, device=dev)  # [b, S] 0 or -inf
-        self.bias.masked_fill_(~cache.valid, float("-inf"))
-        self.tok = torch.zeros(len(positions), dtype=torch.long, device=dev)      # [b] input token
-        half = model.cfg.head_dim // 2
-        self.sign = torch.tensor([-1.0] * half + [1.0] * half, device=dev)        # [hd] for the rotation
-        self.graph, self.graph_span, self.logits = None, 0, None
-
-    def keep(self, rows: torch.Tensor):
-        """Drop every batch row not in `rows` (finished sequences); a new graph is captured for the new size."""
-        c = self.cache
-        c.k, c.v, c.valid = c.k[:, rows], c.v[:, rows], c.valid[rows]
-        self.positions, self.bias, self.tok = self.positions[rows], self.bias[rows], self.tok[rows]
-        self.graph = None
-
-    def step(self, tok: torch.Tensor) -> torch.Tensor:
-        """Feed tok [b] at the next slot -> logits [b, V] (a buffer that the next step overwrites)."""
-        self.filled += 1
-        span = min(-(-self.filled // self.SPAN_BLOCK) * self.SPAN_BLOCK, self.cache.max_len)
-        self.tok.copy_(tok)
-        if not self.use_graphs:
-            return self._step(span)
-        if self.graph is None or span != self.graph_span:
-            try:
-                self._capture(span)
-            except RuntimeError as e:                      # never lose a run to a capture problem
-                warnings.warn(f"CUDA graph capture failed ({e}); decoding without graphs")
-                self.use_graphs, self.graph = False, None
-                return self._step(span)
-        self.graph.replay()
-        return self.logits
-
-    def _capture(self, span: int):
-        self.graph = None                                  # free the old graph before capturing the next
-        saved = self.slot.clone(), self.positions.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                      # a warm-up run (lazy cuBLAS / kernel loading)
-            self._step(span)                               # outside capture: it computes this very step,
-            self.slot.copy_(saved[0])                      # then rewinds
-            self.positions.copy_(saved[1])
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._step(span)                 # recorded, not run: the replay runs it
-        self.graph, self.graph_span = graph, span
-
-    def _step(self, span: int) -> torch.Tensor:
-        with torch.autocast(self.cache.k.device.type, enabled=False):    # the model's own dtype throughout
-            return self._layers(span)
-
-    def _layers(self, span: int) -> torch.Tensor:
-        m, c = self.model, self.model.cfg
-        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        b = self.tok.shape[0]
-        cos, sin = m._rope(self.positions[:, None])                      # [b, 1, 1, hd] float32
-        x = m.model.embed_tokens(self.tok)[:, None]                      # [b, 1, D]
-        # rotate_half(x) * sin == x.roll(hd / 2) * (sin with its first half negated): 3 kernels for q and k
-        cos, sin = cos[:, 0].to(x.dtype), (sin[:, 0] * self.sign).to(x.dtype)  # [b, 1, hd]
-        self.bias.index_fill_(1, self.slot, 0.0)                         # the new token's key is real
-        mask = self.bias[:, None, None, :span]                           # [b, 1, 1, span]
-        for i, (block, w) in enumerate(zip(m.model.layers, self.weights)):
-            qkv = F.linear(rms_norm(block.input_layernorm, x), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
-            qk = qkv[:, :nh + nkv]
-            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)      # [b, nh + nkv, hd] rotated q and k
-            k_cache, v_cache = self.cache.k[i], self.cache.v[i]          # [b, nkv, S, hd]
-            k_cache.index_copy_(2, self.slot, qk[:, nh:, None])
-            v_cache.index_copy_(2, self.slot, qkv[:, nh + nkv:, None])
-            q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                # a group's heads as query rows
-            y = self._attend(q, k_cache[:, :, :span], v_cache[:, :, :span], mask)
-            x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
-            gate, up = F.linear(rms_norm(block.post_attention_layernorm, x), w.gate_up, w.gate_up_b).chunk(2, -1)
-            x = add_linear(x, F.silu(gate) * up, w.down, w.down_b)
-        self.slot += 1
-        self.positions += 1
-        return m.lm_head(rms_norm(m.model.norm, x))[:, 0]                # [b, V]
-
-
-    def _attend(self, q, k, v, mask):
-        """One new token's attention: q [b, nkv, rep, hd] (a group's query heads as rows), k, v [b, nkv, span, hd],
-        mask [b, 1, 1, span] additive -> [b, nkv, rep, hd]. Spans below MATMUL_ATTENTION_FROM: one fused SDPA
-        kernel. Longer spans: two batched matmuls around a float32 softmax (as transformers' eager attention).
-        A fused kernel made for long queries gives each (row, key head) one block that walks the whole key
-        range, so 6 query rows against 4,096 keys leave most of the GPU idle; cuBLAS splits the key range
-        across blocks, and the few extra kernels cost nothing inside a CUDA graph."""
-        if k.shape[2] < self.MATMUL_ATTENTION_FROM:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + mask     # [b, nkv, rep, span]
-        return torch.matmul(s.softmax(-1, dtype=torch.float32).to(v.dtype), v)
-
-
-def rms_norm(norm: RMSNorm, x):
-    """RMSNorm as one fused op in x's dtype (float32 inside, weight applied before the one rounding):
-    within a rounding of RMSNorm.forward, which rounds before applying the weight as transformers does."""
-    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps)
-
-
-def add_linear(x, h, w, b):
-    """x + h @ w.T (+ b) for x [..., D]; without a bias, in place into x as one matmul (epilogue add)."""
-    if b is not None:
-        return x + F.linear(h, w, b)
-    x.view(-1, x.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), w.t())
-    return x
-
-
-@torch.no_grad()
-def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(), pad_id: int = 0,
-             seed: int | None = None, generator: torch.Generator | None = None, compact: bool = True,
-             static: bool | None = None, sync_every: int = 0) -> Generation:
-    """Batched sampling with a preallocated KV cache. input_ids [B, T] left-padded.
-
-    static: decode with StaticDecoder (CUDA graphs on a GPU); None = on CUDA when the model has no
-    residual hooks. False = the plain forward with a growing key range (any hooks apply).
-    compact: once a quarter (static: a half) of the rows still decoding have finished, drop them from the
-    batch and the cache, so finished sequences stop costing work (the outputs are the same; a seeded
-    sampler draws from a smaller batch afterwards, so its samples differ from compact=False, reproducibly).
-    sync_every: look at which rows finished (a host sync) every this many steps; 0 = 8 on CUDA, so the CPU
-    queues the next steps while the GPU runs, and 1 elsewhere (the outputs are the same).
-    """
-    B, T = input_ids.shape
-    dev = input_ids.device
-    if static is None:
-        static = dev.type == "cuda" and not model.residual_hooks
-    elif static and model.residual_hooks:
-        raise ValueError("static decoding does not apply residual hooks (an inserted SAE): use static=False")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=dev).manual_seed(seed)
-    eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], device=dev)
-    max_len = T + max_new_tokens
-    cache = KVCache(model.cfg, B, -(-max_len // 64) * 64 if static else max_len, dev, model.dtype)
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-    rows = torch.arange(B, device=dev)                                 # batch row of each cache row
-    was_training = model.training
-    model.eval()                                                       # no dropout while sampling
-    last = model(input_ids, attention_mask, cache=cache, hidden=True)[:, -1]   # prefill -> [B, D]
-    logits = model.lm_head(last)                                       # only the last position: [B, V]
-    dec = StaticDecoder(model, cache, attention_mask.sum(-1), dev.type == "cuda") if static else None
-    check_every = sync_every or (8 if dev.type == "cuda" else 1)
-    for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, top_k, generator)   # [b] for the live cache rows
-        finished_before = done[rows]
-        tok = torch.where(finished_before, torch.full_like(tok, pad_id), tok)
-        out[rows, t] = tok
-        hit = torch.isin(tok, eos) & ~finished_before
-        lengths[rows] = torch.where(hit, t + 1, lengths[rows])
-        done[rows] = finished_before | hit
-        if t == max_new_tokens - 1:
-            break
-        if t % check_every == check_every - 1:   # a host sync: on a GPU only every few steps, so the CPU
-            live = ~done[rows]                   # queues the next steps while the GPU runs this one
-            n_live = int(live.sum())
-            if n_live == 0:
-                break
-            if compact and (2 if static else 4) * (len(rows) - n_live) >= len(rows):
-                keep = live.nonzero().squeeze(1)
-                rows, tok = rows[keep], tok[keep]
-                if dec is not None:
-                    dec.keep(keep)
-                else:
-                    cache.k, cache.v, cache.valid = cache.k[:, keep], cache.v[:, keep], cache.valid[keep]
-        if dec is not None:
-            logits = dec.step(tok)                                     # decode one token -> [b, V]
-        else:
-            logits = model(tok[:, None], cache=cache)[:, -1]
-    model.train(was_training)
-    return Generation(out, lengths, done)
-
-
-# -----------------------------------------------------------------------------------------------
 # Loading and saving (Hugging Face layout)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
-    return table[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype = torch.bfloat16):
-    """bf16 autocast on a GPU (unless the weights are fp32 by choice); a no-op context on the CPU."""
-    enabled = device.type == "cuda" and dtype != torch.float32
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def resolve_model_dir(name: str) -> Path:
@@ -913,81 +579,51 @@ def save_tokenizer(tokenizer, out_dir):
         cfg_file.write_text(json.dumps(cfg, indent=2))
 
 
-def read_json(path) -> dict:
-    """json.loads of a file, with an error that names the file."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def atomic_write(path, write: Callable[[Path], None]):
-    """write(tmp) then fsync + rename over path, so a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def add_run_args(parser, default_model: str, default_out: str):
-    """The flags every stage shares (DESIGN.md section 2)."""
-    g = parser.add_argument_group("model and run")
-    g.add_argument("--model", default=default_model,
-                   help="local Hugging Face folder, hub id, or random:<preset> (%(default)s)")
-    g.add_argument("--out_dir", default=default_out, help="output folder (%(default)s)")
-    g.add_argument("--seed", type=int, default=42, help="random seed (%(default)s)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights dtype; auto = bf16 on GPU, fp32 on CPU")
-    g.add_argument("--gpu_hour_usd", type=float, default=2.0,
-                   help="price of one GPU hour, for the cost in run.json (%(default)s)")
-    return g
-
-
-def add_checkpointing_arg(group):
-    group.add_argument("--gradient_checkpointing", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                       help="recompute each layer's activations in backward; auto (default) = on when a row can "
-                            "reach 1024 tokens")
-
-
-def use_checkpointing(flag: str, row_tokens: int) -> bool:
-    """--gradient_checkpointing on / off / auto (on for rows of 1024 tokens or more)."""
-    return row_tokens >= 1024 if flag == "auto" else flag == "on"
-
-
-def csv_list(kind=str):
-    """argparse type for comma-separated lists: --rewards format,accuracy --reward_weights 1,2."""
-    def parse(text: str):
-        return [kind(x.strip()) for x in text.split(",") if x.strip()]
-    return parse
-
-
 # -----------------------------------------------------------------------------------------------
-# Multi-process training (torchrun): shared by the stages
+# Custom autograd (read last): the vocabulary chunks' gradient formed in the forward pass. The plain
+# chunk functions (_chunk_logprobs, _chunk_kl) are what it computes; the tests named below hold it to them.
 
 
-def setup_distributed(device_arg: str):
-    """torchrun sets WORLD_SIZE: one process per GPU (nccl) or per CPU worker (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(device_arg)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(device_arg)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+class _VocabChunk(torch.autograd.Function):
+    """One chunk of log-probs (`kind` "logprobs": [c] values of targets) or of summed KL(teacher || student)
+    ("kl": a scalar) through a frozen lm_head W, with the gradient wrt h computed in the same pass while
+    the [c, V] probabilities are at hand: d logp / d h = (W[tgt] - p W) / T per row, d KL / d h =
+    (q - p) W / T. Backward then only scales that [c, D] tensor: one vocabulary matmul fewer than
+    recomputing the chunk (checkpointing) and differentiating it. Checked against float64 autograd of the
+    plain chunk functions above, values and gradients, frozen and trainable heads:
+    tests/test_model.py::test_chunked_logprobs_and_grads_match_float64 and
+    tests/test_model.py::test_chunked_kl_and_grads_match_float64."""
+
+    @staticmethod
+    def forward(ctx, h, W, other, temperature, kind):     # other: targets [c] or teacher log-probs [c, V]
+        logq = torch.log_softmax(F.linear(h, W).float() / temperature, dim=-1)    # [c, V] float32
+        if kind == "logprobs":
+            out = logq.gather(-1, other[:, None]).squeeze(-1)
+        else:
+            out = (other.exp() * (other - logq)).sum()
+        if ctx.needs_input_grad[0]:
+            q = logq.exp_()                                                        # in place: logq is done
+            if kind == "logprobs":
+                dh = W[other].float() - (q.to(W.dtype) @ W).float()
+            else:
+                dh = ((q - other.exp()).to(W.dtype) @ W).float()
+            ctx.save_for_backward(dh / temperature)
+            ctx.h_dtype = h.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, = ctx.saved_tensors
+        g = g[:, None] if g.dim() else g
+        return (g * dh).to(ctx.h_dtype), None, None, None, None
 
 
-def all_reduce_mean(tensors, world: int):
-    if world > 1:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= world
-        i = 0
-        for t in tensors:
-            t.copy_(flat[i:i + t.numel()].view_as(t))
-            i += t.numel()
+def _vocab_chunk(kind, lm_head, h, other, temperature):
+    """A chunk's value; gradients by _VocabChunk when only h needs them (a frozen lm_head, as under LoRA),
+    else by recomputing the chunk in backward (checkpoint)."""
+    plain = _chunk_logprobs if kind == "logprobs" else _chunk_kl
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return plain(lm_head, h, other, temperature)
+    if isinstance(lm_head, nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad:
+        return _VocabChunk.apply(h, lm_head.weight, other, temperature, kind)
+    return checkpoint(plain, lm_head, h, other, temperature, use_reentrant=False)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import atomic_write, autocast, read_json
+from common import atomic_write, autocast, read_json
 
 SPARSIFY_KEYS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
                  "skip_connection", "transcode")
@@ -80,14 +80,7 @@ class SAE(nn.Module):
 
         relu(topk(pre)) == topk(relu(pre)): the ReLU runs on the k winners only, not on all M latents
         (one pass less over the [N, M] tensor, forward and backward)."""
-        # (x - b_dec) W^T + b_enc, with b_dec's gradient routed around the big matmul: its input then needs
-        # no gradient when x needs none, so backward skips a [N, M] x [M, d] product. `zero` is exactly 0
-        # and carries b_dec's gradient as -W^T colsum(d pre) (a [d, M] x [M] product); values are unchanged.
-        b_dec, bias = self.b_dec.detach(), self.encoder.bias
-        if self.b_dec.requires_grad and torch.is_grad_enabled():
-            zero = self.b_dec - b_dec
-            bias = bias - self.encoder.weight.detach() @ zero                            # [M], == b_enc
-        pre = F.linear(x - b_dec, self.encoder.weight, bias)                             # [N, M]
+        pre = _pre_activations(x, self.encoder.weight, self.encoder.bias, self.b_dec)    # (x - b_dec) W^T + b_enc
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         return F.relu(vals), idx, pre
 
@@ -296,3 +289,20 @@ def insert_sae(model, sae: SAE, layer: int | None = None, grad: str = "block") -
     hook = SAEHook(model, sae, layer, grad)
     model.set_residual_hook(layer, hook)
     return hook
+
+
+# -----------------------------------------------------------------------------------------------
+# Custom gradient routing (read last): the encoder's pre-activations, (x - b_dec) W_enc^T + b_enc.
+
+
+def _pre_activations(x, W, b_enc, b_dec):
+    """(x - b_dec) W^T + b_enc [N, M], with b_dec's gradient routed around the big matmul: its input then
+    needs no gradient when x needs none, so backward skips a [N, M] x [M, d] product. `zero` is exactly 0
+    and carries b_dec's gradient as -W^T colsum(d pre) (a [d, M] x [M] product); values are unchanged.
+    Checked against float64 autograd of the plain formula (parameters and input, FVU + AuxK):
+    tests/test_sae.py::test_gradients_match_float64_reference."""
+    b_dec_value, bias = b_dec.detach(), b_enc
+    if b_dec.requires_grad and torch.is_grad_enabled():
+        zero = b_dec - b_dec_value
+        bias = bias - W.detach() @ zero                                                  # [M], == b_enc
+    return F.linear(x - b_dec_value, W, bias)

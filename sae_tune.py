@@ -13,7 +13,7 @@ Usage
     python sae_tune.py ... --sae none --loss ce
   Several GPUs: torchrun --nproc_per_node N sae_tune.py ...
 
-Per step (DESIGN.md 4.4): teacher = target, LoRA off, no SAE -> p (no grad); student = target + LoRA + the
+Per step (Resa's objective): teacher = target, LoRA off, no SAE -> p (no grad); student = target + LoRA + the
 frozen SAE at its layer -> log q; loss = sum over tokens of KL(p || q) / sequences (torch's kl_div
 'batchmean'), computed in row chunks so no float32 [tokens, vocab] tensor exists for the whole sequence.
 AdamW (Resa: lr 1e-6, weight decay 0.01 = torch's default), constant lr, 2 epochs, grad-norm clip 1.0.
@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+import common as C
 import data as D
 import lora as L
 import model as M
@@ -93,69 +95,76 @@ def check_fit(sae: S.SAE, layer: int, net, grad: str = "block"):
                          "it was trained on another architecture")
 
 
-def train(args) -> dict:
-    rank, world, device = M.setup_distributed(args.device)
-    dtype = M.pick_dtype(args.dtype, device)
-    out_dir = Path(args.out_dir)
-    args.loss = args.loss or ("ce" if args.sae == "none" else "kl")
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "save_every", "resume", "overwrite", "device", "gpu_hour_usd")
+
+
+def batch_rows(step: int, n: int, per_step: int, steps_per_epoch: int, seed: int, rank: int, world: int):
+    """The chunk indices of this rank's share of step `step`: a fresh seeded shuffle per epoch."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    rows = order[k * per_step:(k + 1) * per_step][rank::world]
+    return epoch, rows if len(rows) else order[:per_step // world]     # a short last step: the epoch's start
+
+
+def setup(args, device):
+    """Text, SAE, model, LoRA, optimizer; the SAE is checked against the model before any step."""
     tok = M.load_tokenizer(args.tokenizer or args.model)
     examples, data_stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
     sp = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
     ids, amask = D.pack_chunks(tok, [D.trace_free_text(e.question, e.answer, sp) for e in examples], args.ctx_len)
     sae, layer = load_sae_arg(args)
-    net = M.load_model(args.model, device, dtype, seed=args.seed)
+    net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
     if sae is not None:
         check_fit(sae, layer, net, args.sae_grad)
         sae.to(device=device, dtype=torch.float32)
-
     torch.manual_seed(args.seed)                                  # same LoRA init on every rank
     L.attach_lora(net, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    net.gradient_checkpointing = M.use_checkpointing(args.gradient_checkpointing, args.ctx_len)
+    net.gradient_checkpointing = C.use_checkpointing(args.gradient_checkpointing, args.ctx_len)
     params = L.lora_parameters(net)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return ids, amask, data_stats, sae, layer, net, params, opt
+
+
+def train(args) -> dict:
+    rank, world, device = C.setup_distributed(args.device)
+    out_dir = Path(args.out_dir)
+    args.loss = args.loss or ("ce" if args.sae == "none" else "kl")
+    log = C.RunLog(out_dir, vars(args), "sae_tune", enabled=rank == 0, n_gpus=world if device.type == "cuda" else 0,
+                   gpu_hour_usd=args.gpu_hour_usd, resume=args.resume, overwrite=args.overwrite)
+    ids, amask, data_stats, sae, layer, net, params, opt = setup(args, device)
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed + 1 + rank)                       # dropout noise differs across ranks
     per_step = args.batch_size * world
     steps_per_epoch = math.ceil(ids.shape[0] / per_step)
     total = min(args.epochs * steps_per_epoch, args.max_steps or 1 << 62)
     step = 0
-    run = {"sae": args.sae, "sae_layer": layer, "sae_grad": args.sae_grad if sae else None,
-           "sae_source_model": sae.meta.get("source_model") if sae else None,
-           "sae_adapter": sae.meta.get("adapter") if sae else None, "loss": args.loss, "data": data_stats,
-           "chunks": int(ids.shape[0]), "ctx_len": int(ids.shape[1]), "steps": total,
-           "trainable_params": sum(p.numel() for p in params)}
-    log = D.RunLog(out_dir, vars(args), "sae_tune", enabled=rank == 0, n_gpus=world if device.type == "cuda" else 0,
-                   gpu_hour_usd=args.gpu_hour_usd)
     if args.resume:
-        step = L.load_training_state(out_dir, net, opt, generator)["step"]
-    log.write_run(**run)
-
-    from tqdm import tqdm
+        step = L.load_training_state(out_dir, net, opt, generator, vars(args), RESUME_MAY_CHANGE)["step"]
+        log.resume(step)
+    log.write_run(sae=args.sae, sae_layer=layer, sae_grad=args.sae_grad if sae else None, loss=args.loss, sae_source_model=sae.meta.get("source_model") if sae else None,
+                  sae_adapter=sae.meta.get("adapter") if sae else None, data=data_stats, chunks=int(ids.shape[0]),
+                  ctx_len=int(ids.shape[1]), steps=total, trainable_params=sum(p.numel() for p in params))
     bar = tqdm(total=total, initial=step, desc=f"sae_tune ({args.loss})", disable=rank != 0, dynamic_ncols=True)
     net.train()
     while step < total:
         t0 = time.time()
-        epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(args.seed + epoch))
-        rows = order[k * per_step:(k + 1) * per_step][rank::world]
-        if len(rows) == 0:                                        # a short last step: reuse the epoch's start
-            rows = order[:args.batch_size]
+        epoch, rows = batch_rows(step, ids.shape[0], per_step, steps_per_epoch, args.seed, rank, world)
         batch, bmask = ids[rows].to(device), amask[rows].to(device)
-        with M.autocast(device, dtype):
-            if args.loss == "kl":
+        with C.autocast(device, net.dtype):
+            if args.loss == "kl":                                 # Resa's objective
                 loss, mse = kl_loss(net, batch, sae, layer, args.sae_grad, args.kl_chunk)
-            else:
+            else:                                                 # the SFT baseline
                 loss, mse = ce_loss(net, batch, bmask), None
         if not torch.isfinite(loss):
             raise SystemExit(f"step {step + 1}: loss is {loss.item()} (NaN/inf); lower --lr")
         loss.backward()
-        M.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
+        C.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         vals = torch.tensor([loss.item(), mse.item() if mse is not None else 0.0], dtype=torch.float64)
-        if world > 1:
+        if world > 1:                                             # averaged over ranks
             vals = vals.to(device)
             dist.all_reduce(vals)
             vals = (vals / world).cpu()
@@ -167,11 +176,8 @@ def train(args) -> dict:
         bar.update(1)
         bar.set_postfix({args.loss: f"{row[args.loss]:.4f}"})
         if (args.save_every and step % args.save_every == 0) or step == total:
-            if rank == 0:
-                L.save_adapter(net, out_dir / f"step_{step:06d}", base_model=args.model)
-                L.save_training_state(out_dir, net, opt, step, {"epoch": epoch}, generator)
-            if world > 1:
-                dist.barrier()
+            L.save_checkpoint(net, opt, out_dir, step, {"epoch": epoch}, generator, args.model, vars(args), rank, world)
+            log.write_run(last_step=step)
     bar.close()
     if rank == 0:
         L.save_adapter(net, out_dir / "final", base_model=args.model)
@@ -183,7 +189,7 @@ def train(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = M.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae_tune")
+    g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae_tune")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
     g = p.add_argument_group("SAE")
     g.add_argument("--sae", default="none", help="SAE folder (ours or sparsify's), or none for the SFT baseline")
@@ -206,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     g.add_argument("--batch_size", type=int, default=1, help="sequences per step per process (%(default)s)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="(%(default)s)")
-    M.add_checkpointing_arg(g)
+    C.add_checkpointing_arg(g)
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save_every", type=int, default=500, help="adapter + resume state every N steps (%(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/resume")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import common as C
 import data as D
 import lora as L
 import model as M
@@ -104,11 +105,13 @@ def make_saes(args, d_in: int, n_layers: int) -> dict[int, S.SAE]:
 
 
 def train(args) -> dict[int, S.SAE]:
-    device = M.pick_device(args.device)
-    dtype = M.pick_dtype(args.dtype, device)
+    device = C.pick_device(args.device)
+    dtype = C.pick_dtype(args.dtype, device)
     out_dir = Path(args.out_dir)
     if args.init_from and not Path(args.init_from).exists() and args.init_from.count("/") != 1:
         raise SystemExit(f"--init_from {args.init_from!r}: no such SAE folder")
+    log = C.RunLog(out_dir, vars(args), "train_sae", n_gpus=int(device.type == "cuda"), gpu_hour_usd=args.gpu_hour_usd,
+                   overwrite=args.overwrite)
     tok = M.load_tokenizer(args.tokenizer or args.model)
     ids, data_stats = trigger_chunks(args, tok)
     net = load_source(args, device, dtype)
@@ -118,7 +121,6 @@ def train(args) -> dict[int, S.SAE]:
     lr = args.lr if args.lr is not None else default_lr(next(iter(saes.values())).num_latents)
     opts = {layer: torch.optim.Adam(sae.parameters(), lr=lr) for layer, sae in saes.items()}
     trackers = {layer: S.DeadLatentTracker(sae.num_latents, args.dead_tokens, device) for layer, sae in saes.items()}
-    log = D.RunLog(out_dir, vars(args), "train_sae", n_gpus=int(device.type == "cuda"), gpu_hour_usd=args.gpu_hour_usd)
     log.write_run(data=data_stats, chunks=int(ids.shape[0]), ctx_len=int(ids.shape[1]), lr=lr)
 
     g = torch.Generator().manual_seed(args.seed)
@@ -163,7 +165,7 @@ def save_all(saes: dict[int, S.SAE], out_dir: Path):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = M.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae")
+    g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae")
     g.add_argument("--adapter", default=None, help="LoRA adapter on the source model (e.g. a grpo_lora.py checkpoint)")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
     g = p.add_argument_group("data")
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ctx_len", type=int, default=2048, help="tokens per chunk (%(default)s)")
     g.add_argument("--max_tokens", type=int, default=0, help="stop after about this many tokens (0 = one full pass)")
     g = p.add_argument_group("SAE")
-    g.add_argument("--layers", type=M.csv_list(int), default=[12], help="comma-separated layer indices (%(default)s)")
+    g.add_argument("--layers", type=C.csv_list(int), default=[12], help="comma-separated layer indices (%(default)s)")
     g.add_argument("--num_latents", type=int, default=None, help="latents per SAE (Resa: 65536, the default)")
     g.add_argument("--expansion_factor", type=int, default=None, help="or num_latents = d_in x this")
     g.add_argument("--k", type=int, default=32, help="active latents per token (%(default)s)")

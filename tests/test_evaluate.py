@@ -1,6 +1,7 @@
 """evaluate.py: benchmark loading, pass@k, greedy equality with transformers, outputs, resume, bad input."""
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,9 @@ def test_resume_gives_the_same_results(char_model_dir, small_set, tmp_path):
     E.main(eval_args(char_model_dir, small_set, tmp_path / "one", *common))
     lines = open(tmp_path / "one" / "samples.jsonl").readlines()
     (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / "samples.jsonl").write_text("".join(lines[:9]))    # a run killed after 9 samples
+    # a run killed while writing its 10th sample: 9 whole lines and half of the next
+    (tmp_path / "cut" / "samples.jsonl").write_text("".join(lines[:9]) + lines[9][:40])
+    shutil.copy(tmp_path / "one" / "samples_settings.json", tmp_path / "cut")
     E.main(eval_args(char_model_dir, small_set, tmp_path / "cut", *common))
     a = json.loads((tmp_path / "one" / "results.json").read_text())["results"]
     b = json.loads((tmp_path / "cut" / "results.json").read_text())["results"]
@@ -115,6 +118,25 @@ def test_resume_gives_the_same_results(char_model_dir, small_set, tmp_path):
     ra = sorted(map(json.loads, open(tmp_path / "one" / "samples.jsonl")), key=key)
     rb = sorted(map(json.loads, open(tmp_path / "cut" / "samples.jsonl")), key=key)
     assert [r["completion"] for r in ra] == [r["completion"] for r in rb] and len(rb) == 20
+
+
+def test_rerun_with_other_settings_is_refused_or_overwritten(char_model_dir, small_set, tmp_path):
+    common = ["--temperature", "1.0", "--n", "2", "--batch_size", "6", "--seed", "3"]
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common))
+    first = (tmp_path / "ev" / "samples.jsonl").read_text()
+    for change in (["--temperature", "0.5"], ["--max_new_tokens", "7"], ["--seed", "4"]):
+        with pytest.raises(SystemExit, match="other settings"):
+            E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common, *change))
+    other = tmp_path / "other" / small_set.name             # another file of the same name
+    other.parent.mkdir()
+    other.write_text("".join(small_set.read_text().splitlines(keepends=True)[::-1]))
+    with pytest.raises(SystemExit, match="questions"):
+        E.main(eval_args(char_model_dir, other, tmp_path / "ev", *common))
+    assert (tmp_path / "ev" / "samples.jsonl").read_text() == first      # nothing reused or appended
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common[:-2], "--seed", "4", "--overwrite"))
+    rows = [json.loads(x) for x in open(tmp_path / "ev" / "samples.jsonl")]
+    assert len(rows) == 2 * 5 and (tmp_path / "ev" / "samples.jsonl").read_text() != first
+    assert json.loads((tmp_path / "ev" / "run.json").read_text())["finished"] is True
 
 
 def test_adapter_sweep_and_bad_input(small_set, tmp_path):

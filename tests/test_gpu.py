@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import left_padded_batch
 
+import common as C
 import lora as L
 import model as M
+import sampling as SM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -29,20 +31,20 @@ def rel(a, b) -> float:
 def test_graph_replay_equals_eager_static_step(monkeypatch, matmul_from):
     # same kernels, so graph replay must give the eager step's logits; across three key-span blocks
     # (three captures) and a batch shrink (a recapture); and the plain cached forward within bf16 noise
-    monkeypatch.setattr(M.StaticDecoder, "SPAN_BLOCK", 64)
-    monkeypatch.setattr(M.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
+    monkeypatch.setattr(SM.StaticDecoder, "SPAN_BLOCK", 64)
+    monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
     net = short_r1()
     V = net.cfg.vocab_size
     ids, mask = left_padded_batch(V, [40, 17, 33, 5], seed=0)
     ids, mask = ids.to(CUDA), mask.to(CUDA)
     forced = torch.randint(3, V, (4, 120), generator=torch.Generator().manual_seed(1)).to(CUDA)
     with torch.no_grad():
-        caches = [M.KVCache(net.cfg, 4, 192, CUDA, torch.bfloat16) for _ in range(3)]
+        caches = [SM.KVCache(net.cfg, 4, 192, CUDA, torch.bfloat16) for _ in range(3)]
         for c in caches:
             net(ids, mask, cache=c)
         plain, eager, graph = caches
-        dec_e = M.StaticDecoder(net, eager, mask.sum(-1), graphs=False)
-        dec_g = M.StaticDecoder(net, graph, mask.sum(-1), graphs=True)
+        dec_e = SM.StaticDecoder(net, eager, mask.sum(-1), graphs=False)
+        dec_g = SM.StaticDecoder(net, graph, mask.sum(-1), graphs=True)
         rows = torch.arange(4, device=CUDA)
         spans = set()
         for t in range(120):
@@ -73,8 +75,8 @@ def test_cuda_greedy_generation_matches_transformers(hf_models, kind):
                               eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
     finally:
         hf.to("cpu")
-    graph = M.generate(ours, ids, mask, max_new_tokens=24, temperature=0.0)        # static + graphs on CUDA
-    plain = M.generate(ours, ids, mask, max_new_tokens=24, temperature=0.0, static=False)
+    graph = SM.generate(ours, ids, mask, max_new_tokens=24, temperature=0.0)        # static + graphs on CUDA
+    plain = SM.generate(ours, ids, mask, max_new_tokens=24, temperature=0.0, static=False)
     assert torch.equal(graph.tokens, ref) and torch.equal(plain.tokens, ref)
 
 
@@ -86,19 +88,19 @@ def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos(monkey
     # size (scaling lm_head scales margin and error alike, so it cannot help). In float32 (no TF32) the two
     # paths agree to ~1e-6, far below the margins: there the tokens must match exactly, and a bookkeeping
     # bug after a shrink (slot, position, mask bias, kept rows) changes them.
-    monkeypatch.setattr(M.StaticDecoder, "MATMUL_ATTENTION_FROM", 0 if attention == "matmul" else 1 << 30)
+    monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", 0 if attention == "matmul" else 1 << 30)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     net = short_r1()
     ids = torch.randint(3, 1000, (8, 16), generator=torch.Generator().manual_seed(2)).to(CUDA)
-    a = M.generate(net, ids, max_new_tokens=40, temperature=1.0, seed=7)
-    b = M.generate(net, ids, max_new_tokens=40, temperature=1.0, seed=7)
+    a = SM.generate(net, ids, max_new_tokens=40, temperature=1.0, seed=7)
+    b = SM.generate(net, ids, max_new_tokens=40, temperature=1.0, seed=7)
     assert torch.equal(a.tokens, b.tokens)                       # bf16 graphs: seeded sampling reproduces
     net32 = short_r1(dtype=torch.float32)
-    greedy = M.generate(net32, ids, max_new_tokens=40, temperature=0.0)
+    greedy = SM.generate(net32, ids, max_new_tokens=40, temperature=0.0)
     eos = sorted({int(t) for t in greedy.tokens[:4, 3]})          # rows 0-3 stop by step 4
-    c = M.generate(net32, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos)   # graphs, shrinking batch
-    d = M.generate(net32, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos, static=False, compact=False,
+    c = SM.generate(net32, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos)   # graphs, shrinking batch
+    d = SM.generate(net32, ids, max_new_tokens=40, temperature=0.0, eos_ids=eos, static=False, compact=False,
                    sync_every=1)
     assert c.finished[:4].all()
     assert torch.equal(c.tokens, d.tokens) and torch.equal(c.lengths, d.lengths)
@@ -122,7 +124,7 @@ def test_rotated_rows_bf16_logprobs_and_lora_grads(monkeypatch):
     P = prompt.shape[1]
 
     def run():
-        with M.autocast(CUDA):
+        with C.autocast(CUDA):
             lp = net.logprobs(ids, mask, start=P - 1)
         (lp * cm).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
@@ -147,7 +149,7 @@ def test_lora_layer_bf16_autocast_matches_float32(dropout):
     x = torch.randn(4096, 1536, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(4096, 8960, device=CUDA)
     torch.manual_seed(1)
-    with M.autocast(CUDA):
+    with C.autocast(CUDA):
         y = lay(x)
     (y.float() * g).sum().backward()
     torch.manual_seed(1)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common as C
 import grpo_lora as G
 import model as M
 
@@ -172,7 +173,6 @@ def test_grpo_learns_an_easy_reward(char_model_dir, arith_file, tmp_path, easy_r
     assert (tmp_path / "run" / "samples.jsonl").exists()
     # the saved adapter is an ordinary PEFT adapter that reproduces the policy
     import lora as L
-    import model as M
     net = M.load_model(str(char_model_dir))
     L.load_adapter(net, tmp_path / "run" / "final")
     assert L.lora_layers(net)["model.layers.0.self_attn.q_proj"].lora_B.weight.abs().sum() > 0
@@ -237,11 +237,11 @@ def test_all_reduce_keeps_ranks_identical(tmp_path):
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import model as M\n"
+        "import common as C\n"
         "dist.init_process_group('gloo')\n"
         "r = dist.get_rank()\n"
         "ts = [torch.full((3,), float(r + 1)), torch.full((2, 2), 10.0 * (r + 1))]\n"
-        "M.all_reduce_mean(ts, 2)\n"
+        "C.all_reduce_mean(ts, 2)\n"
         "assert torch.allclose(ts[0], torch.full((3,), 1.5)) and torch.allclose(ts[1], torch.full((2, 2), 15.0))\n"
         "dist.destroy_process_group()\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -273,7 +273,7 @@ def test_bad_input_is_refused_before_work(char_model_dir, arith_file, tmp_path, 
 def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, easy_reward):
     out = tmp_path / "r"
     G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "2", "--stop_step", "2", "--save_every", "2"))
-    with pytest.raises(ValueError, match="lora_r"):
+    with pytest.raises(SystemExit, match="--lora_r was 8, now 4"):     # refused before any shape is read
         G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "4", "--resume", "--lora_r", "4"))
 
 
@@ -283,7 +283,7 @@ def test_gradient_checkpointing_flag():
 
     def on(extra):
         a = parse(base + extra)
-        return M.use_checkpointing(a.gradient_checkpointing, a.max_prompt_len + a.max_completion_len)
+        return C.use_checkpointing(a.gradient_checkpointing, a.max_prompt_len + a.max_completion_len)
     assert on([])                                                   # 512 + 3584 tokens: long rows
     assert not on(["--max_completion_len", "96"])
     assert on(["--max_completion_len", "96", "--gradient_checkpointing"])

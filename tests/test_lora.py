@@ -7,6 +7,7 @@ import torch
 
 import lora as L
 import model as M
+import sampling as SM
 from conftest import left_padded_batch
 
 ALL = list(L.ALL_LINEARS)
@@ -167,11 +168,11 @@ def test_generation_ignores_dropout_and_keeps_training_mode(hf_models, batch):
     randomize_B(ours, scale=0.5)
     ids, mask = batch
     ours.eval()
-    ref = M.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
+    ref = SM.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
     ours.train()
     with L.lora_merged(ours):
-        merged = M.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
-    got = M.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
+        merged = SM.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
+    got = SM.generate(ours, ids, mask, max_new_tokens=8, temperature=0.0)
     assert ours.training
     assert torch.equal(ref.tokens, got.tokens) and torch.equal(ref.tokens, merged.tokens)
 

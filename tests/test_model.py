@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
+import sampling as SM
 from conftest import HF_CONFIGS, left_padded_batch, make_hf_model
 
 KINDS = list(HF_CONFIGS)
@@ -122,7 +123,7 @@ def test_greedy_generation_matches_transformers(hf_models, kind, static):
     with torch.no_grad():
         ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
-    out = M.generate(ours, ids, mask, max_new_tokens=n, temperature=0.0, static=static)
+    out = SM.generate(ours, ids, mask, max_new_tokens=n, temperature=0.0, static=static)
     assert torch.equal(out.tokens, ref)
     assert out.lengths.tolist() == [n] * 3 and not out.finished.any()
 
@@ -131,10 +132,10 @@ def test_eos_stops_each_row_and_pads_after(hf_models):
     _, path = hf_models["qwen2"]
     ours = M.load_model(str(path))
     ids, mask = left_padded_batch(128, [8, 5, 6, 7], seed=5)
-    free = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0)
+    free = SM.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0)
     # choose the tokens greedy decoding emits at steps 2 and 4 of row 0 as two EOS ids
     eos = [int(free.tokens[0, 2]), int(free.tokens[1, 4])]
-    out = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, eos_ids=eos, pad_id=0)
+    out = SM.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, eos_ids=eos, pad_id=0)
     for b in range(4):
         row = free.tokens[b].tolist()
         hits = [i for i, t in enumerate(row) if t in eos]
@@ -153,7 +154,7 @@ def test_kv_cache_decoding_matches_full_forward(hf_models):
     full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
     with torch.no_grad():
         full = ours(full_ids, full_mask)
-        cache = M.KVCache(ours.cfg, 3, full_ids.shape[1], "cpu", torch.float32)
+        cache = SM.KVCache(ours.cfg, 3, full_ids.shape[1], "cpu", torch.float32)
         steps = [ours(ids, mask, cache=cache)]
         steps.append(ours(extra[:, :2], cache=cache))          # a 2-token chunk
         for t in range(2, 6):                                  # then one token at a time
@@ -166,13 +167,13 @@ def test_kv_cache_decoding_matches_full_forward(hf_models):
 def test_sampling_seeded_reproducible_and_filters():
     m = M.load_model("random:tiny-qwen2", seed=0)
     ids, mask = left_padded_batch(256, [5, 9], seed=7)
-    a = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=123)
-    b = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=123)
-    c = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=124)
+    a = SM.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=123)
+    b = SM.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=123)
+    c = SM.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, seed=124)
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
-    greedy = M.generate(m, ids, mask, max_new_tokens=16, temperature=0.0)
-    k1 = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, top_k=1, seed=5)
-    p0 = M.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=5)
+    greedy = SM.generate(m, ids, mask, max_new_tokens=16, temperature=0.0)
+    k1 = SM.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, top_k=1, seed=5)
+    p0 = SM.generate(m, ids, mask, max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=5)
     assert torch.equal(greedy.tokens, k1.tokens) and torch.equal(greedy.tokens, p0.tokens)
 
 
@@ -180,11 +181,11 @@ def test_sample_next_distribution():
     # top_p keeps the smallest set of tokens whose mass reaches p; top_k keeps k tokens
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
-    p = torch.bincount(M.sample_next(logits, 1.0, top_p=0.7, generator=g), minlength=4) / 4000
+    p = torch.bincount(SM.sample_next(logits, 1.0, top_p=0.7, generator=g), minlength=4) / 4000
     assert p[2] == 0 and p[3] == 0 and abs(p[0] - 0.625) < 0.03
-    k = torch.bincount(M.sample_next(logits, 1.0, top_k=3, generator=g), minlength=4) / 4000
+    k = torch.bincount(SM.sample_next(logits, 1.0, top_k=3, generator=g), minlength=4) / 4000
     assert k[3] == 0 and abs(k[2] - 0.15 / 0.95) < 0.03
-    t = torch.bincount(M.sample_next(logits, 0.5, generator=g), minlength=4) / 4000
+    t = torch.bincount(SM.sample_next(logits, 0.5, generator=g), minlength=4) / 4000
     want = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
     assert torch.allclose(t, want / want.sum(), atol=0.03)
 
@@ -249,16 +250,16 @@ def test_compaction_drops_finished_rows_without_changing_greedy_output(hf_models
     _, path = hf_models["qwen2"]
     ours = M.load_model(str(path))
     ids, mask = left_padded_batch(128, [8, 5, 6, 7, 3, 9], seed=12)
-    free = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, compact=False)
+    free = SM.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, compact=False)
     eos = sorted({int(free.tokens[0, 1]), int(free.tokens[2, 3]), int(free.tokens[4, 0])})
-    a = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=False)
-    b = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=True, static=static)
-    c = M.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, static=static, sync_every=3)
+    a = SM.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=False)
+    b = SM.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, compact=True, static=static)
+    c = SM.generate(ours, ids, mask, max_new_tokens=16, temperature=0.0, eos_ids=eos, static=static, sync_every=3)
     assert a.finished.sum() >= 2
     for x in (b, c):
         assert torch.equal(a.tokens, x.tokens) and torch.equal(a.lengths, x.lengths) and torch.equal(a.finished, x.finished)
-    s1 = M.generate(ours, ids, mask, max_new_tokens=16, temperature=1.0, eos_ids=eos, seed=4)
-    s2 = M.generate(ours, ids, mask, max_new_tokens=16, temperature=1.0, eos_ids=eos, seed=4)
+    s1 = SM.generate(ours, ids, mask, max_new_tokens=16, temperature=1.0, eos_ids=eos, seed=4)
+    s2 = SM.generate(ours, ids, mask, max_new_tokens=16, temperature=1.0, eos_ids=eos, seed=4)
     assert torch.equal(s1.tokens, s2.tokens)
 
 
@@ -306,16 +307,16 @@ def test_roll_rows_inverts():
 def test_static_decoder_matches_plain_decoding(hf_models, kind, matmul_from, monkeypatch):
     # the fixed-shape step (what a CUDA graph replays) against the plain cached forward, token for token,
     # across key-span blocks and a batch shrink; llama_tied_bias has o / mlp biases, qwen2 GQA and q/k/v bias
-    monkeypatch.setattr(M.StaticDecoder, "SPAN_BLOCK", 8)
-    monkeypatch.setattr(M.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
+    monkeypatch.setattr(SM.StaticDecoder, "SPAN_BLOCK", 8)
+    monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
     ours = M.load_model(str(hf_models[kind][1]))
     ids, mask = left_padded_batch(128, [9, 4, 7], seed=15)
     forced = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        plain, static = (M.KVCache(ours.cfg, 3, 40, "cpu", torch.float32) for _ in range(2))
+        plain, static = (SM.KVCache(ours.cfg, 3, 40, "cpu", torch.float32) for _ in range(2))
         ours(ids, mask, cache=plain)
         ours(ids, mask, cache=static)
-        dec = M.StaticDecoder(ours, static, mask.sum(-1), graphs=False)
+        dec = SM.StaticDecoder(ours, static, mask.sum(-1), graphs=False)
         rows = torch.arange(3)
         for t in range(20):
             if t == 12:                                        # drop row 1, as compaction does
@@ -336,10 +337,10 @@ def test_static_decoder_folds_in_an_unmerged_lora(hf_models):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(len(n)))
     ids, mask = left_padded_batch(128, [8, 5], seed=16)
-    plain = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=False)
-    static = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=True)
+    plain = SM.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=False)
+    static = SM.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=True)
     with L.lora_disabled(ours):
-        off = M.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=True)
+        off = SM.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, static=True)
     assert torch.equal(plain.tokens, static.tokens) and not torch.equal(plain.tokens, off.tokens)
 
 
@@ -347,11 +348,11 @@ def test_failed_graph_capture_falls_back_to_eager_steps(hf_models):
     # here (no CUDA) every capture fails: decoding must warn once and go on with the same results
     ours = M.load_model(str(hf_models["qwen2"][1]))
     ids, mask = left_padded_batch(128, [6, 3], seed=17)
-    ref = M.generate(ours, ids, mask, max_new_tokens=10, temperature=0.0, static=False)
+    ref = SM.generate(ours, ids, mask, max_new_tokens=10, temperature=0.0, static=False)
     with torch.no_grad():
-        cache = M.KVCache(ours.cfg, 2, 16, "cpu", torch.float32)
+        cache = SM.KVCache(ours.cfg, 2, 16, "cpu", torch.float32)
         logits = ours.lm_head(ours(ids, mask, cache=cache, hidden=True)[:, -1])
-        dec = M.StaticDecoder(ours, cache, mask.sum(-1), graphs=True)
+        dec = SM.StaticDecoder(ours, cache, mask.sum(-1), graphs=True)
         toks = [logits.argmax(-1)]
         with pytest.warns(UserWarning, match="without graphs"):
             logits = dec.step(toks[-1])                       # the first step tries to capture
@@ -366,8 +367,8 @@ def test_static_decoding_under_autocast_runs_in_the_model_dtype():
     net = M.load_model("random:tiny-qwen2")
     ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        a = M.generate(net, ids, max_new_tokens=6, temperature=0.0, static=True)
-        b = M.generate(net, ids, max_new_tokens=6, temperature=0.0, static=False)
+        a = SM.generate(net, ids, max_new_tokens=6, temperature=0.0, static=True)
+        b = SM.generate(net, ids, max_new_tokens=6, temperature=0.0, static=False)
     assert a.tokens.shape == (2, 6) and torch.equal(a.tokens[:, 0], b.tokens[:, 0])   # same prefill
 
 
@@ -376,8 +377,8 @@ def test_static_decoding_refuses_residual_hooks():
     net.set_residual_hook(1, lambda h: h * 0.5)
     ids = torch.randint(3, 256, (1, 4))
     with pytest.raises(ValueError, match="residual hooks"):
-        M.generate(net, ids, max_new_tokens=2, static=True)
-    assert M.generate(net, ids, max_new_tokens=2).tokens.shape == (1, 2)     # auto: the plain path
+        SM.generate(net, ids, max_new_tokens=2, static=True)
+    assert SM.generate(net, ids, max_new_tokens=2).tokens.shape == (1, 2)     # auto: the plain path
 
 
 @pytest.mark.parametrize("frozen_head", [False, True])

@@ -121,14 +121,14 @@ def main(argv=None):
             [py, "evaluate.py", "--model", model, "--adapter", ",".join(adapters), "--data", test, "--limit",
              str(cfg["limit"]), "--n", str(cfg["n"]), "--temperature", "0.6", "--top_p", "0.95", "--max_new_tokens",
              str(cfg["max_new"]), "--batch_size", str(cfg["eval_batch"]), "--template", "none", "--system_prompt",
-             "none", "--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--out_dir", str(d)],
+             "none", "--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--out_dir", str(d), "--overwrite"],
             logs / f"eval_{name}.log")
         res = json.loads((d / "results.json").read_text())["results"]
         print("      pass@1 " + ", ".join(f"{Path(a).name if a != 'base' else 'base'} {100 * res[a]['test']['pass@1']:.1f}%"
                                       for a in adapters), flush=True)
         return d
 
-    common = ["--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--system_prompt", "none"]
+    common = ["--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--system_prompt", "none", "--overwrite"]
     lora = ["--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0"]
     # 2-3. GRPO with LoRA on the base (Tina), evaluated at every checkpoint
     secs["grpo"] = run([py, "grpo_lora.py", "--model", base, "--dataset", train, "--out_dir", str(out / "grpo"),

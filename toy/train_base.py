@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data as D  # noqa: E402
+import common as C  # noqa: E402
 import model as M  # noqa: E402
 from toy.chars import build_char_tokenizer  # noqa: E402
 from toy.world import pretraining_text  # noqa: E402
@@ -62,13 +62,13 @@ def train(args):
                         intermediate_size=args.mlp, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                         num_key_value_heads=args.kv_heads, tie_word_embeddings=True, max_position_embeddings=1024,
                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    device = M.pick_device(args.device)
+    device = C.pick_device(args.device)
     net = M.Transformer(cfg).init_weights(seed=args.seed).to(device).train()   # same weights on any device
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
-    log = D.RunLog(args.out, vars(args), "toy_train_base")
+    log = C.RunLog(args.out, vars(args), "toy_train_base", overwrite=True)   # a rerun trains anew
     n_params = sum(p.numel() for p in net.parameters())
     from tqdm import tqdm
     t0 = time.time()

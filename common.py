@@ -1,0 +1,228 @@
+"""
+common.py -- run plumbing shared by every stage: device and dtype choice, bf16 autocast, atomic file
+writes, JSON reading with errors that name the file, the argparse conventions (underscores,
+comma-separated lists, --model/--out_dir/--seed/--device/--dtype/--overwrite on every stage), torchrun setup, and the run record (run.json + metrics.jsonl + samples.jsonl) with its resume rules.
+
+Nothing here knows about models, LoRA or SAEs; model.py, sampling.py, lora.py, sae.py, data.py and the
+stage scripts all import it, and it imports none of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------------------------
+# Device, dtype, files, command line
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
+    return table[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """bf16 autocast on a GPU (unless the weights are fp32 by choice); a no-op context on the CPU."""
+    enabled = device.type == "cuda" and dtype != torch.float32
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def read_json(path) -> dict:
+    """json.loads of a file, with an error that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def atomic_write(path, write: Callable[[Path], None]):
+    """write(tmp) then fsync + rename over path, so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def add_run_args(parser, default_model: str, default_out: str):
+    """The flags every stage shares."""
+    g = parser.add_argument_group("model and run")
+    g.add_argument("--model", default=default_model,
+                   help="local Hugging Face folder, hub id, or random:<preset> (%(default)s)")
+    g.add_argument("--out_dir", default=default_out, help="output folder (%(default)s)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (%(default)s)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype; auto = bf16 on GPU, fp32 on CPU")
+    g.add_argument("--gpu_hour_usd", type=float, default=2.0,
+                   help="price of one GPU hour, for the cost in run.json (%(default)s)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out_dir (without it, or --resume, such a folder is refused)")
+    return g
+
+
+def add_checkpointing_arg(group):
+    group.add_argument("--gradient_checkpointing", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                       help="recompute each layer's activations in backward; auto (default) = on when a row can "
+                            "reach 1024 tokens")
+
+
+def use_checkpointing(flag: str, row_tokens: int) -> bool:
+    """--gradient_checkpointing on / off / auto (on for rows of 1024 tokens or more)."""
+    return row_tokens >= 1024 if flag == "auto" else flag == "on"
+
+
+def csv_list(kind=str):
+    """argparse type for comma-separated lists: --rewards format,accuracy --reward_weights 1,2."""
+    def parse(text: str):
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    return parse
+
+
+# -----------------------------------------------------------------------------------------------
+# Multi-process training (torchrun): shared by the stages
+
+
+def setup_distributed(device_arg: str):
+    """torchrun sets WORLD_SIZE: one process per GPU (nccl) or per CPU worker (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_arg)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_mean(tensors, world: int):
+    if world > 1:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= world
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()
+
+
+# -----------------------------------------------------------------------------------------------
+# Run records: out_dir/run.json (arguments, versions, cost), metrics.jsonl (one JSON object per step),
+# samples.jsonl (sampled completions). Only rank 0 writes. The resume rules live here, for every stage.
+
+PROCESS_START = time.time()      # the cost meter counts the whole process, model loading included
+OWN_OUTPUTS = ("run.json", "metrics.jsonl", "samples.jsonl", "resume", "final", "step_*", "layers.*",
+               "results.json", "results.md")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def read_jsonl(path) -> list[dict]:
+    """Rows of a JSONL file; an incomplete last line (a crash mid-write) is dropped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"warning: {path}: dropping an incomplete last line (a run stopped while writing it)")
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return rows
+
+
+class RunLog:
+    """The run record of one stage in out_dir.
+
+    A fresh run refuses an out_dir that already holds this project's outputs unless overwrite (those
+    outputs are then removed first); a resumed run keeps them. Nothing is written until the stage calls
+    write_run, which it does after its resume state has loaded, so a failed --resume loses nothing.
+    resume(step) trims metrics.jsonl and samples.jsonl to the saved step (rows logged after the last
+    checkpoint would otherwise repeat) and continues the cost meter from the recorded wall seconds."""
+
+    def __init__(self, out_dir, args: dict, stage: str, enabled: bool = True, n_gpus: int = 0,
+                 gpu_hour_usd: float = 0.0, resume: bool = False, overwrite: bool = False):
+        import transformers
+        self.dir, self.enabled = Path(out_dir), enabled
+        self.n_gpus, self.usd, self.wall_before = n_gpus, gpu_hour_usd, 0.0
+        self.info = {"stage": stage, "args": args, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "git_commit": _git_commit(),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "n_gpus": n_gpus}
+        old = [p for pat in OWN_OUTPUTS for p in self.dir.glob(pat)] if self.dir.is_dir() else []
+        if old and not resume:
+            if not overwrite:
+                raise SystemExit(f"--out_dir {self.dir} already holds a run ({', '.join(sorted(p.name for p in old)[:4])}"
+                                 f"{', ...' if len(old) > 4 else ''}): pass --resume to continue it, --overwrite to "
+                                 "replace it, or choose another --out_dir")
+            if enabled:
+                import shutil
+                for p in old:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def resume(self, step: int):
+        """Continue a run from its checkpoint at `step`: logs trimmed to it, the cost meter carried on."""
+        prev = read_json(self.dir / "run.json") if (self.dir / "run.json").exists() else {}
+        self.wall_before = float(prev.get("wall_seconds", 0.0))
+        self.info["resumed_at_step"] = step
+        if self.enabled:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if (self.dir / name).exists():
+                    rows = [r for r in read_jsonl(self.dir / name) if r.get("step", 0) <= step]
+                    atomic_write(self.dir / name,
+                                 lambda p, rows=rows: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+    def write_run(self, **extra):
+        wall = self.wall_before + time.time() - PROCESS_START
+        if torch.cuda.is_available() and torch.cuda.is_initialized():   # this process's peak, for the cost table
+            extra["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        self.info.update(extra, wall_seconds=round(wall, 2), gpu_hours=round(wall * self.n_gpus / 3600, 5),
+                         dollars=round(wall * self.n_gpus / 3600 * self.usd, 4))
+        if self.enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.dir / "run.json", lambda p: Path(p).write_text(json.dumps(self.info, indent=2)))
+
+    def _append(self, name: str, rows):
+        if self.enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.dir / name, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+                f.flush()
+
+    def metrics(self, row: dict):
+        self._append("metrics.jsonl", [row])
+
+    def samples(self, rows: list[dict]):
+        self._append("samples.jsonl", rows)

@@ -1,0 +1,369 @@
+"""
+sampling.py -- batched generation: the KV cache, the sampler, and the CUDA-graph decode step.
+
+  * generate(model, ids, mask, ...)   left-padded prompts -> Generation(tokens, lengths, finished):
+                                      temperature / top_p / top_k sampling (greedy at temperature 0),
+                                      several EOS ids, per-row stop, seeded; finished rows are dropped
+  * StaticDecoder                     the decode step with every shape fixed, replayed as a CUDA graph
+  * encode_prompts(tok, texts, ...)   prompt texts -> left-padded ids and mask (every stage's one helper)
+  * VLLMEngine                        the same prompts through vLLM, for --rollout vllm / --backend vllm
+
+The model itself (model.py) knows nothing of sampling: generate() runs its prefill through
+Transformer.forward with a KVCache, then either the plain forward one token at a time or StaticDecoder,
+which re-expresses one decoder step with fused weights (tested token for token against the plain path).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import LoRALinear
+from model import Block, ModelConfig, RMSNorm, Transformer
+
+# -----------------------------------------------------------------------------------------------
+# KV cache: preallocated, fixed shape, so a compiled / CUDA-graph decode step can reuse it.
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)    # [L, B, nkv, S_max, hd]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S_max] real keys
+        self.pos = 0          # slots filled so far (same for every row; left padding is marked invalid)
+        self.max_len = max_len
+
+
+
+def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):
+    """logits [B, V] -> next tokens [B]. temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p   # mass before this token already reaches top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class Generation(NamedTuple):
+    tokens: torch.Tensor     # [B, N] new tokens, pad_id after a sequence stopped
+    lengths: torch.Tensor    # [B] new tokens per row, the EOS included
+    finished: torch.Tensor   # [B] True where an EOS ended the row (False = cut at max_new_tokens)
+
+
+class LayerWeights(NamedTuple):   # one decoder layer's weights as the static decode step uses them
+    qkv: torch.Tensor                # [(nh + 2 nkv) hd, D]   q, k, v projections stacked: one matmul
+    qkv_b: torch.Tensor | None
+    o: torch.Tensor
+    o_b: torch.Tensor | None
+    gate_up: torch.Tensor            # [2 I, D]               gate and up stacked
+    gate_up_b: torch.Tensor | None
+    down: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+def effective_weight(lin: nn.Linear) -> torch.Tensor:
+    """The [out, in] weight a Linear applies: its own, or what a LoRA layer (lora.py) says it applies."""
+    return lin.effective_weight() if isinstance(lin, LoRALinear) else lin.weight
+
+
+def _stack(*lins):
+    w = torch.cat([effective_weight(m) for m in lins])
+    b = torch.cat([m.bias for m in lins]) if lins[0].bias is not None else None
+    return w, b
+
+
+def layer_weights(block: Block) -> LayerWeights:
+    a, m = block.self_attn, block.mlp
+    return LayerWeights(*_stack(a.q_proj, a.k_proj, a.v_proj), effective_weight(a.o_proj), a.o_proj.bias,
+                        *_stack(m.gate_proj, m.up_proj), effective_weight(m.down_proj), m.down_proj.bias)
+
+
+class StaticDecoder:
+    """The decode step with every shape fixed, so that on CUDA it is captured once as a CUDA graph and then
+    replayed: one launch per token instead of hundreds of kernel launches from Python, and no compiler.
+
+    Fixed shapes: the KV cache is preallocated; the new token's slot is a device tensor (`slot`), not a
+    Python int; keys are read up to `span`, the filled slots rounded up to SPAN_BLOCK, so one graph serves
+    SPAN_BLOCK steps (the next block captures a new one, at about the cost of two eager steps; should a
+    capture fail, decoding goes on without graphs, with a warning). Masking is an additive [b, S] bias
+    kept up to date in place. Grouped-query attention repeats no keys: the n_rep query heads of a group
+    are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one matmul on
+    stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that much extra
+    memory while decoding; bias-free projections add into the residual stream in place (the matmul's
+    epilogue); rotary embedding is roll + multiply-add; RMSNorm is one fused op. Residual hooks (an
+    inserted SAE) are not applied: generate() takes the plain path when the model has any.
+    """
+    SPAN_BLOCK = 256
+    MATMUL_ATTENTION_FROM = 2048    # key spans from this length attend with matmuls (see _attend; measured)
+
+    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool):
+        self.model, self.cache, self.use_graphs = model, cache, graphs
+        self.weights = [layer_weights(b) for b in model.model.layers]
+        dev = cache.k.device
+        self.slot = torch.tensor([cache.pos], device=dev)                # [1] slot of the next token
+        self.filled = cache.pos                                          # the same, on the host
+        self.positions = positions.clone()                               # [b] rope position of the next token
+        self.bias = torch.zeros(cache.valid.shape, dtype=model.dtype, device=dev)  # [b, S] 0 or -inf
+        self.bias.masked_fill_(~cache.valid, float("-inf"))
+        self.tok = torch.zeros(len(positions), dtype=torch.long, device=dev)      # [b] input token
+        half = model.cfg.head_dim // 2
+        self.sign = torch.tensor([-1.0] * half + [1.0] * half, device=dev)        # [hd] for the rotation
+        self.graph, self.graph_span, self.logits = None, 0, None
+
+    def keep(self, rows: torch.Tensor):
+        """Drop every batch row not in `rows` (finished sequences); a new graph is captured for the new size."""
+        c = self.cache
+        c.k, c.v, c.valid = c.k[:, rows], c.v[:, rows], c.valid[rows]
+        self.positions, self.bias, self.tok = self.positions[rows], self.bias[rows], self.tok[rows]
+        self.graph = None
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """Feed tok [b] at the next slot -> logits [b, V] (a buffer that the next step overwrites)."""
+        self.filled += 1
+        span = min(-(-self.filled // self.SPAN_BLOCK) * self.SPAN_BLOCK, self.cache.max_len)
+        self.tok.copy_(tok)
+        if not self.use_graphs:
+            return self._step(span)
+        if self.graph is None or span != self.graph_span:
+            try:
+                self._capture(span)
+            except RuntimeError as e:                      # never lose a run to a capture problem
+                warnings.warn(f"CUDA graph capture failed ({e}); decoding without graphs")
+                self.use_graphs, self.graph = False, None
+                return self._step(span)
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self, span: int):
+        self.graph = None                                  # free the old graph before capturing the next
+        saved = self.slot.clone(), self.positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                      # a warm-up run (lazy cuBLAS / kernel loading)
+            self._step(span)                               # outside capture: it computes this very step,
+            self.slot.copy_(saved[0])                      # then rewinds
+            self.positions.copy_(saved[1])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step(span)                 # recorded, not run: the replay runs it
+        self.graph, self.graph_span = graph, span
+
+    def _step(self, span: int) -> torch.Tensor:
+        with torch.autocast(self.cache.k.device.type, enabled=False):    # the model's own dtype throughout
+            return self._layers(span)
+
+    def _layers(self, span: int) -> torch.Tensor:
+        m, c = self.model, self.model.cfg
+        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        b = self.tok.shape[0]
+        cos, sin = m._rope(self.positions[:, None])                      # [b, 1, 1, hd] float32
+        x = m.model.embed_tokens(self.tok)[:, None]                      # [b, 1, D]
+        # rotate_half(x) * sin == x.roll(hd / 2) * (sin with its first half negated): 3 kernels for q and k
+        cos, sin = cos[:, 0].to(x.dtype), (sin[:, 0] * self.sign).to(x.dtype)  # [b, 1, hd]
+        self.bias.index_fill_(1, self.slot, 0.0)                         # the new token's key is real
+        mask = self.bias[:, None, None, :span]                           # [b, 1, 1, span]
+        for i, (block, w) in enumerate(zip(m.model.layers, self.weights)):
+            qkv = F.linear(rms_norm(block.input_layernorm, x), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
+            qk = qkv[:, :nh + nkv]
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)      # [b, nh + nkv, hd] rotated q and k
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]          # [b, nkv, S, hd]
+            k_cache.index_copy_(2, self.slot, qk[:, nh:, None])
+            v_cache.index_copy_(2, self.slot, qkv[:, nh + nkv:, None])
+            q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                # a group's heads as query rows
+            y = self._attend(q, k_cache[:, :, :span], v_cache[:, :, :span], mask)
+            x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
+            gate, up = F.linear(rms_norm(block.post_attention_layernorm, x), w.gate_up, w.gate_up_b).chunk(2, -1)
+            x = add_linear(x, F.silu(gate) * up, w.down, w.down_b)
+        self.slot += 1
+        self.positions += 1
+        return m.lm_head(rms_norm(m.model.norm, x))[:, 0]                # [b, V]
+
+
+    def _attend(self, q, k, v, mask):
+        """One new token's attention: q [b, nkv, rep, hd] (a group's query heads as rows), k, v [b, nkv, span, hd],
+        mask [b, 1, 1, span] additive -> [b, nkv, rep, hd]. Spans below MATMUL_ATTENTION_FROM: one fused SDPA
+        kernel. Longer spans: two batched matmuls around a float32 softmax (as transformers' eager attention).
+        A fused kernel made for long queries gives each (row, key head) one block that walks the whole key
+        range, so 6 query rows against 4,096 keys leave most of the GPU idle; cuBLAS splits the key range
+        across blocks, and the few extra kernels cost nothing inside a CUDA graph."""
+        if k.shape[2] < self.MATMUL_ATTENTION_FROM:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + mask     # [b, nkv, rep, span]
+        return torch.matmul(s.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+
+
+def rms_norm(norm: RMSNorm, x):
+    """RMSNorm as one fused op in x's dtype (float32 inside, weight applied before the one rounding):
+    within a rounding of RMSNorm.forward, which rounds before applying the weight as transformers does."""
+    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps)
+
+
+def add_linear(x, h, w, b):
+    """x + h @ w.T (+ b) for x [..., D]; without a bias, in place into x as one matmul (epilogue add)."""
+    if b is not None:
+        return x + F.linear(h, w, b)
+    x.view(-1, x.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), w.t())
+    return x
+
+
+@torch.no_grad()
+def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(), pad_id: int = 0,
+             seed: int | None = None, generator: torch.Generator | None = None, compact: bool = True,
+             static: bool | None = None, sync_every: int = 0) -> Generation:
+    """Batched sampling with a preallocated KV cache. input_ids [B, T] left-padded.
+
+    static: decode with StaticDecoder (CUDA graphs on a GPU); None = on CUDA when the model has no
+    residual hooks. False = the plain forward with a growing key range (any hooks apply).
+    compact: once a quarter (static: a half) of the rows still decoding have finished, drop them from the
+    batch and the cache, so finished sequences stop costing work (the outputs are the same; a seeded
+    sampler draws from a smaller batch afterwards, so its samples differ from compact=False, reproducibly).
+    sync_every: look at which rows finished (a host sync) every this many steps; 0 = 8 on CUDA, so the CPU
+    queues the next steps while the GPU runs, and 1 elsewhere (the outputs are the same).
+    """
+    B, T = input_ids.shape
+    dev = input_ids.device
+    if static is None:
+        static = dev.type == "cuda" and not model.residual_hooks
+    elif static and model.residual_hooks:
+        raise ValueError("static decoding does not apply residual hooks (an inserted SAE): use static=False")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=dev).manual_seed(seed)
+    eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], device=dev)
+    max_len = T + max_new_tokens
+    cache = KVCache(model.cfg, B, -(-max_len // 64) * 64 if static else max_len, dev, model.dtype)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)                                 # batch row of each cache row
+    was_training = model.training
+    model.eval()                                                       # no dropout while sampling
+    last = model(input_ids, attention_mask, cache=cache, hidden=True)[:, -1]   # prefill -> [B, D]
+    logits = model.lm_head(last)                                       # only the last position: [B, V]
+    dec = StaticDecoder(model, cache, attention_mask.sum(-1), dev.type == "cuda") if static else None
+    check_every = sync_every or (8 if dev.type == "cuda" else 1)
+    for t in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, top_k, generator)   # [b] for the live cache rows
+        finished_before = done[rows]
+        tok = torch.where(finished_before, torch.full_like(tok, pad_id), tok)
+        out[rows, t] = tok
+        hit = torch.isin(tok, eos) & ~finished_before
+        lengths[rows] = torch.where(hit, t + 1, lengths[rows])
+        done[rows] = finished_before | hit
+        if t == max_new_tokens - 1:
+            break
+        if t % check_every == check_every - 1:   # a host sync: on a GPU only every few steps, so the CPU
+            live = ~done[rows]                   # queues the next steps while the GPU runs this one
+            n_live = int(live.sum())
+            if n_live == 0:
+                break
+            if compact and (2 if static else 4) * (len(rows) - n_live) >= len(rows):
+                keep = live.nonzero().squeeze(1)
+                rows, tok = rows[keep], tok[keep]
+                if dec is not None:
+                    dec.keep(keep)
+                else:
+                    cache.k, cache.v, cache.valid = cache.k[:, keep], cache.v[:, keep], cache.valid[keep]
+        if dec is not None:
+            logits = dec.step(tok)                                     # decode one token -> [b, V]
+        else:
+            logits = model(tok[:, None], cache=cache)[:, -1]
+    model.train(was_training)
+    return Generation(out, lengths, done)
+
+
+# -----------------------------------------------------------------------------------------------
+# Prompts in, and the vLLM route
+
+
+def prompt_token_ids(tok, prompts: list[str], max_len: int | None = None) -> list[list[int]]:
+    """Prompt texts (already chat-formatted) -> token ids, no special tokens added, left-truncated."""
+    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    return [e[-max_len:] for e in enc] if max_len else enc
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ids, mask [N, T], left-padded (mask 1 = real token)."""
+    T = max(len(e) for e in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, e in enumerate(seqs):
+        ids[i, T - len(e):] = torch.tensor(e, dtype=torch.long)
+        mask[i, T - len(e):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_prompts(tok, prompts: list[str], device, max_len: int | None = None):
+    """Prompt texts -> left-padded ids, mask [N, T] on device (left-truncated to max_len tokens)."""
+    return left_pad(prompt_token_ids(tok, prompts, max_len), tok.pad_token_id, device)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)      # the max_lora_rank values vLLM accepts
+
+
+class VLLMEngine:
+    """Generation through vLLM, in-process, for --rollout vllm (grpo_lora.py) and --backend vllm
+    (evaluate.py). Prompts go in as token ids (the built-in sampler's exact prompt: no second BOS from
+    vLLM's own tokenization); each completion has its own seed (n copies of a prompt are n different
+    samples); the LoRA rank limit is rounded up to a value vLLM accepts; under torchrun each rank's engine
+    uses the external launcher, so it lands on that rank's GPU. An adapter is named by its folder and a
+    version: GRPO rewrites one folder every step and passes the step, so every version gets a new LoRA
+    name and id, and vLLM's prefix cache (keyed by the LoRA name) never serves blocks computed under older
+    weights. Not run by the test suite (vLLM needs a GPU); tests/test_vllm.py checks what is passed to a
+    stand-in with vLLM's interface."""
+
+    def __init__(self, model_dir, *, max_lora_rank: int, seed: int, max_model_len: int,
+                 gpu_memory_utilization: float = 0.9):
+        import os
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise SystemExit("vLLM is not installed (pip install vllm, GPU only); use the built-in sampler "
+                             "(--rollout hf / --backend hf)") from None
+        kw = dict(model=str(model_dir), seed=seed, dtype="bfloat16", max_model_len=max_model_len,
+                  gpu_memory_utilization=gpu_memory_utilization, enable_lora=max_lora_rank > 0)
+        if max_lora_rank > 0:
+            kw["max_lora_rank"] = next((r for r in VLLM_LORA_RANKS if r >= max_lora_rank), None)
+            if kw["max_lora_rank"] is None:
+                raise SystemExit(f"LoRA rank {max_lora_rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kw["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(**kw)
+        self.lora_ids: dict[tuple[str, int], int] = {}
+
+    def _lora(self, adapter):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+        path, version = adapter
+        key = (str(path), int(version))
+        if key not in self.lora_ids:
+            self.lora_ids[key] = len(self.lora_ids) + 1
+        return LoRARequest(f"{Path(path).name}-v{version}", self.lora_ids[key], str(path))
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float, top_p: float,
+                 max_tokens: int, stop_ids, adapter: tuple | None = None) -> list[tuple[list[int], bool]]:
+        """One completion per prompt, seeded by seeds[i]. adapter = (folder, version) or None.
+        -> [(completion token ids, finished by a stop token)]."""
+        from vllm import SamplingParams
+        params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                 max_tokens=max_tokens, stop_token_ids=list(stop_ids), seed=s) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params,
+                                 lora_request=self._lora(adapter), use_tqdm=False)
+        return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop") for o in outs]
