@@ -67,6 +67,8 @@ def add_run_args(parser, default_model: str, default_out: str):
     g = parser.add_argument_group("model and run")
     g.add_argument("--model", default=default_model,
                    help="local Hugging Face folder, hub id, or random:<preset> (%(default)s)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub id when --model has none (random: models)")
     g.add_argument("--out_dir", default=default_out, help="output folder (%(default)s)")
     g.add_argument("--seed", type=int, default=42, help="random seed (%(default)s)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")

@@ -415,3 +415,15 @@ def extract_answer(completion: str, mode: str = "eval") -> str:
     """The answer string grade() found in a completion ('' if none), for per-sample records."""
     p = _parse_pred(completion, mode)
     return str(p[-1]) if p else ""
+
+
+def add_text_args(parser, kind: str):
+    """The trace-free text flags of train_sae.py ("trigger") and sae_tune.py ("elicitation"): Resa's STILL
+    set by default, its system prompt, fixed-length chunks."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="still", help=f"{kind} set: registry name or local file (%(default)s)")
+    g.add_argument("--question_field", default=None, help="question column")
+    g.add_argument("--answer_field", default=None, help="answer column")
+    g.add_argument("--system_prompt", default="resa", help="resa (Resa's), open_r1, open_rs, none, or literal text")
+    g.add_argument("--ctx_len", type=int, default=2048, help="tokens per chunk (%(default)s)")
+    return g

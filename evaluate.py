@@ -260,7 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/eval")
     g.add_argument("--adapter", type=C.csv_list(), default=[],
                    help="comma-separated adapter folders (a sweep: one row each); 'base' = no adapter")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
     g = p.add_argument_group("data")
     g.add_argument("--benchmarks", type=C.csv_list(), default=[], help=f"comma-separated from {', '.join(D.BENCHMARKS)}")
     g.add_argument("--data_dir", default=None, help="folder with local copies of the benchmarks (e.g. ../shared/data/eval)")

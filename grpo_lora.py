@@ -456,21 +456,15 @@ def train(args) -> dict:
                          for k in range(args.num_generations)])
         if step % args.save_every == 0 or step == stop:
             L.save_checkpoint(net, opt, out_dir, step, {"epoch": stream.epoch, "pos": stream.pos}, generator,
-                              args.model, run_args=vars(args), rank=rank, world=world)
-            log.write_run(last_step=step)
+                              args.model, log, vars(args), rank, world)
     bar.close()
-    if rank == 0:
-        L.save_adapter(net, out_dir / "final", base_model=args.model)
-        log.write_run(last_step=step, finished=True)
-    if world > 1:
-        dist.destroy_process_group()
+    L.save_final(net, out_dir, step, args.model, log, rank, world)
     return {"step": step, "out_dir": str(out_dir)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/grpo")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id when --model has none (random: models)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="open_rs2", help=f"registry name ({', '.join(D.TRAIN_SETS)}) or a local "
                    ".jsonl/.json/.parquet file (%(default)s)")

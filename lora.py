@@ -373,13 +373,14 @@ def load_training_state(out_dir: Path, net, opt, generator: torch.Generator, run
         state = read_json(d / "state.json")
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
+    may_change = (*may_change, "out_dir", "resume", "overwrite")      # a moved folder is the same run
     if run_args is not None and "args" in state:
         changed = [k for k, v in state["args"].items() if k not in may_change and k in run_args and run_args[k] != v]
         if changed:
             raise SystemExit("--resume: " + "; ".join(f"--{k} was {state['args'][k]!r}, now {run_args[k]!r}"
                                                       for k in changed)
-                             + ". Resume with the saved values (only " + ", ".join(f"--{k}" for k in may_change
-                                                                                   if k not in ("resume", "model_dir"))
+                             + ". Resume with the saved values (only " + ", ".join(
+                                 f"--{k}" for k in may_change if k not in ("resume", "overwrite", "out_dir", "model_dir"))
                              + " may change), or start a new run")
 
     def read(path):
@@ -418,13 +419,24 @@ def load_training_state(out_dir: Path, net, opt, generator: torch.Generator, run
     return state
 
 
+def save_final(net, out_dir: Path, step: int, base_model: str, log, rank: int = 0, world: int = 1):
+    """Every training stage's end: the adapter in out_dir/final, run.json marked finished, torchrun closed."""
+    if rank == 0:
+        save_adapter(net, out_dir / "final", base_model=base_model)
+        log.write_run(last_step=step, finished=True)
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
 def save_checkpoint(net, opt, out_dir: Path, step: int, data_state: dict, generator: torch.Generator,
-                    base_model: str, run_args: dict | None = None, rank: int = 0, world: int = 1):
-    """Every stage's checkpoint: the adapter in out_dir/step_NNNNNN (PEFT format) and the resume state
-    (written by rank 0; other ranks wait at a barrier)."""
+                    base_model: str, log, run_args: dict | None = None, rank: int = 0, world: int = 1):
+    """Every training stage's checkpoint: the adapter in out_dir/step_NNNNNN (PEFT format), the resume
+    state and run.json's last_step (written by rank 0; other ranks wait at a barrier)."""
     if rank == 0:
         save_adapter(net, out_dir / f"step_{step:06d}", base_model=base_model)
         save_training_state(out_dir, net, opt, step, {**data_state, "args": run_args or {}}, generator)
+        log.write_run(last_step=step)
     if world > 1:
         import torch.distributed as dist
         dist.barrier()

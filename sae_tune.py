@@ -176,21 +176,16 @@ def train(args) -> dict:
         bar.update(1)
         bar.set_postfix({args.loss: f"{row[args.loss]:.4f}"})
         if (args.save_every and step % args.save_every == 0) or step == total:
-            L.save_checkpoint(net, opt, out_dir, step, {"epoch": epoch}, generator, args.model, vars(args), rank, world)
-            log.write_run(last_step=step)
+            L.save_checkpoint(net, opt, out_dir, step, {"epoch": epoch}, generator, args.model, log, vars(args), rank,
+                              world)
     bar.close()
-    if rank == 0:
-        L.save_adapter(net, out_dir / "final", base_model=args.model)
-        log.write_run(last_step=step, finished=True)
-    if world > 1:
-        dist.destroy_process_group()
+    L.save_final(net, out_dir, step, args.model, log, rank, world)
     return {"step": step, "out_dir": str(out_dir)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae_tune")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder when --model has none")
     g = p.add_argument_group("SAE")
     g.add_argument("--sae", default="none", help="SAE folder (ours or sparsify's), or none for the SFT baseline")
     g.add_argument("--layer", type=int, default=None, help="SAE layer when its cfg.json and folder name give none")
@@ -198,12 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block: SAE under no_grad as in Resa (default); pass: gradients flow through it")
     g.add_argument("--loss", default=None, choices=["kl", "ce"], help="kl (default with an SAE) or ce (default without)")
     g.add_argument("--kl_chunk", type=int, default=512, help="rows per vocabulary chunk in the KL (%(default)s)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="still", help="elicitation set: registry name or local file (%(default)s)")
-    g.add_argument("--question_field", default=None, help="question column")
-    g.add_argument("--answer_field", default=None, help="answer column")
-    g.add_argument("--system_prompt", default="resa", help="resa (Resa's), open_r1, open_rs, none, or literal text")
-    g.add_argument("--ctx_len", type=int, default=2048, help="tokens per chunk (%(default)s)")
+    D.add_text_args(p, "elicitation")
     L.add_lora_args(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-6, help="AdamW lr, constant (%(default)s)")

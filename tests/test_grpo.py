@@ -204,6 +204,8 @@ def test_resume_after_sigkill_matches_uninterrupted(char_model_dir, arith_file, 
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in b] == list(range(1, 13))
+    samples = lambda d: [r["step"] for r in map(json.loads, open(d / "samples.jsonl"))]
+    assert samples(tmp_path / "cut") == samples(tmp_path / "full")     # no step logged twice
     skip = ("seconds", "tokens_per_s")
     for ra, rb in zip(a, b):
         for k in ra:

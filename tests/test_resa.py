@@ -2,6 +2,7 @@
 routing, modularity of the tuned adapter, multi-process training and bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,46 @@ def test_bad_input(model3, arith_file, tmp_path):
     with pytest.raises(ValueError, match="no usable question field"):
         T.main(sae_args(model3, nofields, tmp_path / "z2", "--layers", "1"))
     assert not (tmp_path / "x" / "metrics.jsonl").exists() and not (tmp_path / "y" / "metrics.jsonl").exists()
+
+
+def test_sae_tune_resume_after_a_crash_trims_the_log_and_matches(model3, arith_file, tmp_path, monkeypatch):
+    # a run that dies at step 6 (after its step-3 checkpoint and 5 logged steps), resumed, must log steps
+    # 1..8 once each and end where an uninterrupted run ends; a changed lr is refused on resume
+    T.main(sae_args(model3, arith_file, tmp_path / "sae", "--layers", "1"))
+    args = ["--model", str(model3), "--sae", str(tmp_path / "sae" / "layers.1"), "--dataset", str(arith_file),
+            "--ctx_len", "64", "--lr", "1e-2", "--lora_r", "4", "--max_steps", "8", "--save_every", "3",
+            "--system_prompt", "none", "--lora_dropout", "0"]
+    ST.main([*args, "--out_dir", str(tmp_path / "full")])
+    real, calls = ST.kl_loss, []
+
+    def dies_at_step_6(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(ST, "kl_loss", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        ST.main([*args, "--out_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(ST, "kl_loss", real)
+    assert [r["step"] for r in metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+    with pytest.raises(SystemExit, match="--lr was 0.01, now 0.02"):
+        ST.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "--lr", "2e-2"])
+    with pytest.raises(SystemExit, match="--resume to continue it"):       # no silent second run into it
+        ST.main([*args, "--out_dir", str(tmp_path / "cut")])
+    broken = tmp_path / "broken"                            # a truncated optimizer file: named, nothing written
+    shutil.copytree(tmp_path / "cut", broken)
+    opt_file = broken / "resume" / "optim-000003.safetensors"
+    opt_file.write_bytes(opt_file.read_bytes()[:100])
+    before = (broken / "run.json").read_text()
+    with pytest.raises(SystemExit, match="optim-000003.safetensors is missing or corrupt"):
+        ST.main([*args, "--out_dir", str(broken), "--resume"])
+    assert (broken / "run.json").read_text() == before
+    ST.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume"])
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["kl"] for r in a] == pytest.approx([r["kl"] for r in b], rel=1e-5)
+    wa = load_file(str(tmp_path / "full" / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "final" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    run = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert run["finished"] and run["resumed_at_step"] == 3
