@@ -4,7 +4,8 @@ grpo_lora.py -- the Tina stage: GRPO reinforcement learning where only LoRA adap
 Usage
   CPU, a tiny random model with a character tokenizer, on a local file (a fraction of a second per step):
     python -c "from toy.chars import build_char_tokenizer as b; b('out/chartok')"
-    python grpo_lora.py --model random:tiny-qwen2 --tokenizer out/chartok --dataset ../shared/data/train/gsm8k_train.jsonl \
+    python -c "from toy.world import write_sets; write_sets('out/toydata')"      # train.jsonl, test.jsonl
+    python grpo_lora.py --model random:tiny-qwen2 --tokenizer out/chartok --dataset out/toydata/train.jsonl \
         --max_prompt_len 128 --max_completion_len 32 --max_steps 20 --device cpu --out_dir out/grpo_cpu
   GPU, Tina's open_rs2 recipe (the defaults; recipes/ holds every experiment):
     python grpo_lora.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --dataset open_rs2 --out_dir out/open_rs2

@@ -20,10 +20,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 DATA=${DATA:-.gpudata}
-[ -d "$DATA" ] || DATA=../shared/data/all
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 W=$(mktemp -d)                      # the stages' output folders
+if [ ! -d "$DATA" ]; then           # not carried: take the files from ../shared/data when it is beside us
+  DATA=$W/data
+  mkdir -p "$DATA"
+  cp ../shared/data/train/gsm8k_train.jsonl ../shared/data/eval/math500.jsonl "$DATA"/ ||
+    echo "no data for the stage runs: carry .gpudata (see the header)"
+fi
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
