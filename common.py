@@ -92,6 +92,17 @@ def use_checkpointing(flag: str, row_tokens: int) -> bool:
     return row_tokens >= 1024 if flag == "auto" else flag == "on"
 
 
+def check_ranges(args, positive=(), nonnegative=(), fractions=()):
+    """Refuse values that would run but mean nothing, before any work: one line naming the flag.
+    positive: > 0; nonnegative: >= 0; fractions: in [0, 1). Flags set to None (unset) are skipped."""
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (nonnegative, lambda v: v >= 0, ">= 0"),
+                            (fractions, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for k in names:
+            v = getattr(args, k, None)
+            if v is not None and not ok(v):
+                raise SystemExit(f"--{k} {v}: must be {rule}")
+
+
 def csv_list(kind=str):
     """argparse type for comma-separated lists: --rewards format,accuracy --reward_weights 1,2."""
     def parse(text: str):

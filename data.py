@@ -202,6 +202,8 @@ def _to_examples(rows: list[dict], qf: str, af: str, source: str, limit: int | N
         examples.append(Example(q, a, i, r))
         if limit and len(examples) >= limit:
             break
+    if skipped:
+        print(f"{source}: skipped {skipped} of {len(rows)} records without a {qf!r} question or an {af!r} answer")
     return examples, {"source": source, "records": len(rows), "examples": len(examples), "skipped": skipped,
                       "question_field": qf, "answer_field": af}
 

@@ -119,6 +119,8 @@ def check_args(args):
         raise SystemExit("--n, --batch_size and --max_new_tokens must be at least 1")
     if args.temperature < 0:
         raise SystemExit(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.k and max(args.k) > args.n:
         raise SystemExit(f"--n {args.n} is smaller than the largest k in --k ({max(args.k)}): pass@k needs n >= k")
     for a in args.adapter:

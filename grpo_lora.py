@@ -227,6 +227,10 @@ def rollout_vllm(engine: SM.VLLMEngine, net, tok, prompts, args, eos_ids, step) 
 
 
 def check_args(args):
+    C.check_ranges(args, positive=("lora_r", "lora_alpha", "prompts_per_step", "grad_accum", "save_every",
+                                   "log_every", "max_prompt_len", "max_completion_len", "max_grad_norm",
+                                   "logprob_temperature"),
+                   nonnegative=("lr", "beta", "epsilon", "min_lr_rate", "stop_step"), fractions=("lora_dropout", "warmup_ratio"))
     unknown = [r for r in args.rewards if r not in REWARDS]
     if unknown:
         raise SystemExit(f"unknown reward {unknown}; choose from {', '.join(REWARDS)}")
@@ -244,6 +248,11 @@ def check_args(args):
         raise SystemExit("--rollout vllm needs a model folder or hub id that vLLM can load, not random:")
     if args.num_iterations < 1 or args.max_steps < 1:
         raise SystemExit("--num_iterations and --max_steps must be >= 1")
+    if not args.temperature > 0:
+        raise SystemExit(f"--temperature {args.temperature}: GRPO needs sampling (> 0); the log-probs are taken "
+                         "at that temperature, and groups of identical greedy completions carry no advantage")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.logprob_temperature is None:
         args.logprob_temperature = args.temperature
     if args.wandb:

@@ -290,6 +290,10 @@ def load_adapter(model: nn.Module, path, trainable: bool = False) -> dict:
     changing anything. Returns the adapter config.
     """
     cfg, weights = read_adapter(path)
+    base, ours = cfg.get("base_model_name_or_path") or "", getattr(model, "name_or_path", "") or ""
+    if base and ours and Path(base).name != Path(ours).name:
+        print(f"warning: adapter {path} was trained on {base}; loading it into {ours} (fine if they are the "
+              "same weights, or on purpose, as in Resa's modularity check)")
     modules = dict(model.named_modules())
     absent = [n for n in sorted(weights) if not isinstance(modules.get(n), nn.Linear)]
     if absent:

@@ -294,6 +294,7 @@ class Transformer(nn.Module):
         # layer index -> fn(h [B, T, D]) -> h; applied to the residual stream after that layer
         self.residual_hooks: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.gradient_checkpointing = False
+        self.name_or_path = ""          # what load_model was given (adapters record their base model by it)
 
     @property
     def device(self):
@@ -489,7 +490,9 @@ def load_model(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed
     """
     device = torch.device(device)
     if name.startswith("random:"):
-        return Transformer.empty(preset_config(name.split(":", 1)[1]), device, dtype).init_weights(seed).eval()
+        model = Transformer.empty(preset_config(name.split(":", 1)[1]), device, dtype).init_weights(seed)
+        model.name_or_path = name
+        return model.eval()
     d = resolve_model_dir(name)
     cfg = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
     model = Transformer.empty(cfg, device, dtype)
@@ -519,6 +522,7 @@ def load_model(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed
     missing = sorted(set(params) - seen)
     if missing:
         raise ValueError(f"checkpoint {d} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model.name_or_path = name
     return model.eval()
 
 

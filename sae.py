@@ -157,8 +157,8 @@ class SAE(nn.Module):
         path = Path(path)
         cfg_file, w_file = path / "cfg.json", path / "sae.safetensors"
         if not cfg_file.exists() or not w_file.exists():
-            subs = sorted(p.name for p in path.glob("*/cfg.json")) if path.is_dir() else []
-            hint = f"; it holds hookpoint folders {[s.split('/')[0] for s in subs]}: pass one" if subs else ""
+            subs = sorted(p.parent.name for p in path.glob("*/cfg.json")) if path.is_dir() else []
+            hint = f"; it holds hookpoint folders {subs}: pass one" if subs else ""
             raise FileNotFoundError(f"{path} is not an SAE folder (needs cfg.json and sae.safetensors){hint}")
         cfg = read_json(cfg_file)
         if cfg.get("activation", "topk") != "topk":

@@ -77,6 +77,9 @@ def load_sae_arg(args):
         sae = S.load_sae(args.sae, hookpoint=f"layers.{args.layer}" if args.layer is not None else None)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--sae {args.sae}: {e}") from None
+    if args.layer is not None and sae.layer is not None and args.layer != sae.layer:
+        raise SystemExit(f"--layer {args.layer}, but {args.sae} was trained on layer {sae.layer} (its cfg.json or "
+                         "folder name): the SAE's own layer wins; drop --layer")
     layer = args.layer if args.layer is not None else sae.layer
     if layer is None:
         raise SystemExit(f"--sae {args.sae}: the SAE names no layer; pass --layer")
@@ -125,7 +128,14 @@ def setup(args, device):
     return ids, amask, data_stats, sae, layer, net, params, opt
 
 
+def check_args(args):
+    C.check_ranges(args, positive=("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "ctx_len",
+                                   "max_grad_norm"),
+                   nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout",))
+
+
 def train(args) -> dict:
+    check_args(args)
     rank, world, device = C.setup_distributed(args.device)
     out_dir = Path(args.out_dir)
     args.loss = args.loss or ("ce" if args.sae == "none" else "kl")

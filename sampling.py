@@ -42,6 +42,8 @@ class KVCache:
 
 def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):
     """logits [B, V] -> next tokens [B]. temperature 0 = greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature {temperature} < 0 would sample the inverted distribution; use >= 0")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -237,6 +239,8 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     """
     B, T = input_ids.shape
     dev = input_ids.device
+    if temperature < 0:
+        raise ValueError(f"temperature {temperature} < 0 would sample the inverted distribution; use >= 0")
     if static is None:
         static = dev.type == "cuda" and not model.residual_hooks
     elif static and model.residual_hooks:

@@ -104,7 +104,15 @@ def make_saes(args, d_in: int, n_layers: int) -> dict[int, S.SAE]:
     return saes
 
 
+def check_args(args):
+    if args.num_latents is not None and args.expansion_factor is not None:
+        raise SystemExit("give --num_latents or --expansion_factor, not both")
+    C.check_ranges(args, positive=("num_latents", "expansion_factor", "k", "batch_size", "ctx_len", "dead_tokens"),
+                   nonnegative=("lr", "max_tokens", "warmup_steps", "auxk_alpha", "save_every"))
+
+
 def train(args) -> dict[int, S.SAE]:
+    check_args(args)
     device = C.pick_device(args.device)
     dtype = C.pick_dtype(args.dtype, device)
     out_dir = Path(args.out_dir)
@@ -186,10 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.num_latents and args.expansion_factor:
-        raise SystemExit("give --num_latents or --expansion_factor, not both")
-    train(args)
+    train(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

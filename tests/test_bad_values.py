@@ -1,0 +1,109 @@
+"""Values that would run but mean nothing, refused before any work with one line naming the flag; and the
+warnings a user should see (an adapter on another base model, records skipped for missing fields)."""
+import json
+
+import pytest
+import torch
+
+import evaluate as E
+import grpo_lora as G
+import lora as L
+import model as M
+import sae as S
+import sae_tune as ST
+import sampling as SM
+import train_sae as T
+
+BASE = ["--model", "random:tiny-qwen2", "--dataset", "d.jsonl", "--out_dir", "never"]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--lora_r", "0"], "--lora_r 0"), (["--save_every", "0"], "--save_every 0"),
+    (["--max_completion_len", "0"], "--max_completion_len 0"), (["--lr=-1e-6"], "--lr -1e-06"),
+    (["--temperature", "0"], "--temperature 0.0"), (["--temperature", "-0.7"], "--temperature -0.7"),
+    (["--top_p", "0"], "--top_p 0.0"), (["--lora_dropout", "1.5"], "--lora_dropout 1.5"),
+    (["--grad_accum", "0"], "--grad_accum 0"), (["--logprob_temperature", "0"], "--logprob_temperature 0.0"),
+])
+def test_grpo_refuses(extra, flag):
+    with pytest.raises(SystemExit, match=flag.replace("+", r"\+")):
+        G.main(BASE + extra)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--epochs", "0"], "--epochs 0"), (["--batch_size", "0"], "--batch_size 0"), (["--kl_chunk", "0"], "--kl_chunk 0"),
+    (["--lora_r", "0"], "--lora_r 0"), (["--lr", "-1"], "--lr -1.0"), (["--max_steps", "-2"], "--max_steps -2"),
+])
+def test_sae_tune_refuses(extra, flag):
+    with pytest.raises(SystemExit, match=flag):
+        ST.main(BASE + extra)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--num_latents", "0"], "--num_latents 0"), (["--k", "0"], "--k 0"), (["--batch_size", "0"], "--batch_size 0"),
+    (["--expansion_factor", "0"], "--expansion_factor 0"), (["--lr", "-1"], "--lr -1.0"),
+    (["--num_latents", "64", "--expansion_factor", "2"], "not both"),
+])
+def test_train_sae_refuses(extra, flag):
+    with pytest.raises(SystemExit, match=flag):
+        T.main(BASE + extra)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--n", "0"], "--n"), (["--n", "-3"], "--n"), (["--temperature", "-1"], "--temperature -1.0"),
+    (["--top_p", "1.5"], "--top_p 1.5"), (["--batch_size", "0"], "--batch_size"),
+])
+def test_evaluate_refuses(extra, flag):
+    with pytest.raises(SystemExit, match=flag):
+        E.main(["--model", "random:tiny-qwen2", "--data", "d.jsonl", "--out_dir", "never", *extra])
+
+
+def test_evaluate_names_an_adapter_folder_without_its_config(tmp_path):
+    (tmp_path / "ad").mkdir()
+    with pytest.raises(SystemExit, match="not an adapter folder"):
+        E.main(["--model", "random:tiny-qwen2", "--data", "d.jsonl", "--adapter", str(tmp_path / "ad")])
+
+
+def test_negative_temperature_is_refused_by_the_sampler():
+    net = M.load_model("random:tiny-qwen2")
+    ids = torch.randint(3, 100, (2, 5))
+    with pytest.raises(ValueError, match="inverted"):
+        SM.generate(net, ids, max_new_tokens=2, temperature=-0.5)
+    with pytest.raises(ValueError, match="inverted"):
+        SM.sample_next(torch.randn(2, 10), temperature=-1.0)
+
+
+def test_sae_layer_flag_that_contradicts_the_sae_is_refused(tmp_path):
+    S.SAE(64, 128, 4, layer=1).save(tmp_path / "sae" / "layers.1")
+    args = ST.build_parser().parse_args(["--sae", str(tmp_path / "sae" / "layers.1"), "--layer", "2"])
+    with pytest.raises(SystemExit, match="--layer 2, but .* layer 1"):
+        ST.load_sae_arg(args)
+    args = ST.build_parser().parse_args(["--sae", str(tmp_path / "sae" / "layers.1"), "--layer", "1"])
+    assert ST.load_sae_arg(args)[1] == 1
+
+
+def test_sae_root_folder_error_names_its_hookpoints(tmp_path):
+    S.SAE(64, 128, 4, layer=1).save(tmp_path / "root" / "layers.1")
+    S.SAE(64, 128, 4, layer=3).save(tmp_path / "root" / "layers.3")
+    with pytest.raises(FileNotFoundError, match=r"\['layers.1', 'layers.3'\]"):
+        S.SAE.load(tmp_path / "root")
+
+
+def test_adapter_on_another_base_model_warns(tmp_path, capsys):
+    net = M.load_model("random:tiny-qwen2")
+    L.attach_lora(net, 4, 8)
+    L.save_adapter(net, tmp_path / "ad", base_model="someone/other-model")
+    L.load_adapter(M.load_model("random:tiny-qwen2"), tmp_path / "ad")
+    assert "was trained on someone/other-model" in capsys.readouterr().out
+    L.save_adapter(net, tmp_path / "same", base_model="random:tiny-qwen2")
+    L.load_adapter(M.load_model("random:tiny-qwen2"), tmp_path / "same")
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_skipped_records_are_counted_on_screen(tmp_path, capsys):
+    import data as D
+    f = tmp_path / "some.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in
+                         [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": ""}, {"question": "", "answer": "3"}]))
+    ex, stats = D.load_examples(str(f))
+    assert len(ex) == 1 and stats["skipped"] == 2
+    assert "skipped 2 of 3 records" in capsys.readouterr().out
