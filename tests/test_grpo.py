@@ -168,6 +168,7 @@ def test_grpo_learns_an_easy_reward(char_model_dir, arith_file, tmp_path, easy_r
     assert sum(r["reward"] for r in rows[-5:]) / 5 > 0.8
     for name in ("step_000015", "step_000030", "final"):
         assert (tmp_path / "run" / name / "adapter_model.safetensors").exists()
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and max(r["kl"] for r in rows[10:]) > 1e-3   # LoRA moved
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["last_step"] == 30 and run["trainable_params"] > 0
     assert (tmp_path / "run" / "samples.jsonl").exists()
@@ -290,3 +291,76 @@ def test_gradient_checkpointing_flag():
     assert not on(["--max_completion_len", "96"])
     assert on(["--max_completion_len", "96", "--gradient_checkpointing"])
     assert not on(["--gradient_checkpointing", "off"])
+
+
+# ---------------------------------------------------------------- the update against a direct computation
+
+def test_update_matches_a_direct_computation(char_model_dir):
+    # G.update (chunked log-probs at --logprob_temperature, the reference with LoRA off, old log-probs of an
+    # earlier policy, grad_accum micro-batches) against the objective written out on full logits, per token
+    from types import SimpleNamespace
+    import lora as L
+    net = M.load_model(str(char_model_dir))
+    L.attach_lora(net, 4, 8, 0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in L.lora_layers(net).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+    params = L.lora_parameters(net)
+    P, Gn, Tp, Cn, T = 2, 3, 5, 6, 0.7
+    N = P * Gn
+    pids = torch.randint(3, 60, (N, Tp), generator=g)
+    pmask = torch.ones(N, Tp, dtype=torch.long)
+    pmask[0, :2] = 0                                               # left padding
+    cids = torch.randint(3, 60, (N, Cn), generator=g)
+    lengths = torch.tensor([6, 3, 5, 1, 6, 4])
+    cmask = (torch.arange(Cn)[None] < lengths[:, None]).long()
+    cids = cids.masked_fill(~cmask.bool(), 0)
+    adv = torch.randn(N, generator=g)
+    ids, mask = torch.cat([pids, cids], 1), torch.cat([pmask, cmask], 1)
+
+    def direct_logprobs():                                         # full logits, no chunks
+        logits = net(ids, mask)[:, Tp - 1:-1].float() / T
+        return torch.log_softmax(logits, -1).gather(-1, cids[..., None]).squeeze(-1)
+    with torch.no_grad():
+        old = direct_logprobs() + 0.1 * torch.randn(N, Cn, generator=g)      # an earlier policy's log-probs
+    ro = G.Rollouts(pids, pmask, cids, cmask, [""] * N, torch.ones(N, dtype=torch.bool))
+    args = SimpleNamespace(num_generations=Gn, grad_accum=2, logprob_temperature=T, beta=0.04, epsilon=0.2,
+                           loss_type="grpo", max_completion_len=Cn, max_grad_norm=1e9)
+    slices = G.micro_slices(P, Gn, 2)
+    batch = G.Batch([None] * P, [], ro, adv, adv[None], adv, [old[sl] for sl in slices], 0.0, 0.0)
+    net.train()
+    G.update(net, batch, args, params, world=1)
+    ours = [p.grad.clone() for p in params]
+    net.zero_grad(set_to_none=True)
+
+    logp = direct_logprobs()
+    with torch.no_grad(), L.lora_disabled(net):
+        ref = direct_logprobs()
+    ratio = torch.exp(logp - old)
+    A = adv[:, None]
+    tok = -torch.minimum(ratio * A, ratio.clamp(0.8, 1.2) * A) + 0.04 * (torch.exp(ref - logp) - (ref - logp) - 1)
+    m = cmask.float()
+    ((tok * m).sum(1) / m.sum(1)).mean().backward()
+    assert (ratio.detach() - 1).abs().max() > 0.05                # the old log-probs matter here
+    for a, b in zip(ours, (p.grad for p in params)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_rollout_completion_mask_ends_at_the_first_eos(char_model_dir):
+    from types import SimpleNamespace
+    net = M.load_model(str(char_model_dir))
+    tok = M.load_tokenizer(str(char_model_dir))
+    import lora as L
+    L.attach_lora(net, 4, 8, 0.0)
+    eos = [tok.eos_token_id] + list(range(3, 40))                 # many stop tokens: most rows end early
+    args = SimpleNamespace(max_prompt_len=16, num_generations=4, max_completion_len=12, temperature=1.0, top_p=1.0)
+    ro = G.rollout_hf(net, tok, ["1+1=", "22+3="], args, eos, torch.Generator().manual_seed(0))
+    ends = 0
+    for ids, m, fin in zip(ro.completion_ids.tolist(), ro.completion_mask.tolist(), ro.finished.tolist()):
+        first = next((i for i, t in enumerate(ids) if t in eos), None)
+        want = 12 if first is None else first + 1                  # up to and including the EOS, no pad after it
+        assert sum(m) == want and m == [1] * want + [0] * (12 - want) and fin == (first is not None)
+        assert all(t == tok.pad_token_id for t in ids[want:])
+        ends += first is not None and first < 11
+    assert ends >= 2

@@ -395,3 +395,43 @@ def test_chunked_kl_and_grads_match_float64(frozen_head):
     g = torch.randn(()).double()
     assert torch.allclose(torch.autograd.grad(kl.double() * g, hs)[0].double(),
                           torch.autograd.grad(ref * g, hs64)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling", ["default", "linear", "llama3"])
+def test_rope_inverse_frequencies_match_transformers(scaling):
+    # Llama 3.2's real rope scaling (its head_dim 64 puts frequencies in all three llama3 bands: kept, smoothed
+    # and divided), a linear config, and none: each against transformers' own rotary embedding
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    cfg = M.preset_config("llama-3.2-1b")
+    if scaling == "linear":
+        cfg.rope_scaling = {"rope_type": "linear", "factor": 4.0}
+    elif scaling == "default":
+        cfg.rope_scaling = None
+    d = cfg.to_hf()
+    hf_cfg = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
+    ref = LlamaRotaryEmbedding(config=hf_cfg).inv_freq.float()
+    ours = M.rope_inv_freq(cfg)
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=0)
+    if scaling == "llama3":                                   # every band is exercised
+        rs = cfg.rope_scaling
+        wavelen = 2 * torch.pi / M.rope_inv_freq(M.ModelConfig(**{**cfg.__dict__, "rope_scaling": None}))
+        old = rs["original_max_position_embeddings"]
+        bands = {int((w > old / rs["low_freq_factor"]).item()) - int((w < old / rs["high_freq_factor"]).item())
+                 for w in wavelen}
+        assert bands == {-1, 0, 1}
+
+
+def test_generate_samples_at_its_temperature():
+    # the first new token must be drawn from softmax(logits / T) of the prompt: the same draw by hand
+    net = M.load_model("random:tiny-qwen2")
+    with torch.no_grad():
+        net.lm_head.weight.mul_(30)                           # peaked logits, so T changes the draw
+    ids = torch.randint(3, 100, (64, 6), generator=torch.Generator().manual_seed(0))
+    for T in (0.3, 3.0):
+        out = SM.generate(net, ids, max_new_tokens=1, temperature=T, seed=5)
+        with torch.no_grad():
+            logits = net(ids)[:, -1]
+        g = torch.Generator().manual_seed(5)
+        want = torch.multinomial((logits.float() / T).softmax(-1), 1, generator=g).squeeze(-1)
+        assert torch.equal(out.tokens[:, 0], want), T
