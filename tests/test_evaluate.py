@@ -50,7 +50,8 @@ def test_gpqa_choices_are_shuffled_and_graded_by_letter(tmp_path):
         assert E.grade_sample("gpqa_diamond", f"Answer: {wrong}", e.answer)[1] == 0.0
 
 
-@pytest.mark.parametrize("n,c,k", [(5, 2, 1), (5, 2, 2), (6, 1, 3), (4, 0, 2), (4, 4, 3), (7, 3, 5)])
+@pytest.mark.parametrize("n,c,k", [(5, 2, 1), (5, 2, 2), (6, 1, 3), (4, 0, 2), (4, 4, 3), (7, 3, 5),
+                                   (5, 2, 3), (6, 3, 3), (4, 2, 2), (8, 1, 7)])        # n - c == k: the boundary
 def test_pass_at_k_equals_enumeration(n, c, k):
     outcomes = [1] * c + [0] * (n - c)
     subsets = list(itertools.combinations(range(n), k))
@@ -100,6 +101,19 @@ def test_greedy_matches_transformers_and_outputs(char_model_dir, small_set, tmp_
     for key in ("pass@1", "interval95", "problems", "unparseable_gold", "n"):
         assert key in res
     assert res["problems"] == 5 and (tmp_path / "e" / "results.md").exists()
+
+
+def test_summary_interval_is_mean_plus_minus_1_96_standard_errors():
+    import statistics
+    per = {0: [1, 1], 1: [1, 0], 2: [0, 0], 3: [0, 1], 4: [1, 1], 5: [0, 0]}
+    rows = [{"index": i, "correct": c, "tokens": 3, "finished": True} for i, cs in per.items() for c in cs]
+    rows.append({"index": 9, "correct": None, "tokens": 1, "finished": False})    # unparseable gold: left out
+    out = E.summarize(rows, 2, [2])
+    means = [sum(c) / 2 for c in per.values()]
+    m, se = statistics.mean(means), statistics.stdev(means) / len(means) ** 0.5
+    assert out["pass@1"] == pytest.approx(m) and out["problems"] == 6 and out["unparseable_gold"] == 1
+    assert out["interval95"] == pytest.approx([m - 1.96 * se, m + 1.96 * se])
+    assert out["pass@2"] == pytest.approx(sum(1 - (c.count(0) == 2) for c in per.values()) / 6)
 
 
 def test_resume_gives_the_same_results(char_model_dir, small_set, tmp_path):
@@ -155,6 +169,9 @@ def test_adapter_sweep_and_bad_input(small_set, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "sweep" / "samples.jsonl")]
     by = {a: [r["completion"] for r in rows if r["adapter"] == a] for a in res}
     assert by["base"] != by[str(tmp_path / "ad")]                          # the adapter was applied
+    E.main(eval_args(flat, small_set, tmp_path / "last", "--adapter", f"{tmp_path / 'ad'},base", "--temperature", "0"))
+    last = [json.loads(line) for line in open(tmp_path / "last" / "samples.jsonl")]
+    assert [r["completion"] for r in last if r["adapter"] == "base"] == by["base"]     # the adapter was removed
     other = make_char_model(tmp_path / "wide", seed=1, layers=3)            # 3 layers: the adapter targets 2
     wrong = M.load_model(str(other))
     L.attach_lora(wrong, r=4, alpha=8)

@@ -45,6 +45,10 @@ def test_length_reward():
     assert G.reward_length(["\\boxed{5}", "x\\boxed{5}"], "}{") == [None, None]
 
 
+def test_cosine_reward_on_an_unparseable_gold_is_none():
+    assert G.reward_cosine(["so \\boxed{1}", "x" * 50], "}{") == [None, None]      # never scored as correct
+
+
 def test_cosine_reward():
     c0, w0 = "\\boxed{7}", "\\boxed{8}"
     out = G.reward_cosine([c0, "y" * 491 + c0, w0, "y" * 991 + w0], "7")

@@ -201,3 +201,25 @@ def test_lora_linear_forward_and_gradients_match_float64(path):
     for ours, ref in ((x.grad, x64.grad), (lay.lora_A.weight.grad, A.grad), (lay.lora_B.weight.grad, B.grad)):
         assert (ours.double() - ref).abs().max().item() < 1e-5
     assert base.weight.grad is None                            # the base stays frozen
+
+
+def test_merging_twice_then_unmerging_restores_the_weights():
+    net = M.load_model("random:tiny-qwen2")
+    w0 = {n: p.detach().clone() for n, p in net.named_parameters()}
+    L.attach_lora(net, 4, 8, 0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in L.lora_layers(net).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+    ids = torch.randint(3, 100, (2, 7), generator=g)
+    with torch.no_grad():
+        adapted = net(ids)
+        for keep_backup in (True, False):
+            L.merge_lora(net, keep_backup)
+            L.merge_lora(net, keep_backup)                        # a second merge must not add B A again
+            assert torch.allclose(net(ids), adapted, atol=1e-5)
+            L.unmerge_lora(net)
+            L.unmerge_lora(net)
+            assert torch.allclose(net(ids), adapted, atol=1e-5)
+    for n, m in L.lora_layers(net).items():
+        assert torch.allclose(m.weight, w0[n + ".weight"], atol=1e-6)

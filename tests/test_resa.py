@@ -220,3 +220,28 @@ def test_sae_tune_resume_after_a_crash_trims_the_log_and_matches(model3, arith_f
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     run = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert run["finished"] and run["resumed_at_step"] == 3
+
+
+def test_pack_chunks_marks_exactly_the_assistant_tokens():
+    from toy.chars import build_char_tokenizer
+    import data as D
+    tok = build_char_tokenizer()
+    ids, mask = D.pack_chunks(tok, [("ab", "XY"), ("cd", "Z")], ctx_len=64)      # one short chunk
+    text = [tok.convert_ids_to_tokens(int(i)) for i in ids[0]]
+    assert "".join(t for t, m in zip(text, mask[0]) if m) == "XYZ"
+    assert "".join(t for t, m in zip(text, mask[0]) if not m) == "ab" + tok.eos_token + "cd" + tok.eos_token
+    ids, mask = D.pack_chunks(tok, [("ab", "XY")] * 10, ctx_len=8)             # 50 tokens -> 6 full chunks
+    assert ids.shape == (6, 8) and mask.sum().item() == sum(1 for i in range(48) if i % 5 in (2, 3))
+
+
+def test_sft_loss_is_the_mean_assistant_token_nll(model3):
+    net = M.load_model(str(model3))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (2, 16), generator=g)
+    amask = torch.zeros(2, 16, dtype=torch.bool)
+    amask[0, 5:9], amask[1, 10:16] = True, True
+    loss = ST.ce_loss(net, ids, amask)
+    with torch.no_grad():
+        lp = torch.log_softmax(net(ids).double(), -1)                           # float64 reference
+    nll = [-lp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 16) if amask[b, t]]
+    assert loss.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-5)

@@ -217,3 +217,35 @@ def test_sae_that_does_not_fit_is_refused(tmp_path):
         S.SAE.load(tmp_path / "s")
     with pytest.raises(FileNotFoundError, match="hookpoint folders"):
         S.load_sae(str(tmp_path))
+
+
+def test_relu_applies_when_fewer_than_k_latents_are_positive():
+    # a TopK SAE keeps the k largest pre-activations and then applies the ReLU: a latent selected with a
+    # negative pre-activation contributes nothing (float64 reference)
+    torch.manual_seed(0)
+    sae = S.SAE(16, 32, 8).double()
+    with torch.no_grad():
+        sae.encoder.bias.copy_(torch.linspace(-6.0, 1.0, 32, dtype=torch.float64))  # most latents negative
+    x = torch.randn(20, 16, dtype=torch.float64) * 0.3
+    pre = (x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias
+    assert ((pre > 0).sum(-1) < 8).any()                                        # the case under test occurs
+    vals, idx = pre.topk(8, -1)
+    dense = torch.zeros_like(pre).scatter(-1, idx, vals.clamp(min=0))
+    want = dense @ sae.W_dec + sae.b_dec
+    out = sae(x)
+    assert (out.acts >= 0).all()
+    assert torch.allclose(sae.reconstruct(x), want, atol=1e-10)
+    assert torch.allclose(out.fvu, ((x - want) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), atol=1e-10)
+
+
+def test_dead_latent_tracker_counts_tokens_since_each_latent_fired():
+    tr = S.DeadLatentTracker(5, dead_tokens=8)
+    idx = torch.tensor([[0, 1]] * 4)                       # 4 tokens select latents 0 and 1
+    acts = torch.tensor([[1.0, 0.0]] * 4)                  # latent 1 is selected but never positive
+    tr.update(idx, acts)
+    tr.update(idx, acts)
+    assert tr.since_fired.tolist() == [0, 8, 8, 8, 8] and not tr.dead_mask().any()   # 8 tokens: not yet dead
+    tr.update(idx, acts)
+    assert tr.dead_mask().tolist() == [False, True, True, True, True] and tr.dead_fraction() == pytest.approx(0.8)
+    tr.update(torch.tensor([[3, 1]]), torch.tensor([[2.0, 0.5]]))                     # 3 and 1 fire: alive again
+    assert tr.dead_mask().tolist() == [False, False, True, False, True]
