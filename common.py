@@ -103,6 +103,18 @@ def check_ranges(args, positive=(), nonnegative=(), fractions=()):
                 raise SystemExit(f"--{k} {v}: must be {rule}")
 
 
+def cli(main):
+    """Run a stage's main() from the command line. Bad input raises ValueError or FileNotFoundError with a
+    message naming the input and what to do: print that one line, no traceback (NANOREASON_TRACEBACK=1
+    shows it). Other exceptions are bugs and keep their traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("NANOREASON_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {e}") from None
+
+
 def csv_list(kind=str):
     """argparse type for comma-separated lists: --rewards format,accuracy --reward_weights 1,2."""
     def parse(text: str):

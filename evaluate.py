@@ -289,4 +289,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    C.cli(main)

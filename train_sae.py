@@ -198,4 +198,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    C.cli(main)

@@ -107,3 +107,15 @@ def test_skipped_records_are_counted_on_screen(tmp_path, capsys):
     ex, stats = D.load_examples(str(f))
     assert len(ex) == 1 and stats["skipped"] == 2
     assert "skipped 2 of 3 records" in capsys.readouterr().out
+
+
+def test_expected_errors_print_one_line_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "sae_tune.py", "--model", "random:tiny-qwen2", "--dataset", "nothere.jsonl",
+                        "--sae", "none", "--out_dir", str(tmp_path / "x")], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nothere.jsonl'")
