@@ -113,8 +113,11 @@ def test_expected_errors_print_one_line_without_a_traceback(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+    from toy.chars import build_char_tokenizer
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "sae_tune.py", "--model", "random:tiny-qwen2", "--dataset", "nothere.jsonl",
+    build_char_tokenizer(tmp_path / "tok")
+    r = subprocess.run([sys.executable, "sae_tune.py", "--model", "random:tiny-qwen2", "--tokenizer", str(tmp_path / "tok"),
+                        "--dataset", "nothere.jsonl",
                         "--sae", "none", "--out_dir", str(tmp_path / "x")], cwd=root, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
