@@ -429,6 +429,9 @@ def bench_grpo_step(net, cfg, args, device):
     params = L.lora_parameters(net)
     opt = torch.optim.AdamW(params, lr=1e-6)
     alphabet = "0123456789 +-=*/()\n</think>{boxed}abcxyz."
+    step_args = G.build_parser().parse_args(["--prompts_per_step", str(Pn), "--grad_accum", str(accum),
+                                             "--num_generations", str(Gn), "--max_completion_len", str(N)])
+    step_args.logprob_temperature = 1.0
     times = {}
 
     def part(name, fn):
@@ -449,17 +452,10 @@ def bench_grpo_step(net, cfg, args, device):
                   for i in range(Pn)]
         return G.group_advantages(torch.cat(totals), Gn, True).to(device)
 
-    def update(out, adv):
+    def update(out, adv):                  # grpo_lora's own update (objective, micro-batches, clip), then AdamW
         ro = G.Rollouts(ids, mask, out.tokens, torch.ones_like(out.tokens), [], out.finished)
-        for sl in G.micro_slices(Pn, Gn, accum):
-            with C.autocast(device):
-                logp = G.micro_logprobs(net, ro, sl, 1.0)
-                with torch.no_grad(), L.lora_disabled(net):
-                    ref = G.micro_logprobs(net, ro, sl, 1.0)
-            loss, _, _ = G.grpo_loss(logp, logp.detach(), ref, adv[sl], ro.completion_mask[sl], beta=0.04,
-                                     epsilon=0.2, loss_type="grpo", max_completion_len=N)
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        batch = G.Batch([None] * Pn, [], ro, adv, adv[None], adv, None, 0.0, 0.0)
+        G.update(net, batch, step_args, params, world=1)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -78,6 +78,9 @@ def add_run_args(parser, default_model: str, default_out: str):
                    help="price of one GPU hour, for the cost in run.json (%(default)s)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out_dir (without it, or --resume, such a folder is refused)")
+    g.add_argument("--dry_run", action="store_true",
+                   help="print the effective configuration (every value after defaults, and what they imply) as "
+                   "one JSON object and exit before loading a model or data")
     return g
 
 
@@ -90,6 +93,12 @@ def add_checkpointing_arg(group):
 def use_checkpointing(flag: str, row_tokens: int) -> bool:
     """--gradient_checkpointing on / off / auto (on for rows of 1024 tokens or more)."""
     return row_tokens >= 1024 if flag == "auto" else flag == "on"
+
+
+def print_config(config: dict) -> dict:
+    """--dry_run: the effective configuration as one JSON object on stdout."""
+    print(json.dumps(config, indent=1, default=str))
+    return config
 
 
 def check_ranges(args, positive=(), nonnegative=(), fractions=()):

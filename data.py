@@ -82,8 +82,11 @@ class DatasetSpec:
 TRAIN_SETS = {
     "still": DatasetSpec("RUC-AIBOX/STILL-3-Preview-RL-Data", question="question"),
     "deepscaler": DatasetSpec("agentica-org/DeepScaleR-Preview-Dataset"),
-    "open_rs": DatasetSpec("knoveleng/open-rs", system_prompt="open_rs"),
-    "open_s1": DatasetSpec("knoveleng/open-s1", system_prompt="open_rs"),
+    # Tina grades against `solution` where a set has one (tina/post_train_hf/grpo.py renames `answer` to
+    # `solution` only when `solution` is missing), and uses the open-rs prompt only for hub ids containing
+    # "open-rs": knoveleng/open-s1 gets open-r1's
+    "open_rs": DatasetSpec("knoveleng/open-rs", answer="solution", system_prompt="open_rs"),
+    "open_s1": DatasetSpec("knoveleng/open-s1", answer="solution"),
     "limr": DatasetSpec("GAIR/LIMR", question="prompt"),
     "open_r1": DatasetSpec("open-r1/OpenR1-Math-220k", config="default"),
     "2thought": DatasetSpec("Intelligent-Internet/II-Thought-RL-v0-Math-50K", question="messages",
@@ -305,12 +308,16 @@ def apply_template(template: str, question: str) -> str:
     return EVAL_TEMPLATES[template].replace("{question}", question)
 
 
-def format_prompt(tokenizer, question: str, system_prompt: str = "") -> str:
-    """Chat-formatted prompt text ending where the assistant's reply starts."""
+def format_prompt(tokenizer, question: str, system_prompt: str = "", template: str = "auto") -> str:
+    """Chat-formatted prompt text ending where the assistant's reply starts. template "tina": Tina's own chat
+    template (tina/utils/chat_template.py, REASON_CHAT_TEMPLATE), which is R1-Distill's with a generation
+    prompt that ends at the assistant tag: the '<think>\\n' that R1-Distill's template opens is left to the
+    model, so the completion holds both think tags (what Tina's format and tag_count rewards read)."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
                [{"role": "user", "content": question}]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text.removesuffix("<think>\n") if template == "tina" else text
     head = f"{system_prompt.strip()}\n\n" if system_prompt else ""
     return f"{head}User: {question}\nAssistant:"
 

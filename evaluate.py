@@ -123,7 +123,7 @@ def check_args(args):
         raise SystemExit(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.k and max(args.k) > args.n:
         raise SystemExit(f"--n {args.n} is smaller than the largest k in --k ({max(args.k)}): pass@k needs n >= k")
-    for a in args.adapter:
+    for a in [] if args.dry_run else args.adapter:       # a dry run describes a run whose adapters may not exist yet
         if a != "base" and not (Path(a) / "adapter_config.json").is_file():
             raise SystemExit(f"--adapter {a}: not an adapter folder (needs adapter_config.json and "
                              "adapter_model.safetensors)")
@@ -208,6 +208,8 @@ def markdown_table(results: dict, ks: list[int]) -> str:
 
 def evaluate(args) -> dict:
     check_args(args)
+    if args.dry_run:
+        return C.print_config({**vars(args), "adapters": args.adapter or ["base"], "world_size": 1})
     out_dir = Path(args.out_dir)
     sets, stats, tok, net, eos_ids, engine = prepare(args)
     done = recorded_samples(out_dir, sample_settings(args, sets), args.overwrite)

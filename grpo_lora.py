@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -121,9 +122,11 @@ REWARDS = {"accuracy": reward_accuracy, "format": reward_format, "tag_count": re
            "length": reward_length, "cosine": reward_cosine, "repetition": reward_repetition}
 
 
-def score(completions: list[str], gold: str, names, weights):
+def score(completions: list[str], gold: str, names, weights, cosine_max_len: int = 1000):
     """-> total [G] (weighted nansum), per-reward [R, G] with NaN for None."""
-    per = torch.tensor([[float("nan") if v is None else v for v in REWARDS[n](completions, gold)] for n in names])
+    def run(n):
+        return REWARDS[n](completions, gold, max_len=cosine_max_len) if n == "cosine" else REWARDS[n](completions, gold)
+    per = torch.tensor([[float("nan") if v is None else v for v in run(n)] for n in names])
     w = torch.tensor(weights, dtype=torch.float32)[:, None]
     return (per * w).nansum(0), per
 
@@ -229,7 +232,7 @@ def rollout_vllm(engine: SM.VLLMEngine, net, tok, prompts, args, eos_ids, step) 
 def check_args(args):
     C.check_ranges(args, positive=("lora_r", "lora_alpha", "prompts_per_step", "grad_accum", "save_every",
                                    "log_every", "max_prompt_len", "max_completion_len", "max_grad_norm",
-                                   "logprob_temperature"),
+                                   "logprob_temperature", "cosine_max_len"),
                    nonnegative=("lr", "beta", "epsilon", "min_lr_rate", "stop_step"), fractions=("lora_dropout", "warmup_ratio"))
     unknown = [r for r in args.rewards if r not in REWARDS]
     if unknown:
@@ -239,9 +242,11 @@ def check_args(args):
                          f"rewards ({','.join(args.rewards)})")
     if args.num_generations < 2:
         raise SystemExit("--num_generations must be at least 2 (advantages are relative to the group)")
-    if args.prompts_per_step % args.grad_accum:
+    world = world_size()
+    if args.prompts_per_step % args.grad_accum or args.grad_accum % world:
         raise SystemExit(f"--prompts_per_step ({args.prompts_per_step}) must be a multiple of --grad_accum "
-                         f"({args.grad_accum}): each micro-batch holds whole groups")
+                         f"({args.grad_accum}), and --grad_accum of the number of processes ({world}): each "
+                         "micro-batch holds whole prompt groups and every process runs as many")
     if args.loss_type not in ("grpo", "dr_grpo", "dapo"):
         raise SystemExit(f"unknown --loss_type {args.loss_type!r}")
     if args.rollout == "vllm" and args.model.startswith("random:"):
@@ -258,6 +263,21 @@ def check_args(args):
     if args.wandb:
         if importlib.util.find_spec("wandb") is None:      # found out now, not after the first step
             raise SystemExit("--wandb needs the wandb package (pip install wandb)")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def effective_config(args) -> dict:
+    """--dry_run: every argument after defaults, plus what they imply."""
+    world = world_size()
+    return {**vars(args), "world_size": world, "global_prompts_per_step": args.prompts_per_step,
+            "completions_per_step": args.prompts_per_step * args.num_generations,
+            "prompts_per_micro_batch": args.prompts_per_step // args.grad_accum,
+            "micro_batches_per_process": args.grad_accum // world,
+            "total_steps": min(args.stop_step or args.max_steps, args.max_steps),
+            "system_prompt_text": D.system_prompt_for(args.system_prompt, args.dataset)}
 
 
 class PromptStream:
@@ -300,28 +320,30 @@ class Batch:
 def sample_and_score(net, tok, examples, system_prompt, args, eos_ids, generator, engine, step) -> Batch:
     """Rollouts (LoRA merged), rewards, advantages, and the old log-probs when batches are reused."""
     t0 = time.time()
-    prompts = [D.format_prompt(tok, e.question, system_prompt) for e in examples]
+    prompts = [D.format_prompt(tok, e.question, system_prompt, args.chat_template) for e in examples]
     if engine is not None:
         ro = rollout_vllm(engine, net, tok, prompts, args, eos_ids, step)
     else:
         ro = rollout_hf(net, tok, prompts, args, eos_ids, generator)
     t1 = time.time()
     G = args.num_generations
-    totals, pers = zip(*(score(ro.texts[i * G:(i + 1) * G], e.answer, args.rewards, args.reward_weights)
-                         for i, e in enumerate(examples)))
+    totals, pers = zip(*(score(ro.texts[i * G:(i + 1) * G], e.answer, args.rewards, args.reward_weights,
+                               args.cosine_max_len) for i, e in enumerate(examples)))
     rewards, per_reward = torch.cat(totals), torch.cat(pers, dim=1)            # [P*G], [R, P*G]
     adv = group_advantages(rewards, G, args.scale_rewards).to(net.device)
     old = None
     if args.num_iterations > 1:                        # old log-probs of the policy that sampled
         with torch.no_grad(), C.autocast(net.device, net.dtype):
             old = [micro_logprobs(net, ro, sl, args.logprob_temperature)
-                   for sl in micro_slices(len(examples), G, args.grad_accum)]
+                   for sl in micro_slices(len(examples), G, args)]
     return Batch(examples, prompts, ro, rewards, per_reward, adv, old, t1 - t0, time.time() - t1)
 
 
-def micro_slices(P: int, G: int, grad_accum: int):
-    per = P // grad_accum * G
-    return [slice(j * per, (j + 1) * per) for j in range(grad_accum)]
+def micro_slices(P: int, G: int, args):
+    """Rows of each micro-batch of this process's P prompt groups: prompts_per_step / grad_accum prompts
+    (both counted over all processes) of G completions each."""
+    per = args.prompts_per_step // args.grad_accum * G
+    return [slice(j * per, (j + 1) * per) for j in range(P * G // per)]
 
 
 def micro_logprobs(net, ro: Rollouts, sl: slice, temperature: float):
@@ -335,7 +357,8 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
     """The GRPO objective over grad_accum micro-batches of whole groups, then the clipped gradient (summed
     over ranks). -> mean loss, KL and clip fraction over the micro-batches, and the gradient norm."""
     kls, clips, losses = [], [], []
-    for j, sl in enumerate(micro_slices(len(batch.examples), args.num_generations, args.grad_accum)):
+    slices = micro_slices(len(batch.examples), args.num_generations, args)
+    for j, sl in enumerate(slices):
         with C.autocast(net.device, net.dtype):
             logp = micro_logprobs(net, batch.ro, sl, args.logprob_temperature)
             ref = None
@@ -348,7 +371,7 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
                                    max_completion_len=args.max_completion_len)
         if not torch.isfinite(loss):
             raise SystemExit(f"loss is {loss.item()} (NaN/inf); lower --lr or check the data")
-        (loss / args.grad_accum).backward()
+        (loss / len(slices)).backward()                # the mean over this process's micro-batches
         kls.append(kl)
         clips.append(clip)
         losses.append(loss.detach())
@@ -414,6 +437,8 @@ def setup(args, rank: int, device):
 def train(args) -> dict:
     """sample -> score -> advantages -> update -> log -> save, for stop_step steps (see the docstring)."""
     check_args(args)
+    if args.dry_run:
+        return C.print_config(effective_config(args))
     rank, world, device = C.setup_distributed(args.device)
     torch.manual_seed(args.seed + rank)
     out_dir = Path(args.out_dir)
@@ -430,13 +455,13 @@ def train(args) -> dict:
             sched.step()
         log.resume(step)
     log.write_run(data=data_stats, trainable_params=sum(p.numel() for p in params), eos_ids=eos_ids)
-    P, batch = args.prompts_per_step, None
+    P, batch = args.prompts_per_step // world, None            # this process's share of the step's prompts
     bar = tqdm(total=stop, initial=step, desc="grpo", disable=rank != 0, dynamic_ncols=True)
     while step < stop:
         t0 = time.time()
         net.train()
         if step % args.num_iterations == 0 or batch is None:                 # fresh rollouts
-            mine = stream.take(P * world)[rank * P:(rank + 1) * P]
+            mine = stream.take(P * world)[rank * P:(rank + 1) * P]          # every rank reads the same order
             batch = sample_and_score(net, tok, mine, system_prompt, args, eos_ids, generator, engine, step)
             t_roll, t_reward = batch.seconds_rollout, batch.seconds_reward
         else:                                                                 # the same batch again
@@ -488,9 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rewards", type=C.csv_list(), default=["format", "accuracy"],
                    help=f"comma-separated, from {', '.join(REWARDS)} (%(default)s)")
     g.add_argument("--reward_weights", type=C.csv_list(float), default=[1.0, 2.0], help="one per reward (%(default)s)")
+    g.add_argument("--cosine_max_len", type=int, default=1000,
+                   help="length (characters) over which the cosine reward falls; past it the cosine wraps, as in "
+                   "Tina (%(default)s: Tina's default; its open_rs3 and Dr.GRPO runs used 3584)")
     g.add_argument("--num_generations", type=int, default=6, help="completions per prompt, G (%(default)s)")
-    g.add_argument("--prompts_per_step", type=int, default=4, help="prompts per optimizer step per process (%(default)s)")
-    g.add_argument("--grad_accum", type=int, default=4, help="micro-batches per step (%(default)s)")
+    g.add_argument("--prompts_per_step", type=int, default=8,
+                   help="prompts per optimizer step, all processes together (%(default)s: Tina's 2 GPUs x 4)")
+    g.add_argument("--grad_accum", type=int, default=8,
+                   help="micro-batches per optimizer step, all processes together; each holds prompts_per_step / "
+                   "grad_accum prompts (%(default)s: Tina's one prompt of G completions per micro-batch)")
     g.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference pass (%(default)s)")
     g.add_argument("--epsilon", type=float, default=0.2, help="ratio clip range (%(default)s)")
     g.add_argument("--num_iterations", type=int, default=1, help="optimizer steps per batch of rollouts (%(default)s)")
@@ -514,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="temperature of the policy, reference and KL log-probs (default: --temperature, as later "
                    "TRL versions; 1.0 = trl 0.15.2, which Tina ran: the Tina recipes set it)")
     g.add_argument("--top_p", type=float, default=1.0, help="(%(default)s)")
+    g.add_argument("--chat_template", default="auto", choices=["auto", "tina"],
+                   help="auto: the tokenizer's template; tina: Tina's, whose generation prompt ends at the assistant "
+                   "tag (R1-Distill's own appends '<think>\\n')")
     g.add_argument("--max_prompt_len", type=int, default=512, help="prompts are left-truncated (%(default)s)")
     g.add_argument("--max_completion_len", type=int, default=3584, help="(%(default)s)")
     g = p.add_argument_group("checkpoints and logging")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -101,10 +102,11 @@ def check_fit(sae: S.SAE, layer: int, net, grad: str = "block"):
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "save_every", "resume", "overwrite", "device", "gpu_hour_usd")
 
 
-def batch_rows(step: int, n: int, per_step: int, steps_per_epoch: int, seed: int, rank: int, world: int):
-    """The chunk indices of this rank's share of step `step`: a fresh seeded shuffle per epoch."""
+def batch_rows(step: int, n: int, per_step: int, steps_per_epoch: int, seed: int, rank: int, world: int,
+               shuffle: bool = True):
+    """The chunk indices of this rank's share of step `step`: a fresh seeded shuffle per epoch, or in order."""
     epoch, k = divmod(step, steps_per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
     rows = order[k * per_step:(k + 1) * per_step][rank::world]
     return epoch, rows if len(rows) else order[:per_step // world]     # a short last step: the epoch's start
 
@@ -129,6 +131,10 @@ def setup(args, device):
 
 
 def check_args(args):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise SystemExit(f"--batch_size {args.batch_size} (all processes together) must be a multiple of the "
+                         f"number of processes ({world})")
     C.check_ranges(args, positive=("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "ctx_len",
                                    "max_grad_norm"),
                    nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout",))
@@ -136,6 +142,11 @@ def check_args(args):
 
 def train(args) -> dict:
     check_args(args)
+    if args.dry_run:
+        return C.print_config({**vars(args), "loss_resolved": args.loss or ("ce" if args.sae == "none" else "kl"),
+                               "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                               "sequences_per_step": args.batch_size, "tokens_per_step": args.batch_size * args.ctx_len,
+                               "total_steps": args.max_steps or None})
     rank, world, device = C.setup_distributed(args.device)
     out_dir = Path(args.out_dir)
     args.loss = args.loss or ("ce" if args.sae == "none" else "kl")
@@ -144,7 +155,7 @@ def train(args) -> dict:
     ids, amask, data_stats, sae, layer, net, params, opt = setup(args, device)
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed + 1 + rank)                       # dropout noise differs across ranks
-    per_step = args.batch_size * world
+    per_step = args.batch_size                                    # sequences per step, all processes together
     steps_per_epoch = math.ceil(ids.shape[0] / per_step)
     total = min(args.epochs * steps_per_epoch, args.max_steps or 1 << 62)
     step = 0
@@ -158,7 +169,7 @@ def train(args) -> dict:
     net.train()
     while step < total:
         t0 = time.time()
-        epoch, rows = batch_rows(step, ids.shape[0], per_step, steps_per_epoch, args.seed, rank, world)
+        epoch, rows = batch_rows(step, ids.shape[0], per_step, steps_per_epoch, args.seed, rank, world, args.shuffle)
         batch, bmask = ids[rows].to(device), amask[rows].to(device)
         with C.autocast(device, net.dtype):
             if args.loss == "kl":                                 # Resa's objective
@@ -179,7 +190,7 @@ def train(args) -> dict:
             dist.all_reduce(vals)
             vals = (vals / world).cpu()
         row = {"step": step, "epoch": epoch, args.loss: vals[0].item(), "lr": args.lr, "grad_norm": float(grad_norm),
-               "tokens_per_s": batch.numel() * world / (time.time() - t0)}
+               "tokens_per_s": batch.numel() * world / (time.time() - t0)}   # (rank 0's share x world)
         if mse is not None:
             row["sae_mse"] = vals[1].item()
         log.metrics(row)
@@ -210,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (torch default, as Resa)")
     g.add_argument("--epochs", type=int, default=2, help="(%(default)s)")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
-    g.add_argument("--batch_size", type=int, default=1, help="sequences per step per process (%(default)s)")
+    g.add_argument("--batch_size", type=int, default=1,
+                   help="sequences per step, all processes together (%(default)s; Resa: 2, one per GPU on 2 GPUs)")
+    g.add_argument("--no_shuffle", dest="shuffle", action="store_false",
+                   help="read the chunks in order, as Resa's DataLoader does; default: a fresh shuffle per epoch")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="(%(default)s)")
     C.add_checkpointing_arg(g)
     g = p.add_argument_group("checkpoints")

@@ -66,7 +66,7 @@ python3 -c "from toy.chars import build_char_tokenizer as b; b('$W/chartok')"
 S="$OUT/stages.log"
 : > "$S"
 part grpo_lora 90 "$S" python3 grpo_lora.py --model $R1 --tokenizer "$W/chartok" --dataset "$DATA/gsm8k_train.jsonl" \
-  --max_steps 2 --save_every 2 --out_dir "$W/grpo"
+  --prompts_per_step 4 --grad_accum 4 --max_steps 2 --save_every 2 --out_dir "$W/grpo"   # round 1 shape
 part train_sae 60 "$S" python3 train_sae.py --model $R1 --tokenizer "$W/chartok" --dataset "$DATA/gsm8k_train.jsonl" \
   --layers $LAYER --max_tokens 1000000 --out_dir "$W/sae"
 part sae_tune 60 "$S" python3 sae_tune.py --model $R1 --tokenizer "$W/chartok" --dataset "$DATA/gsm8k_train.jsonl" \

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source recipes/tina_common.sh
-python grpo_lora.py "${TINA_FLAGS[@]}" --dataset still --rewards length,accuracy --reward_weights 1,2 --num_generations 4 --max_steps 7500 --stop_step 3750 --save_every 100 --out_dir out/tina_still "$@"
+python grpo_lora.py "${TINA_FLAGS[@]}" --dataset still --rewards length,accuracy --reward_weights 1,2 --num_generations 4 --max_steps 7500 --stop_step 3750 --save_every 10 --out_dir out/tina_still "$@"

@@ -229,7 +229,7 @@ def test_two_processes_with_gloo(char_model_dir, arith_file, tmp_path):
     script.write_text(code + "\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), *run_args(char_model_dir, arith_file, out, "--max_steps", "3", "--stop_step", "3",
-                                  "--prompts_per_step", "2", "--grad_accum", "1", "--device", "cpu")]
+                                  "--prompts_per_step", "4", "--grad_accum", "2", "--device", "cpu")]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -329,9 +329,9 @@ def test_update_matches_a_direct_computation(char_model_dir):
     with torch.no_grad():
         old = direct_logprobs() + 0.1 * torch.randn(N, Cn, generator=g)      # an earlier policy's log-probs
     ro = G.Rollouts(pids, pmask, cids, cmask, [""] * N, torch.ones(N, dtype=torch.bool))
-    args = SimpleNamespace(num_generations=Gn, grad_accum=2, logprob_temperature=T, beta=0.04, epsilon=0.2,
-                           loss_type="grpo", max_completion_len=Cn, max_grad_norm=1e9)
-    slices = G.micro_slices(P, Gn, 2)
+    args = SimpleNamespace(num_generations=Gn, prompts_per_step=P, grad_accum=2, logprob_temperature=T, beta=0.04,
+                           epsilon=0.2, loss_type="grpo", max_completion_len=Cn, max_grad_norm=1e9)
+    slices = G.micro_slices(P, Gn, args)
     batch = G.Batch([None] * P, [], ro, adv, adv[None], adv, [old[sl] for sl in slices], 0.0, 0.0)
     net.train()
     G.update(net, batch, args, params, world=1)

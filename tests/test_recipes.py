@@ -1,6 +1,13 @@
-"""recipes/*.sh hold the papers' flags: each must parse with its stage's argparse and keep the recipe values."""
+"""recipes/*.sh must run what the papers' code ran. Each recipe's --dry_run configuration (every value after
+defaults, and the derived ones) is compared with a table transcribed from the original repositories:
+shangshang-wang/Tina (recipes/DeepSeek-R1-Distill-Qwen-1.5B/grpo/train_model_<name>.yaml, scripts/train/
+post_train_model_grpo.sh, tina/config.py, tina/post_train_hf/grpo.py and grpo_trainer.py) and
+shangshang-wang/Resa (recipes/DeepSeek-R1-Distill-Qwen-1.5B/grpo/sae_tuning.yaml, scripts/train/
+sae_tuning.py, train_from_scratch.py, pretrain_sae.sh, sae_tuning_model.sh)."""
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,62 +16,117 @@ import grpo_lora as G
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def recipe_argv(name: str) -> list[str]:
-    """The arguments the recipe passes to python, captured by a stand-in `python` shell function."""
-    env = {**os.environ, "BASH_FUNC_python%%": '() { printf "%s\\n" "$@"; }'}
-    out = subprocess.run(["bash", str(ROOT / "recipes" / name)], env=env, capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    return out.splitlines()
-
-
-EXPECT = {  # name: (dataset, rewards, weights, G, max_steps, stop_step)
-    "tina_open_rs1.sh": ("open_rs1", ["format", "accuracy"], [1, 2], 4, 5000, 2400),
-    "tina_open_rs2.sh": ("open_rs2", ["format", "accuracy"], [1, 2], 6, 1500, 850),
-    "tina_open_rs3.sh": ("open_rs3", ["format", "cosine"], [1, 2], 6, 1500, 850),
-    "tina_open_rs3_drgrpo.sh": ("open_rs3", ["format", "cosine"], [1, 2], 6, 1500, 850),
-    "tina_still.sh": ("still", ["length", "accuracy"], [1, 2], 4, 7500, 3750),
-    "tina_deepscaler.sh": ("deepscaler", ["format", "accuracy"], [1, 2], 4, 11000, 5500),
-    "tina_limr.sh": ("limr", ["format", "accuracy"], [1, 2], 4, 360, 180),
+# Tina, every recipe: LoRA 32/128/0.05 on all seven linears, lr 1e-6 cosine_with_min_lr 0.1, warm-up 0.1,
+# temperature 0.7, prompt 512 / completion 3584, seed 42; GRPOConfig's beta 0.04; per_device_train_batch_size
+# = num_generations (one prompt per device and micro-batch) x gradient_accumulation_steps 4 x 2 processes
+# = 8 prompts per optimizer step; trl 0.15.2's log-probs at temperature 1; REASON_CHAT_TEMPLATE.
+TINA_COMMON = dict(lora_r=32, lora_alpha=128.0, lora_dropout=0.05, lr=1e-6, min_lr_rate=0.1, warmup_ratio=0.1,
+                   temperature=0.7, max_prompt_len=512, max_completion_len=3584, seed=42, beta=0.04,
+                   global_prompts_per_step=8, prompts_per_micro_batch=1, logprob_temperature=1.0,
+                   chat_template="tina", lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"])
+# name: (yaml dataset, rewards, weights, num_generations, max_steps, stop step (the YAML's comment),
+#        save_steps, cosine_max_len (1000 = tina/config.py's default; 3584 from the launch script), scale, loss)
+TINA = {
+    "tina_open_rs1.sh": ("open_rs1", ["format", "accuracy"], [1.0, 2.0], 4, 5000, 2400, 100, 1000, True, "grpo"),
+    "tina_open_rs2.sh": ("open_rs2", ["format", "accuracy"], [1.0, 2.0], 6, 1500, 850, 50, 1000, True, "grpo"),
+    "tina_open_rs3.sh": ("open_rs3", ["format", "cosine"], [1.0, 2.0], 6, 1500, 850, 50, 3584, True, "grpo"),
+    # the ablation's `scale_reward: false` never reached the trainer (its field is scale_rewards)
+    "tina_open_rs3_drgrpo.sh": ("open_rs3", ["format", "cosine"], [1.0, 2.0], 6, 1500, 850, 50, 3584, True, "grpo"),
+    "tina_still.sh": ("still", ["length", "accuracy"], [1.0, 2.0], 4, 7500, 3750, 10, 1000, True, "grpo"),
+    "tina_deepscaler.sh": ("deepscaler", ["format", "accuracy"], [1.0, 2.0], 4, 11000, 5500, 100, 1000, True, "grpo"),
+    "tina_limr.sh": ("limr", ["format", "accuracy"], [1.0, 2.0], 4, 360, 180, 10, 1000, True, "grpo"),
 }
+# what the recipes change on purpose (nothing else may differ): the Dr.GRPO paper's objective as its own recipe
+DELIBERATE = {"tina_open_rs3_drgrpo_paper.sh": dict(scale_rewards=False, loss_type="dr_grpo")}
 
 
-@pytest.mark.parametrize("name", sorted(EXPECT))
-def test_tina_recipes_parse(name):
-    argv = recipe_argv(name)
-    assert argv[0] == "grpo_lora.py"
-    a = G.build_parser().parse_args(argv[1:])
-    assert (a.dataset, a.rewards, a.reward_weights, a.num_generations, a.max_steps, a.stop_step) == EXPECT[name]
-    assert (a.lora_r, a.lora_alpha, a.lora_dropout, a.lr, a.beta, a.temperature) == (32, 128, 0.05, 1e-6, 0.04, 0.7)
-    assert (a.max_prompt_len, a.max_completion_len, a.prompts_per_step, a.grad_accum) == (512, 3584, 4, 4)
-    assert a.scale_rewards == (name != "tina_open_rs3_drgrpo.sh")
-    assert a.loss_type == ("dr_grpo" if name == "tina_open_rs3_drgrpo.sh" else "grpo")
-
-
-def recipe_calls(name: str, env: dict) -> list[list[str]]:
-    """Every python call a recipe makes, each as its argument list."""
+def recipe_calls(name: str, env: dict | None = None) -> list[list[str]]:
+    """Every python call a recipe makes, each as its argument list (a stand-in `python` shell function)."""
     stub = '() { printf "CALL\\n"; printf "%s\\n" "$@"; }'
-    out = subprocess.run(["bash", str(ROOT / "recipes" / name)], env={**os.environ, **env, "BASH_FUNC_python%%": stub},
+    out = subprocess.run(["bash", str(ROOT / "recipes" / name)], env={**os.environ, **(env or {}),
+                                                                       "BASH_FUNC_python%%": stub},
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return [c.strip("\n").splitlines() for c in out.split("CALL\n") if c.strip()]
 
 
-def test_resa_recipes_parse():
+def dry_run(module, call: list[str]) -> dict:
+    """The recipe's call with --dry_run, through the stage's own code path (parse, check, resolve)."""
+    args = module.build_parser().parse_args([*call[1:], "--dry_run"])
+    return (module.train if hasattr(module, "train") else module.evaluate)(args)
+
+
+@pytest.mark.parametrize("name", sorted(TINA) + sorted(DELIBERATE))
+def test_tina_recipes_reproduce_the_original_runs(name, capsys):
+    (call,) = recipe_calls(name)
+    assert call[0] == "grpo_lora.py"
+    cfg = dry_run(G, call)
+    capsys.readouterr()
+    ds, rewards, weights, gens, max_steps, stop, save, cos_len, scale, loss = TINA.get(name, TINA["tina_open_rs3.sh"])
+    want = {**TINA_COMMON, "dataset": ds, "rewards": rewards, "reward_weights": weights, "num_generations": gens,
+            "max_steps": max_steps, "stop_step": stop, "total_steps": stop, "save_every": save,
+            "cosine_max_len": cos_len, "scale_rewards": scale, "loss_type": loss,
+            "completions_per_step": 8 * gens, **DELIBERATE.get(name, {})}
+    got = {k: cfg[k] for k in want}
+    assert got == want
+    assert cfg["micro_batches_per_process"] == 8 and cfg["world_size"] == 1
+
+
+def test_tina_global_batch_is_the_same_under_torchrun(monkeypatch, capsys):
+    (call,) = recipe_calls("tina_open_rs2.sh")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = dry_run(G, call)
+    capsys.readouterr()
+    assert (cfg["global_prompts_per_step"], cfg["completions_per_step"], cfg["world_size"]) == (8, 48, 2)
+    assert (cfg["micro_batches_per_process"], cfg["prompts_per_micro_batch"]) == (4, 1)    # Tina: accum 4 x 1
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match="number of processes"):
+        dry_run(G, call)
+
+
+def test_open_rs_prompts_and_gold_columns_follow_tina():
+    import data as D
+    assert D.system_prompt_for("auto", "open_rs2") == D.SYSTEM_PROMPTS["open_rs"]     # hub id has "open-rs"
+    assert D.system_prompt_for("auto", "open_rs1") == D.SYSTEM_PROMPTS["open_r1"]     # knoveleng/open-s1
+    assert D.TRAIN_SETS["open_rs2"].answer == D.TRAIN_SETS["open_rs1"].answer == "solution"
+    assert D.TRAIN_SETS["still"].answer == D.TRAIN_SETS["deepscaler"].answer == "answer"
+
+
+def test_resa_recipes_reproduce_the_original_runs(capsys):
     import evaluate as E
     import sae_tune as ST
     import train_sae as T
     (call,) = recipe_calls("resa_train_sae.sh", {"TINA_ADAPTER": "ckpt", "RESA_LAYERS": "2,6,10"})
-    a = T.build_parser().parse_args(call[1:])
-    assert (a.adapter, a.layers, a.num_latents, a.k, a.batch_size, a.ctx_len) == ("ckpt", [2, 6, 10], 65536, 32, 16, 2048)
-    (call,) = recipe_calls("resa_sae_tune.sh", {})
-    a = ST.build_parser().parse_args(call[1:])
-    assert (a.sae, a.loss, a.sae_grad, a.lr, a.epochs, a.batch_size) == ("out/resa/sae/layers.12", "kl", "block", 1e-6, 2, 1)
-    assert (a.lora_r, a.lora_alpha, a.lora_dropout) == (32, 128, 0.05)
-    (call,) = recipe_calls("resa_sft_baseline.sh", {})
-    b = ST.build_parser().parse_args(call[1:])
-    assert (b.sae, b.loss) == ("none", "ce")
-    assert (b.lr, b.epochs, b.batch_size, b.ctx_len, b.dataset) == (a.lr, a.epochs, a.batch_size, a.ctx_len, a.dataset)
-    calls = recipe_calls("resa_modularity.sh", {})
-    bases = [E.build_parser().parse_args(c[1:]) for c in calls]
-    assert [x.model for x in bases] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-1.5B"]
-    assert all(x.adapter == ["base", "out/resa/tuned/final"] for x in bases)
+    a = dry_run(T, call)
+    # sparsify TrainConfig in train_from_scratch.py: batch_size 16 per process, 2 processes, in order; 65k latents
+    assert (a["adapter"], a["layers"], a["num_latents_resolved"], a["k"], a["ctx_len"]) == ("ckpt", [2, 6, 10], 65536,
+                                                                                           32, 2048)
+    assert (a["sequences_per_step"], a["shuffle"], a["dataset"], a["system_prompt"]) == (32, False, "still", "resa")
+    (call,) = recipe_calls("resa_sae_tune.sh")
+    b = dry_run(ST, call)
+    # sae_tuning.yaml: lr 1e-6, 2 epochs, batch_size 1 per GPU on 2 GPUs, seed 42, save_steps 500; sae_tuning.py:
+    # an unshuffled DataLoader, AdamW at torch's default weight decay, clip 1.0
+    assert (b["sae"], b["loss_resolved"], b["sae_grad"], b["lr"], b["epochs"]) == ("out/resa/sae/layers.12", "kl",
+                                                                                  "block", 1e-6, 2)
+    assert (b["sequences_per_step"], b["shuffle"], b["seed"], b["save_every"], b["weight_decay"]) == (2, False, 42, 500,
+                                                                                                    0.01)
+    assert (b["lora_r"], b["lora_alpha"], b["lora_dropout"], b["max_grad_norm"]) == (32, 128, 0.05, 1.0)
+    (call,) = recipe_calls("resa_matched_sft_control.sh")
+    c = dry_run(ST, call)
+    assert (c["sae"], c["loss_resolved"]) == ("none", "ce")
+    same = ("lr", "epochs", "sequences_per_step", "shuffle", "ctx_len", "dataset", "lora_r", "seed")
+    assert {k: c[k] for k in same} == {k: b[k] for k in same}
+    calls = recipe_calls("resa_modularity.sh")
+    cfgs = [dry_run(E, x) for x in calls]
+    capsys.readouterr()
+    assert [x["model"] for x in cfgs] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-1.5B"]
+    assert all(x["adapters"] == ["base", "out/resa/tuned/final"] for x in cfgs)
+
+
+def test_a_recipe_dry_run_prints_one_json_object_and_loads_nothing(tmp_path):
+    r = subprocess.run(["bash", "recipes/tina_open_rs2.sh", "--dry_run", "--out_dir", str(tmp_path / "never")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads(r.stdout)
+    assert cfg["completions_per_step"] == 48 and cfg["total_steps"] == 850 and not (tmp_path / "never").exists()

@@ -149,7 +149,8 @@ def test_sae_tune_two_processes_with_gloo(model3, arith_file, tmp_path):
     script.write_text("import sys\nimport sae_tune\nsae_tune.main(sys.argv[1:])\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), "--model", str(model3), "--sae", "none", "--dataset", str(arith_file), "--ctx_len", "64",
-           "--lr", "1e-3", "--lora_r", "4", "--max_steps", "3", "--system_prompt", "none", "--device", "cpu",
+           "--lr", "1e-3", "--lora_r", "4", "--max_steps", "3", "--batch_size", "2", "--system_prompt", "none",
+           "--device", "cpu",
            "--out_dir", str(tmp_path / "ddp")]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=300)
