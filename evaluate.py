@@ -78,12 +78,27 @@ def grade_sample(benchmark: str, completion: str, gold: str):
     return D.extract_answer(completion, "eval"), D.grade(completion, gold, mode="eval")
 
 
+def new_token_budget(net, prompt_len: int, args) -> int:
+    """--max_new_tokens, capped so that prompt + completion stay within the model's trained context (Tina's
+    evaluation capped Qwen2.5-Math-1.5B, 4,096 positions, the same way); said once per run."""
+    cap = net.cfg.max_position_embeddings - prompt_len
+    if args.max_new_tokens > cap and not _CAPPED:
+        print(f"note: --max_new_tokens {args.max_new_tokens} capped at {cap} for prompts of {prompt_len} tokens: the "
+              f"model was trained on {net.cfg.max_position_embeddings} positions")
+        _CAPPED.append(cap)
+    return max(1, min(args.max_new_tokens, cap))
+
+
+_CAPPED: list[int] = []      # the note above is printed once per process
+
+
 def generate_hf(net, tok, prompts: list[str], args, seed: int, eos_ids):
     """-> list of (completion text, tokens, finished) for the prompt texts, one batch."""
     ids, mask = SM.encode_prompts(tok, prompts, net.device)
     gen = torch.Generator(device=net.device).manual_seed(seed)
     with L.lora_merged(net):
-        out = SM.generate(net, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        out = SM.generate(net, ids, mask, max_new_tokens=new_token_budget(net, ids.shape[1], args),
+                          temperature=args.temperature,
                           top_p=args.top_p, eos_ids=eos_ids, pad_id=tok.pad_token_id, generator=gen)
     return [(tok.decode(t[:n].tolist(), skip_special_tokens=True), n, bool(f))
             for t, n, f in zip(out.tokens, out.lengths.tolist(), out.finished.tolist())]
@@ -178,7 +193,7 @@ def prepare(args):
     if args.backend == "vllm":
         ranks = [C.read_json(Path(a) / "adapter_config.json")["r"] for a in args.adapter if a != "base"]
         engine = SM.VLLMEngine(M.resolve_model_dir(args.model), max_lora_rank=max(ranks, default=0), seed=args.seed,
-                               max_model_len=args.max_new_tokens + 2048)
+                               max_model_len=min(args.max_new_tokens + 2048, net.cfg.max_position_embeddings))
     return sets, stats, tok, net, M.eos_token_ids(tok, args.model, net.cfg), engine
 
 

@@ -241,6 +241,10 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     dev = input_ids.device
     if temperature < 0:
         raise ValueError(f"temperature {temperature} < 0 would sample the inverted distribution; use >= 0")
+    limit = model.cfg.max_position_embeddings
+    if T + max_new_tokens > limit:
+        raise ValueError(f"{T} prompt + {max_new_tokens} new tokens would decode past the model's trained context "
+                         f"({limit} positions, max_position_embeddings): ask for at most {max(0, limit - T)} new tokens")
     if static is None:
         static = dev.type == "cuda" and not model.residual_hooks
     elif static and model.residual_hooks:

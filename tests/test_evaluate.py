@@ -11,6 +11,7 @@ import data as D
 import evaluate as E
 import lora as L
 import model as M
+import sampling as SM
 from conftest import make_char_model
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
@@ -183,3 +184,14 @@ def test_adapter_sweep_and_bad_input(small_set, tmp_path):
     with pytest.raises(SystemExit, match="pass@k needs n >= k"):
         E.main(eval_args(flat, small_set, tmp_path / "bad", "--n", "2", "--k", "4"))
     assert not (tmp_path / "bad" / "samples.jsonl").exists()
+
+
+def test_generation_stays_within_the_trained_context(char_model_dir, small_set, tmp_path, capsys):
+    net = M.load_model(str(char_model_dir))                     # max_position_embeddings 512
+    with pytest.raises(ValueError, match="past the model's trained context"):
+        SM.generate(net, torch.randint(3, 60, (1, 500)), max_new_tokens=20)
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "cap", "--max_new_tokens", "600", "--temperature", "0",
+                     "--n", "1"))
+    assert "capped at" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(tmp_path / "cap" / "samples.jsonl")]
+    assert all(len(r["prompt"]) + r["tokens"] <= 512 for r in rows)      # characters = tokens here
