@@ -415,9 +415,9 @@ def setup(args, rank: int, device):
     tok = M.load_tokenizer(args.tokenizer or args.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    if args.max_prompt_len + args.max_completion_len > net.cfg.max_position_embeddings:
-        raise SystemExit(f"--max_prompt_len {args.max_prompt_len} + --max_completion_len {args.max_completion_len} "
-                         f"exceed the model's trained context ({net.cfg.max_position_embeddings} positions)")
+    if args.max_completion_len >= net.cfg.max_position_embeddings:   # (a long prompt + completion: generate refuses)
+        raise SystemExit(f"--max_completion_len {args.max_completion_len} does not fit the model's trained context "
+                         f"({net.cfg.max_position_embeddings} positions)")
     eos_ids = M.eos_token_ids(tok, args.model, net.cfg)
     if not eos_ids:
         raise SystemExit("the tokenizer and model config name no EOS token: completions could never end")
