@@ -224,6 +224,61 @@ def train_step(sae, opt, x, dead_mask=None, auxk_alpha: float = 0.0):
 
 
 # -----------------------------------------------------------------------------------------------
+# Signum: sparsify's default SAE optimizer, as Resa trained with it
+
+
+class Signum(torch.optim.Optimizer):
+    """Schedule-free sign descent: sparsify's "signum" optimizer (schedulefree's ScheduleFreeWrapper around
+    SignSGD, momentum 0.95), written out. Three sequences per parameter: z takes plain sign steps,
+    z <- z - lr sign(g); x is a running average of the z's, x <- x + c (z - x) with c = w_t / sum of w
+    (w_t = the largest lr so far, squared); the gradient is taken at y = m x + (1 - m) z, which is what the
+    parameter holds while training. Only z is stored: x = (y - (1 - m) z) / m. Call eval() before using or
+    saving the weights (the parameter then holds x, the average) and train() before the next step.
+    Checked in float64 against schedulefree's wrapper and sparsify's SignSGD (tests/test_sae.py)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, weight_lr_power: float = 2.0):
+        super().__init__(params, dict(lr=lr))
+        self.momentum, self.weight_lr_power, self.training = momentum, weight_lr_power, True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self.training:
+            raise RuntimeError("Signum.step() in eval mode: call train() first")
+        m = self.momentum
+        for group in self.param_groups:
+            lr = group["lr"]
+            group["lr_max"] = max(lr, group.get("lr_max", 0.0))
+            group["weight_sum"] = group.get("weight_sum", 0.0) + group["lr_max"] ** self.weight_lr_power
+            c = group["lr_max"] ** self.weight_lr_power / group["weight_sum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                z = self.state[p].setdefault("z", p.detach().clone())
+                x = (p - (1 - m) * z) / m                     # the average, from y = m x + (1 - m) z
+                z.add_(p.grad.sign(), alpha=-lr)              # SignSGD on z, the gradient taken at y
+                x.lerp_(z, c)
+                p.copy_(x.lerp(z, 1 - m))                     # the next y
+
+    @torch.no_grad()
+    def eval(self):                                           # parameters <- x
+        if self.training:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if "z" in self.state[p]:
+                        p.lerp_(self.state[p]["z"], 1 - 1 / self.momentum)
+        self.training = False
+
+    @torch.no_grad()
+    def train(self):                                          # parameters <- y
+        if not self.training:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if "z" in self.state[p]:
+                        p.lerp_(self.state[p]["z"], 1 - self.momentum)
+        self.training = True
+
+
+# -----------------------------------------------------------------------------------------------
 # Dead latents
 
 

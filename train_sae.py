@@ -39,9 +39,13 @@ import model as M
 import sae as S
 
 
-def default_lr(num_latents: int) -> float:
-    """sparsify's rule: 2e-4 / sqrt(num_latents / 2**14)."""
-    return 2e-4 / math.sqrt(num_latents / 2 ** 14)
+def default_lr(num_latents: int, optimizer: str = "adam") -> float:
+    """sparsify's rules: Adam 2e-4, signum 5e-3, each / sqrt(num_latents / 2**14)."""
+    return (5e-3 if optimizer == "signum" else 2e-4) / math.sqrt(num_latents / 2 ** 14)
+
+
+def make_optimizer(sae: S.SAE, name: str, lr: float):
+    return S.Signum(sae.parameters(), lr=lr, momentum=0.95) if name == "signum" else torch.optim.Adam(sae.parameters(), lr=lr)
 
 
 def collect_residuals(net, ids, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -118,7 +122,8 @@ def train(args) -> dict[int, S.SAE]:
                                "tokens_per_step": args.batch_size * args.ctx_len,
                                "num_latents_resolved": args.num_latents or (None if args.expansion_factor else 65536),
                                "lr_resolved": args.lr if args.lr is not None else
-                               (default_lr(args.num_latents or 65536) if not args.expansion_factor else None),
+                               (default_lr(args.num_latents or 65536, args.optimizer) if not args.expansion_factor
+                                else None),
                                "total_steps": -(-args.max_tokens // (args.batch_size * args.ctx_len))
                                if args.max_tokens else None})
     device = C.pick_device(args.device)
@@ -134,8 +139,8 @@ def train(args) -> dict[int, S.SAE]:
     saes = make_saes(args, net.cfg.hidden_size, net.cfg.num_hidden_layers)
     for sae in saes.values():
         sae.to(device)
-    lr = args.lr if args.lr is not None else default_lr(next(iter(saes.values())).num_latents)
-    opts = {layer: torch.optim.Adam(sae.parameters(), lr=lr) for layer, sae in saes.items()}
+    lr = args.lr if args.lr is not None else default_lr(next(iter(saes.values())).num_latents, args.optimizer)
+    opts = {layer: make_optimizer(sae, args.optimizer, lr) for layer, sae in saes.items()}
     trackers = {layer: S.DeadLatentTracker(sae.num_latents, args.dead_tokens, device) for layer, sae in saes.items()}
     log.write_run(data=data_stats, chunks=int(ids.shape[0]), ctx_len=int(ids.shape[1]), lr=lr)
 
@@ -168,15 +173,22 @@ def train(args) -> dict[int, S.SAE]:
         log.metrics(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.startswith("fvu/")})
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_all(saes, out_dir)
-    save_all(saes, out_dir)
+            save_all(saes, out_dir, opts)
+    save_all(saes, out_dir, opts)
     log.write_run(steps=steps, finished=True)
     return saes
 
 
-def save_all(saes: dict[int, S.SAE], out_dir: Path):
+def save_all(saes: dict[int, S.SAE], out_dir: Path, opts: dict):
+    """Write every SAE; a schedule-free optimizer's weights are saved at its average (eval), then training
+    goes on from where it was (train)."""
     for layer, sae in saes.items():
+        opt = opts[layer]
+        if isinstance(opt, S.Signum):
+            opt.eval()
         sae.save(out_dir / f"layers.{layer}")
+        if isinstance(opt, S.Signum):
+            opt.train()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per step (%(default)s; Resa: 32, sparsify's 16 per GPU on 2 GPUs)")
     g.add_argument("--no_shuffle", dest="shuffle", action="store_false",
                    help="read the chunks in order, as sparsify's trainer (and so Resa) does; default: shuffled")
-    g.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(num_latents / 2^14))")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "signum"],
+                   help="adam (default) or signum, sparsify's default and so Resa's (schedule-free SignSGD, "
+                   "momentum 0.95)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="default: sparsify's, 2e-4 (adam) or 5e-3 (signum) / sqrt(num_latents / 2^14)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up steps (%(default)s)")
     g.add_argument("--auxk_alpha", type=float, default=0.0, help="weight of the AuxK loss on dead latents (%(default)s)")
     g.add_argument("--dead_tokens", type=int, default=10_000_000, help="a latent silent this long is dead (%(default)s)")

@@ -102,6 +102,7 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     assert (a["adapter"], a["layers"], a["num_latents_resolved"], a["k"], a["ctx_len"]) == ("ckpt", [2, 6, 10], 65536,
                                                                                            32, 2048)
     assert (a["sequences_per_step"], a["shuffle"], a["dataset"], a["system_prompt"]) == (32, False, "still", "resa")
+    assert (a["optimizer"], a["lr_resolved"]) == ("signum", 2.5e-3)     # sparsify's default optimizer and lr rule
     (call,) = recipe_calls("resa_sae_tune.sh")
     b = dry_run(ST, call)
     # sae_tuning.yaml: lr 1e-6, 2 epochs, batch_size 1 per GPU on 2 GPUs, seed 42, save_steps 500; sae_tuning.py:

@@ -246,3 +246,11 @@ def test_sft_loss_is_the_mean_assistant_token_nll(model3):
         lp = torch.log_softmax(net(ids).double(), -1)                           # float64 reference
     nll = [-lp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 16) if amask[b, t]]
     assert loss.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-5)
+
+
+def test_train_sae_with_signum_lowers_fvu_and_saves_the_average(model3, arith_file, tmp_path):
+    T.main(sae_args(model3, arith_file, tmp_path / "sig", "--layers", "1", "--optimizer", "signum", "--lr", "3e-3"))
+    rows = metrics(tmp_path / "sig")
+    assert rows[-1]["fvu/1"] < 0.5 * rows[0]["fvu/1"]
+    sae = S.load_sae(str(tmp_path / "sig" / "layers.1"))
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.num_latents), atol=0.05)   # x: near unit rows

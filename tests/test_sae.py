@@ -249,3 +249,55 @@ def test_dead_latent_tracker_counts_tokens_since_each_latent_fired():
     assert tr.dead_mask().tolist() == [False, True, True, True, True] and tr.dead_fraction() == pytest.approx(0.8)
     tr.update(torch.tensor([[3, 1]]), torch.tensor([[2.0, 0.5]]))                     # 3 and 1 fire: alive again
     assert tr.dead_mask().tolist() == [False, False, True, False, True]
+
+
+def test_signum_matches_schedulefree_around_sparsifys_signsgd():
+    # float64: our Signum against schedulefree's ScheduleFreeWrapper wrapping sparsify's SignSGD (the pair
+    # sparsify builds for optimizer="signum"), over steps with a warm-up (the lr-max weights) and a decoder
+    # renormalisation between steps, then eval() (the average) and train() back
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify.sign_sgd import SignSGD
+    torch.manual_seed(0)
+    ours_p = [torch.randn(6, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    ref_p = [p.clone() for p in ours_p]
+    ours = S.Signum([p.requires_grad_() for p in ours_p], lr=0.1, momentum=0.95)
+    ref = ScheduleFreeWrapper(SignSGD([p.requires_grad_() for p in ref_p], lr=0.1), momentum=0.95)
+    ref.train()
+    for step in range(7):
+        lr = 0.1 * min(1.0, (step + 1) / 3)
+        for g in (ours.param_groups, ref.param_groups):
+            g[0]["lr"] = lr
+        grads = [torch.randn_like(p) for p in ours_p]
+        for a, b, gr in zip(ours_p, ref_p, grads):
+            a.grad, b.grad = gr.clone(), gr.clone()
+        ours.step()
+        ref.step()
+        with torch.no_grad():                          # what train_step does to the decoder after each step
+            for p in (ours_p[0], ref_p[0]):
+                p.div_(p.norm(dim=1, keepdim=True))
+        for a, b in zip(ours_p, ref_p):
+            assert torch.allclose(a, b, atol=1e-12), step
+    ours.eval()
+    ref.eval()
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ours_p, ref_p))
+    ours.train()
+    ref.train()
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ours_p, ref_p))
+
+
+def test_signum_update_rule_in_float64():
+    # the rule written out for one scalar: z -= lr sign(g); x += c (z - x), c = lr^2 / sum lr^2; y = m x + (1-m) z
+    p = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    opt = S.Signum([p], lr=0.5, momentum=0.9)
+    z = x = 0.3
+    wsum = 0.0
+    for g, lr in ((1.0, 0.5), (-2.0, 0.5), (0.5, 0.25)):
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+        z -= lr * (1 if g > 0 else -1)
+        wsum += 0.5 ** 2                                # weights use the largest lr so far
+        x += (0.5 ** 2 / wsum) * (z - x)
+        assert p.item() == pytest.approx(0.9 * x + 0.1 * z, abs=1e-12)
+    opt.eval()
+    assert p.item() == pytest.approx(x, abs=1e-12)
