@@ -3,7 +3,10 @@
 # sequences of 2048 tokens per step = sparsify's 16 per GPU on Resa's 2 GPUs; scripts/train/
 # train_from_scratch.py) on the residual stream of a Tina checkpoint (the base + its GRPO LoRA adapter).
 # The optimizer is sparsify's default, signum (schedule-free SignSGD, momentum 0.95, lr 5e-3 / sqrt(65536 / 2^14)).
-#   TINA_ADAPTER=out/tina_still/step_003750 bash recipes/resa_train_sae.sh
+#   TINA_ADAPTER=out/tina_still/step_002000 bash recipes/resa_train_sae.sh
+# (Resa's merge script, resa/sae/merge_sae_tuned_models.py, defaults to the source checkpoint-2000 of the
+# Tina STILL run and the SAE-tuned target checkpoint-500; the repositories do not say which checkpoints each
+# paper number used beyond these defaults.)
 #   Layer sweep from one pass: RESA_LAYERS=2,6,10,14,18,22,26 bash recipes/resa_train_sae.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
