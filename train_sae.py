@@ -87,6 +87,25 @@ def trigger_chunks(args, tok):
     return ids, stats
 
 
+def load_start(init_from: str, layer: int) -> S.SAE:
+    """Resa's "finetuned" start: the SAE for `layer` in init_from (a local folder or hub repo of hookpoint
+    folders, or one SAE folder): layers.L, model.layers.L, or layers.L.mlp, where EleutherAI's published SAEs
+    for R1-Distill-Qwen-1.5B live. Those were trained on the MLP's output, not the residual stream; Resa
+    starts from them all the same (scripts/train/finetune.py maps model.layers.L to layers.L.mlp), so they
+    load, with a warning."""
+    for hook in (f"layers.{layer}", f"model.layers.{layer}", f"layers.{layer}.mlp"):
+        try:
+            sae = S.load_sae(init_from, hookpoint=hook)
+        except FileNotFoundError:                         # not this hookpoint's folder
+            continue
+        if hook.endswith(".mlp"):
+            print(f"warning: --init_from {init_from}: {hook} was trained on the output of layer {layer}'s MLP, not "
+                  f"on the residual stream after layer {layer}; it is only a starting point here (as in Resa)")
+        return sae
+    raise SystemExit(f"--init_from {init_from}: no SAE for layer {layer} (looked for layers.{layer}, "
+                     f"model.layers.{layer} and layers.{layer}.mlp)")
+
+
 def make_saes(args, d_in: int, n_layers: int) -> dict[int, S.SAE]:
     for layer in args.layers:
         if not 0 <= layer < n_layers:
@@ -96,7 +115,7 @@ def make_saes(args, d_in: int, n_layers: int) -> dict[int, S.SAE]:
         meta = {"layer": layer, "hookpoint": f"layers.{layer}", "source_model": args.model, "adapter": args.adapter,
                 "trigger_dataset": args.dataset}
         if args.init_from:   # Resa's "finetuned" variant: continue from an existing SAE (ours or sparsify's)
-            sae = S.load_sae(args.init_from, hookpoint=f"layers.{layer}")
+            sae = load_start(args.init_from, layer)
             if sae.d_in != d_in:
                 raise SystemExit(f"--init_from: SAE d_in={sae.d_in} does not fit the model's hidden size {d_in}")
             sae.meta.update(meta, init_from=args.init_from)
@@ -156,8 +175,8 @@ def train(args) -> dict[int, S.SAE]:
         row = {"step": step + 1, "lr": lr * min(1.0, (step + 1) / max(1, args.warmup_steps))}
         for layer, sae in saes.items():
             x = acts[layer].reshape(-1, sae.d_in).float()                  # [B*T, d]
-            if step == 0 and not args.init_from:
-                sae.init_b_dec(x)
+            if step == 0:                                 # b_dec = the first batch's mean, also when starting
+                sae.init_b_dec(x)                         # from another SAE (as sparsify's trainer, so Resa)
             for grp in opts[layer].param_groups:
                 grp["lr"] = row["lr"]
             dead = trackers[layer].dead_mask() if args.auxk_alpha > 0 else None

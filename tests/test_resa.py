@@ -68,11 +68,18 @@ def test_sae_training_lowers_fvu_and_layers_train_independently(model3, arith_fi
     a = load_file(str(tmp_path / "both" / "layers.2" / "sae.safetensors"))
     b = load_file(str(tmp_path / "only2" / "layers.2" / "sae.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    # --init_from starts from the given weights: with lr 0 they come back unchanged
+    # --init_from starts from the given weights: with lr 0 they come back unchanged, except b_dec, which is
+    # set to the first batch's mean as sparsify's trainer (and so Resa) does
     T.main(sae_args(model3, arith_file, tmp_path / "ft", "--layers", "2", "--init_from", str(tmp_path / "both"),
                     "--lr", "0", "--max_tokens", "256"))
     c = load_file(str(tmp_path / "ft" / "layers.2" / "sae.safetensors"))
-    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a if k != "b_dec")
+    net = M.load_model(str(model3))
+    first = T.trigger_chunks(T.build_parser().parse_args(sae_args(model3, arith_file, tmp_path / "z", "--layers", "2",
+                                                                   "--max_tokens", "256")), M.load_tokenizer(str(model3)))[0]
+    order = torch.randperm(first.shape[0], generator=torch.Generator().manual_seed(0))
+    acts = T.collect_residuals(net, first[order[:4]], [2])[2].reshape(-1, 64)
+    assert torch.allclose(c["b_dec"], acts.mean(0), atol=1e-5)
     assert json.loads((tmp_path / "ft" / "layers.2" / "cfg.json").read_text())["init_from"] == str(tmp_path / "both")
 
 
@@ -254,3 +261,15 @@ def test_train_sae_with_signum_lowers_fvu_and_saves_the_average(model3, arith_fi
     assert rows[-1]["fvu/1"] < 0.5 * rows[0]["fvu/1"]
     sae = S.load_sae(str(tmp_path / "sig" / "layers.1"))
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.num_latents), atol=0.05)   # x: near unit rows
+
+
+def test_init_from_eleutherais_mlp_folders_loads_with_a_warning(model3, arith_file, tmp_path, capsys):
+    # EleutherAI's R1-Distill SAEs sit in layers.N.mlp folders (trained on MLP outputs): Resa starts from them
+    S.SAE(64, 256, 8).save(tmp_path / "eleuther" / "layers.1.mlp")
+    S.SAE(64, 256, 8).save(tmp_path / "eleuther" / "layers.0.mlp")
+    T.main(sae_args(model3, arith_file, tmp_path / "ft", "--layers", "1", "--init_from", str(tmp_path / "eleuther"),
+                    "--max_tokens", "256"))
+    assert "layers.1.mlp was trained on the output of layer 1's MLP" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ft" / "layers.1" / "cfg.json").read_text())["num_latents"] == 256
+    with pytest.raises(SystemExit, match="no SAE for layer 2"):
+        T.main(sae_args(model3, arith_file, tmp_path / "ft2", "--layers", "2", "--init_from", str(tmp_path / "eleuther")))
