@@ -117,11 +117,15 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     assert (c["sae"], c["loss_resolved"]) == ("none", "ce")
     same = ("lr", "epochs", "sequences_per_step", "shuffle", "ctx_len", "dataset", "lora_r", "seed")
     assert {k: c[k] for k in same} == {k: b[k] for k in same}
-    calls = recipe_calls("resa_modularity.sh")
-    cfgs = [dry_run(E, x) for x in calls]
+    # modularity in Resa's direction: SAE-Tuning on Qwen2.5-Math-1.5B, the adapter then attached to R1-Distill
+    tune, *evals = recipe_calls("resa_modularity.sh")
+    t = dry_run(ST, tune)
+    assert t["model"] == "Qwen/Qwen2.5-Math-1.5B" and t["out_dir"] == "out/resa/tuned_on_Qwen2.5-Math-1.5B"
+    assert {k: t[k] for k in same if k != "lr"} == {k: b[k] for k in same if k != "lr"} and t["lr"] == b["lr"]
+    cfgs = [dry_run(E, x) for x in evals]
     capsys.readouterr()
     assert [x["model"] for x in cfgs] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-1.5B"]
-    assert all(x["adapters"] == ["base", "out/resa/tuned/final"] for x in cfgs)
+    assert all(x["adapters"] == ["base", "out/resa/tuned_on_Qwen2.5-Math-1.5B/final"] for x in cfgs)
 
 
 def test_a_recipe_dry_run_prints_one_json_object_and_loads_nothing(tmp_path):
