@@ -329,6 +329,41 @@ def trace_free_text(question: str, answer: str, system_prompt: str) -> tuple[str
             f" <think> {answer} </think>\n<answer> Answer: {answer}</answer>")
 
 
+def resa_sft_text(tokenizer, question: str, answer: str) -> tuple[str, str]:
+    """Resa's SFT baseline text (resa/post_train_hf/preprocess.py, make_conv_for_sft with trace_free): the
+    question as the user turn and "think: \\n{answer}\\n answer: {answer}" as the assistant turn, through the
+    tokenizer's chat template, no system prompt. -> (prefix up to the assistant's reply, the rest)."""
+    reply = f"think: \n{answer}\n answer: {answer}"
+    full = tokenizer.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": reply}],
+                                         tokenize=False, add_generation_prompt=False)
+    i = full.rfind(reply)                          # the assistant part starts where its content does
+    return (full[:i], full[i:]) if i >= 0 else ("", full)
+
+
+def text_pieces(tok, examples, text_format: str, system_prompt: str) -> list[tuple[str, str]]:
+    """--text_format: resa (the trigger / elicitation text, trace_free_text) or resa_sft (resa_sft_text)."""
+    if text_format == "resa_sft":
+        return [resa_sft_text(tok, e.question, e.answer) for e in examples]
+    return [trace_free_text(e.question, e.answer, system_prompt) for e in examples]
+
+
+def pad_rows(tok, pieces: list[tuple[str, str]], ctx_len: int):
+    """One example per row (no packing, as SFTTrainer with packing off): tokens cut at ctx_len, right-padded.
+    -> ids [N, T] long, assistant_mask [N, T] bool, valid [N, T] bool (False on padding), T <= ctx_len."""
+    rows, masks = [], []
+    for prefix, assistant in pieces:
+        p = tok(prefix, add_special_tokens=False).input_ids
+        a = tok(assistant, add_special_tokens=False).input_ids
+        rows.append((p + a)[:ctx_len])
+        masks.append(([False] * len(p) + [True] * len(a))[:ctx_len])
+    T = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+    amask = torch.tensor([m + [False] * (T - len(m)) for m in masks])
+    valid = torch.tensor([[True] * len(r) + [False] * (T - len(r)) for r in rows])
+    return ids, amask, valid
+
+
 def pack_chunks(tok, pieces: list[tuple[str, str]], ctx_len: int):
     """Tokenise (prefix, assistant) pairs, join the texts with EOS and cut the stream into ctx_len chunks
     (as sparsify's chunk_and_tokenize; the last partial chunk is dropped unless it is the only one).

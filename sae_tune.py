@@ -57,10 +57,11 @@ def kl_loss(net, ids, sae: S.SAE, layer: int, grad: str, chunk_size: int = 512):
     return loss, hook.last_mse
 
 
-def ce_loss(net, ids, assistant_mask):
-    """Next-token loss on the assistant part (the SFT baseline)."""
+def ce_loss(net, ids, loss_mask):
+    """Mean next-token loss over the tokens loss_mask marks [B, T] (the SFT baselines: the assistant part, or
+    every real token)."""
     lp = net.logprobs(ids)                                        # [B, T-1]
-    m = assistant_mask[:, 1:].to(lp.dtype)
+    m = loss_mask[:, 1:].to(lp.dtype)
     return -(lp * m).sum() / m.sum().clamp(min=1)
 
 
@@ -102,6 +103,17 @@ def check_fit(sae: S.SAE, layer: int, net, grad: str = "block"):
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "save_every", "resume", "overwrite", "device", "gpu_hour_usd")
 
 
+def lr_factor(step: int, total: int, schedule: str, warmup_ratio: float) -> float:
+    """constant (Resa's SAE-Tuning), or linear warm-up over ceil(warmup_ratio x total) steps then linear decay
+    to 0 (transformers' default schedule, which Resa's SFT baseline ran)."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def batch_rows(step: int, n: int, per_step: int, steps_per_epoch: int, seed: int, rank: int, world: int,
                shuffle: bool = True):
     """The chunk indices of this rank's share of step `step`: a fresh seeded shuffle per epoch, or in order."""
@@ -116,7 +128,13 @@ def setup(args, device):
     tok = M.load_tokenizer(args.tokenizer or args.model)
     examples, data_stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
     sp = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
-    ids, amask = D.pack_chunks(tok, [D.trace_free_text(e.question, e.answer, sp) for e in examples], args.ctx_len)
+    pieces = D.text_pieces(tok, examples, args.text_format, sp)
+    if args.packing:                                              # fixed chunks of the joined texts
+        ids, amask = D.pack_chunks(tok, pieces, args.ctx_len)
+        valid = torch.ones_like(amask)
+    else:                                                         # one example per row, right-padded
+        ids, amask, valid = D.pad_rows(tok, pieces, args.ctx_len)
+    lmask = valid if args.loss_on == "all" else amask             # what the CE loss counts
     sae, layer = load_sae_arg(args)
     net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
     if sae is not None:
@@ -127,7 +145,7 @@ def setup(args, device):
     net.gradient_checkpointing = C.use_checkpointing(args.gradient_checkpointing, args.ctx_len)
     params = L.lora_parameters(net)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return ids, amask, data_stats, sae, layer, net, params, opt
+    return ids, lmask, data_stats, sae, layer, net, params, opt
 
 
 def check_args(args):
@@ -137,7 +155,11 @@ def check_args(args):
                          f"number of processes ({world})")
     C.check_ranges(args, positive=("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "ctx_len",
                                    "max_grad_norm"),
-                   nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout",))
+                   nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout", "warmup_ratio"))
+    loss = args.loss or ("ce" if args.sae == "none" else "kl")
+    if loss == "kl" and (not args.packing or args.loss_on == "all"):
+        raise SystemExit("--no_packing and --loss_on all are for the SFT baselines (--sae none --loss ce): the KL runs "
+                         "on packed chunks without padding")
 
 
 def train(args) -> dict:
@@ -152,15 +174,18 @@ def train(args) -> dict:
     args.loss = args.loss or ("ce" if args.sae == "none" else "kl")
     log = C.RunLog(out_dir, vars(args), "sae_tune", enabled=rank == 0, n_gpus=world if device.type == "cuda" else 0,
                    gpu_hour_usd=args.gpu_hour_usd, resume=args.resume, overwrite=args.overwrite)
-    ids, amask, data_stats, sae, layer, net, params, opt = setup(args, device)
+    ids, lmask, data_stats, sae, layer, net, params, opt = setup(args, device)
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed + 1 + rank)                       # dropout noise differs across ranks
     per_step = args.batch_size                                    # sequences per step, all processes together
     steps_per_epoch = math.ceil(ids.shape[0] / per_step)
     total = min(args.epochs * steps_per_epoch, args.max_steps or 1 << 62)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, args.lr_schedule, args.warmup_ratio))
     step = 0
     if args.resume:
         step = L.load_training_state(out_dir, net, opt, generator, vars(args), RESUME_MAY_CHANGE)["step"]
+        for _ in range(step):
+            sched.step()
         log.resume(step)
     log.write_run(sae=args.sae, sae_layer=layer, sae_grad=args.sae_grad if sae else None, loss=args.loss, sae_source_model=sae.meta.get("source_model") if sae else None,
                   sae_adapter=sae.meta.get("adapter") if sae else None, data=data_stats, chunks=int(ids.shape[0]),
@@ -170,7 +195,7 @@ def train(args) -> dict:
     while step < total:
         t0 = time.time()
         epoch, rows = batch_rows(step, ids.shape[0], per_step, steps_per_epoch, args.seed, rank, world, args.shuffle)
-        batch, bmask = ids[rows].to(device), amask[rows].to(device)
+        batch, bmask = ids[rows].to(device), lmask[rows].to(device)
         with C.autocast(device, net.dtype):
             if args.loss == "kl":                                 # Resa's objective
                 loss, mse = kl_loss(net, batch, sae, layer, args.sae_grad, args.kl_chunk)
@@ -181,7 +206,9 @@ def train(args) -> dict:
         loss.backward()
         C.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         vals = torch.tensor([loss.item(), mse.item() if mse is not None else 0.0], dtype=torch.float64)
@@ -189,7 +216,7 @@ def train(args) -> dict:
             vals = vals.to(device)
             dist.all_reduce(vals)
             vals = (vals / world).cpu()
-        row = {"step": step, "epoch": epoch, args.loss: vals[0].item(), "lr": args.lr, "grad_norm": float(grad_norm),
+        row = {"step": step, "epoch": epoch, args.loss: vals[0].item(), "lr": lr, "grad_norm": float(grad_norm),
                "tokens_per_s": batch.numel() * world / (time.time() - t0)}   # (rank 0's share x world)
         if mse is not None:
             row["sae_mse"] = vals[1].item()
@@ -214,7 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block: SAE under no_grad as in Resa (default); pass: gradients flow through it")
     g.add_argument("--loss", default=None, choices=["kl", "ce"], help="kl (default with an SAE) or ce (default without)")
     g.add_argument("--kl_chunk", type=int, default=512, help="rows per vocabulary chunk in the KL (%(default)s)")
-    D.add_text_args(p, "elicitation")
+    g = D.add_text_args(p, "elicitation")
+    g.add_argument("--text_format", default="resa", choices=["resa", "resa_sft"],
+                   help="resa: Resa's trace-free elicitation text (default); resa_sft: Resa's SFT baseline text "
+                   "(chat template, 'think: ... answer: ...')")
+    g.add_argument("--no_packing", dest="packing", action="store_false",
+                   help="one example per row, cut at --ctx_len and padded (SFTTrainer without packing); default: "
+                   "the texts joined and cut into --ctx_len chunks")
+    g.add_argument("--loss_on", default="assistant", choices=["assistant", "all"],
+                   help="what the CE loss counts: the assistant part (default) or every token (SFTTrainer's default)")
     L.add_lora_args(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-6, help="AdamW lr, constant (%(default)s)")
@@ -225,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per step, all processes together (%(default)s; Resa: 2, one per GPU on 2 GPUs)")
     g.add_argument("--no_shuffle", dest="shuffle", action="store_false",
                    help="read the chunks in order, as Resa's DataLoader does; default: a fresh shuffle per epoch")
+    g.add_argument("--lr_schedule", default="constant", choices=["constant", "linear"],
+                   help="constant (Resa's SAE-Tuning) or linear decay to 0 after the warm-up (Resa's SFT baseline)")
+    g.add_argument("--warmup_ratio", type=float, default=0.0, help="linear warm-up share of the steps (%(default)s)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="(%(default)s)")
     C.add_checkpointing_arg(g)
     g = p.add_argument_group("checkpoints")

@@ -117,6 +117,15 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     assert (c["sae"], c["loss_resolved"]) == ("none", "ce")
     same = ("lr", "epochs", "sequences_per_step", "shuffle", "ctx_len", "dataset", "lora_r", "seed")
     assert {k: c[k] for k in same} == {k: b[k] for k in same}
+    (call,) = recipe_calls("resa_sft_baseline.sh")          # Resa's own SFT baseline (sft/train_model_still.yaml)
+    r = dry_run(ST, call)
+    assert (r["sae"], r["loss_resolved"], r["text_format"], r["packing"], r["loss_on"]) == ("none", "ce", "resa_sft",
+                                                                                         False, "all")
+    assert (r["lr"], r["lr_schedule"], r["warmup_ratio"], r["weight_decay"], r["epochs"]) == (1e-5, "linear", 0.05,
+                                                                                            0.0, 3)
+    assert (r["sequences_per_step"], r["shuffle"], r["ctx_len"], r["max_grad_norm"], r["seed"]) == (32, True, 2048,
+                                                                                                   1.0, 42)
+    assert (r["lora_r"], r["lora_alpha"], r["lora_dropout"]) == (32, 128, 0.05)
     # modularity in Resa's direction: SAE-Tuning on Qwen2.5-Math-1.5B, the adapter then attached to R1-Distill
     tune, *evals = recipe_calls("resa_modularity.sh")
     t = dry_run(ST, tune)

@@ -273,3 +273,24 @@ def test_init_from_eleutherais_mlp_folders_loads_with_a_warning(model3, arith_fi
     assert json.loads((tmp_path / "ft" / "layers.1" / "cfg.json").read_text())["num_latents"] == 256
     with pytest.raises(SystemExit, match="no SAE for layer 2"):
         T.main(sae_args(model3, arith_file, tmp_path / "ft2", "--layers", "2", "--init_from", str(tmp_path / "eleuther")))
+
+
+def test_resa_sft_text_rows_and_full_sequence_loss(model3, arith_file, tmp_path):
+    import data as D
+    tok = M.load_tokenizer(str(model3))
+    prefix, reply = D.resa_sft_text(tok, "2+3", "5")
+    assert reply.startswith("think: \n5\n answer: 5") and "2+3" in prefix
+    ids, amask, valid = D.pad_rows(tok, [(prefix, reply), ("ab", "c")], ctx_len=64)
+    assert ids.shape[0] == 2 and valid[1].sum() == 3 and not valid[1, 3:].any() and amask[1].tolist()[:3] == [
+        False, False, True]
+    ids, amask, valid = D.pad_rows(tok, [(prefix, reply)], ctx_len=5)               # cut at ctx_len
+    assert ids.shape == (1, 5) and valid.all()
+    ST.main(["--model", str(model3), "--sae", "none", "--loss", "ce", "--dataset", str(arith_file), "--text_format",
+             "resa_sft", "--no_packing", "--loss_on", "all", "--ctx_len", "64", "--lr", "1e-2", "--lora_r", "4",
+             "--batch_size", "4", "--max_steps", "6", "--lr_schedule", "linear", "--warmup_ratio", "0.34",
+             "--out_dir", str(tmp_path / "sft")])
+    rows = metrics(tmp_path / "sft")
+    assert [r["lr"] for r in rows[:4]] == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3, 1e-2])   # warm-up: ceil(0.34 x 6) = 3
+    assert rows[-1]["lr"] == pytest.approx(1e-2 * 1 / 3) and rows[-1]["ce"] < rows[1]["ce"]
+    with pytest.raises(SystemExit, match="for the SFT baselines"):
+        ST.main(["--model", str(model3), "--sae", str(tmp_path / "x"), "--no_packing", "--dataset", str(arith_file)])
