@@ -408,6 +408,9 @@ def setup(args, rank: int, device):
     examples, data_stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
     usable = [e for e in examples if D.gold_parses(e.answer, "reward")] if "accuracy" in args.rewards else examples
     data_stats["unparseable_gold"] = len(examples) - len(usable)
+    if data_stats["unparseable_gold"]:                        # counted in run.json too, never scored as correct
+        print(f"{args.dataset}: dropped {data_stats['unparseable_gold']} of {len(examples)} prompts whose gold answer "
+              "math-verify cannot parse")
     if not usable:
         raise SystemExit(f"{args.dataset}: no example has a gold answer math-verify can parse")
     net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
