@@ -44,6 +44,12 @@ def default_lr(num_latents: int, optimizer: str = "adam") -> float:
     return (5e-3 if optimizer == "signum" else 2e-4) / math.sqrt(num_latents / 2 ** 14)
 
 
+def dead_window(run_tokens: int) -> int:
+    """A latent silent this many tokens is dead: sparsify's 10M, or a tenth of a shorter run (so that the
+    dead fraction means something in a small run such as the toy world's)."""
+    return max(1, min(10_000_000, run_tokens // 10))
+
+
 def make_optimizer(sae: S.SAE, name: str, lr: float):
     return S.Signum(sae.parameters(), lr=lr, momentum=0.95) if name == "signum" else torch.optim.Adam(sae.parameters(), lr=lr)
 
@@ -160,8 +166,9 @@ def train(args) -> dict[int, S.SAE]:
         sae.to(device)
     lr = args.lr if args.lr is not None else default_lr(next(iter(saes.values())).num_latents, args.optimizer)
     opts = {layer: make_optimizer(sae, args.optimizer, lr) for layer, sae in saes.items()}
-    trackers = {layer: S.DeadLatentTracker(sae.num_latents, args.dead_tokens, device) for layer, sae in saes.items()}
-    log.write_run(data=data_stats, chunks=int(ids.shape[0]), ctx_len=int(ids.shape[1]), lr=lr)
+    dead_tokens = args.dead_tokens or dead_window(ids.numel())
+    trackers = {layer: S.DeadLatentTracker(sae.num_latents, dead_tokens, device) for layer, sae in saes.items()}
+    log.write_run(data=data_stats, chunks=int(ids.shape[0]), ctx_len=int(ids.shape[1]), lr=lr, dead_tokens=dead_tokens)
 
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(ids.shape[0], generator=g) if args.shuffle else torch.arange(ids.shape[0])
@@ -234,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: sparsify's, 2e-4 (adam) or 5e-3 (signum) / sqrt(num_latents / 2^14)")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up steps (%(default)s)")
     g.add_argument("--auxk_alpha", type=float, default=0.0, help="weight of the AuxK loss on dead latents (%(default)s)")
-    g.add_argument("--dead_tokens", type=int, default=10_000_000, help="a latent silent this long is dead (%(default)s)")
+    g.add_argument("--dead_tokens", type=int, default=None,
+                   help="a latent silent this many tokens is dead (default: 10M as sparsify, or a tenth of a shorter run)")
     g.add_argument("--save_every", type=int, default=0, help="also save every N steps (0 = at the end only)")
     return p
 

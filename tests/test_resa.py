@@ -259,6 +259,8 @@ def test_train_sae_with_signum_lowers_fvu_and_saves_the_average(model3, arith_fi
     T.main(sae_args(model3, arith_file, tmp_path / "sig", "--layers", "1", "--optimizer", "signum", "--lr", "3e-3"))
     rows = metrics(tmp_path / "sig")
     assert rows[-1]["fvu/1"] < 0.5 * rows[0]["fvu/1"]
+    run = json.loads((tmp_path / "sig" / "run.json").read_text())     # the dead window scales with a short run
+    assert run["dead_tokens"] == run["chunks"] * run["ctx_len"] // 10 and "dead_fraction/1" in rows[-1]
     sae = S.load_sae(str(tmp_path / "sig" / "layers.1"))
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.num_latents), atol=0.05)   # x: near unit rows
 

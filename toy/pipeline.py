@@ -180,6 +180,7 @@ def main(argv=None):
     kl_rows = [json.loads(line) for line in open(out / "sae_tuned" / "metrics.jsonl")]
     evidence = {"sae_fvu_first": next(v for k, v in sae_rows[0].items() if k.startswith("fvu/")),
                 "sae_fvu_last": next(v for k, v in sae_rows[-1].items() if k.startswith("fvu/")),
+                "sae_dead_fraction": next(v for k, v in sae_rows[-1].items() if k.startswith("dead_fraction/")),
                 "sae_tune_kl_first10": sum(r["kl"] for r in kl_rows[:10]) / min(10, len(kl_rows)),
                 "sae_tune_kl_last10": sum(r["kl"] for r in kl_rows[-10:]) / min(10, len(kl_rows))}
     total = time.time() - t_start
@@ -206,7 +207,8 @@ def markdown(table, evidence, total, cfg) -> str:
     lines.append("")
     lines.append(f"{cfg['limit']} held-out problems x {cfg['n']} samples (temperature 0.6, top_p 0.95); the "
                  "modularity rows compare against the second base. SAE FVU "
-                 f"{evidence['sae_fvu_first']:.3f} -> {evidence['sae_fvu_last']:.3f}; SAE-Tuning KL (summed over a "
+                 f"{evidence['sae_fvu_first']:.3f} -> {evidence['sae_fvu_last']:.3f} (dead latents at the end: "
+                 f"{100 * evidence['sae_dead_fraction']:.0f}%, silent for a tenth of the run); SAE-Tuning KL (summed over a "
                  f"256-token chunk) {evidence['sae_tune_kl_first10']:.2f} -> {evidence['sae_tune_kl_last10']:.2f} "
                  f"(mean of the first / last 10 steps). Total {total / 60:.1f} minutes.")
     return "\n".join(lines)
