@@ -122,3 +122,19 @@ def test_expected_errors_print_one_line_without_a_traceback(tmp_path):
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nothere.jsonl'")
+
+
+def test_cost_meter_counts_the_whole_process_across_resumes(tmp_path):
+    import common as C
+    import time
+    log = C.RunLog(tmp_path / "r", {}, "x", n_gpus=1, gpu_hour_usd=3600.0)
+    assert not (tmp_path / "r" / "run.json").exists()                  # nothing written before write_run
+    log.write_run()
+    first = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert first["wall_seconds"] >= time.time() - C.PROCESS_START - 1     # from process start, not from here
+    (tmp_path / "r" / "run.json").write_text(json.dumps({**first, "wall_seconds": 1000.0}))   # an earlier run's time
+    again = C.RunLog(tmp_path / "r", {}, "x", n_gpus=1, gpu_hour_usd=3600.0, resume=True)
+    again.resume(0)
+    again.write_run()
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["wall_seconds"] >= 1000.0 and run["dollars"] == pytest.approx(run["wall_seconds"], rel=1e-3)

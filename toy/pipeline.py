@@ -2,7 +2,7 @@
 toy/pipeline.py -- the whole Tina -> Resa pipeline on the toy world, on a CPU, with the real stage scripts.
 
     python toy/pipeline.py                 # about 10 minutes on 2 CPU cores -> out/toy/results.md, results.png
-    python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~2 minutes
+    python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~40 seconds
     python toy/pipeline.py --device cuda   # the same on a GPU (float32; its numbers differ from the CPU's in
                                            # the last bits, so the table may differ by a sample or two)
 
