@@ -41,6 +41,7 @@ import common as C
 import data as D
 import lora as L
 import model as M
+import sae as S
 import sampling as SM
 
 
@@ -147,7 +148,7 @@ def check_args(args):
 def sample_settings(args, sets) -> dict:
     """Everything that determines the recorded samples: a re-run may reuse them only if all of it matches."""
     keys = ("model", "tokenizer", "dtype", "template", "system_prompt", "temperature", "top_p", "max_new_tokens",
-            "batch_size", "seed", "backend")
+            "batch_size", "seed", "backend", "sae")
     return {**{k: getattr(args, k) for k in keys},
             "questions": {b: zlib.crc32(json.dumps([[e.index, e.question, e.answer] for e in ex]).encode())
                           for b, ex in sets.items()}}
@@ -189,6 +190,17 @@ def prepare(args):
             except ValueError as e:
                 raise SystemExit(f"--adapter {a}: {e}") from None
             L.unload_lora(net)
+    if args.sae:                  # Resa's diagnostics: the model with an SAE in place of its residual stream
+        if args.backend == "vllm":
+            raise SystemExit("--sae needs --backend hf (vLLM cannot insert an SAE)")
+        try:
+            sae = S.load_sae(args.sae)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--sae {args.sae}: {e}") from None
+        if sae.layer is None or not 0 <= sae.layer < net.cfg.num_hidden_layers or sae.d_in != net.cfg.hidden_size:
+            raise SystemExit(f"--sae {args.sae} (layer {sae.layer}, d_in {sae.d_in}) does not fit this model "
+                             f"({net.cfg.num_hidden_layers} layers, hidden size {net.cfg.hidden_size})")
+        S.insert_sae(net, sae.to(device=net.device, dtype=torch.float32), sae.layer)
     engine = None
     if args.backend == "vllm":
         ranks = [C.read_json(Path(a) / "adapter_config.json")["r"] for a in args.adapter if a != "base"]
@@ -279,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/eval")
     g.add_argument("--adapter", type=C.csv_list(), default=[],
                    help="comma-separated adapter folders (a sweep: one row each); 'base' = no adapter")
+    g.add_argument("--sae", default=None,
+                   help="an SAE folder inserted, frozen, at its layer while generating (Resa's diagnostic: how much "
+                   "of the model's skill survives its SAE); default none")
     g = p.add_argument_group("data")
     g.add_argument("--benchmarks", type=C.csv_list(), default=[], help=f"comma-separated from {', '.join(D.BENCHMARKS)}")
     g.add_argument("--data_dir", default=None, help="folder with local copies of the benchmarks (e.g. ../shared/data/eval)")

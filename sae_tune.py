@@ -44,17 +44,20 @@ import model as M
 import sae as S
 
 
-def kl_loss(net, ids, sae: S.SAE, layer: int, grad: str, chunk_size: int = 512):
-    """KL(target without LoRA and SAE || target + LoRA + SAE), summed over tokens / batch. -> (loss, sae mse)."""
+def kl_loss(net, ids, sae: S.SAE | None, layer: int, grad: str, chunk_size: int = 512, teacher=None):
+    """KL(teacher || target + LoRA + SAE), summed over tokens / batch. -> (loss, sae mse or None).
+    The teacher is the target itself without LoRA and SAE (Resa), or `teacher`, another model of the same
+    architecture (--teacher_adapter: the upper bound that distils the source's own distribution)."""
     with torch.no_grad(), L.lora_disabled(net):
-        h_teacher = net(ids, hidden=True)                         # [B, T, D]
-    hook = S.insert_sae(net, sae, layer, grad)
+        h_teacher = (teacher if teacher is not None else net)(ids, hidden=True)     # [B, T, D]
+    hook = S.insert_sae(net, sae, layer, grad) if sae is not None else None
     try:
         h_student = net(ids, hidden=True)
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
     loss = M.chunked_kl(net.lm_head, h_teacher, h_student, chunk_size=chunk_size) / ids.shape[0]
-    return loss, hook.last_mse
+    return loss, hook.last_mse if hook is not None else None
 
 
 def ce_loss(net, ids, loss_mask):
@@ -69,8 +72,9 @@ def load_sae_arg(args):
     """--sae -> (SAE or None, layer): the layer from our cfg.json, else the sparsify folder name layers.N,
     else --layer. Runs before the model loads, so a bad path fails at once."""
     if args.sae == "none":
-        if args.loss == "kl":
-            raise SystemExit("--loss kl needs an SAE (with --sae none the student equals the teacher); use --loss ce")
+        if args.loss == "kl" and not args.teacher_adapter:
+            raise SystemExit("--loss kl needs an SAE or a --teacher_adapter (otherwise the student equals the "
+                             "teacher); use --loss ce")
         return None, None
     path = Path(args.sae)
     if path.is_dir() and not (path / "cfg.json").exists() and not list(path.glob("*/cfg.json")):
@@ -140,12 +144,20 @@ def setup(args, device):
     if sae is not None:
         check_fit(sae, layer, net, args.sae_grad)
         sae.to(device=device, dtype=torch.float32)
+    teacher = None
+    if args.teacher_adapter:                                      # the upper bound: the source's own distribution
+        teacher = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
+        try:
+            L.load_adapter(teacher, args.teacher_adapter)
+        except ValueError as e:
+            raise SystemExit(f"--teacher_adapter {args.teacher_adapter}: {e}") from None
+        L.unload_lora(teacher, merge=True)
     torch.manual_seed(args.seed)                                  # same LoRA init on every rank
     L.attach_lora(net, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     net.gradient_checkpointing = C.use_checkpointing(args.gradient_checkpointing, args.ctx_len)
     params = L.lora_parameters(net)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return ids, lmask, data_stats, sae, layer, net, params, opt
+    return ids, lmask, data_stats, sae, layer, net, params, opt, teacher
 
 
 def check_args(args):
@@ -156,7 +168,7 @@ def check_args(args):
     C.check_ranges(args, positive=("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "ctx_len",
                                    "max_grad_norm"),
                    nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout", "warmup_ratio"))
-    loss = args.loss or ("ce" if args.sae == "none" else "kl")
+    loss = args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl")
     if loss == "kl" and (not args.packing or args.loss_on == "all"):
         raise SystemExit("--no_packing and --loss_on all are for the SFT baselines (--sae none --loss ce): the KL runs "
                          "on packed chunks without padding")
@@ -165,16 +177,16 @@ def check_args(args):
 def train(args) -> dict:
     check_args(args)
     if args.dry_run:
-        return C.print_config({**vars(args), "loss_resolved": args.loss or ("ce" if args.sae == "none" else "kl"),
+        return C.print_config({**vars(args), "loss_resolved": args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl"),
                                "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                                "sequences_per_step": args.batch_size, "tokens_per_step": args.batch_size * args.ctx_len,
                                "total_steps": args.max_steps or None})
     rank, world, device = C.setup_distributed(args.device)
     out_dir = Path(args.out_dir)
-    args.loss = args.loss or ("ce" if args.sae == "none" else "kl")
+    args.loss = args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl")
     log = C.RunLog(out_dir, vars(args), "sae_tune", enabled=rank == 0, n_gpus=world if device.type == "cuda" else 0,
                    gpu_hour_usd=args.gpu_hour_usd, resume=args.resume, overwrite=args.overwrite)
-    ids, lmask, data_stats, sae, layer, net, params, opt = setup(args, device)
+    ids, lmask, data_stats, sae, layer, net, params, opt, teacher = setup(args, device)
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed + 1 + rank)                       # dropout noise differs across ranks
     per_step = args.batch_size                                    # sequences per step, all processes together
@@ -198,7 +210,7 @@ def train(args) -> dict:
         batch, bmask = ids[rows].to(device), lmask[rows].to(device)
         with C.autocast(device, net.dtype):
             if args.loss == "kl":                                 # Resa's objective
-                loss, mse = kl_loss(net, batch, sae, layer, args.sae_grad, args.kl_chunk)
+                loss, mse = kl_loss(net, batch, sae, layer, args.sae_grad, args.kl_chunk, teacher)
             else:                                                 # the SFT baseline
                 loss, mse = ce_loss(net, batch, bmask), None
         if not torch.isfinite(loss):
@@ -240,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sae_grad", default="block", choices=["block", "pass"],
                    help="block: SAE under no_grad as in Resa (default); pass: gradients flow through it")
     g.add_argument("--loss", default=None, choices=["kl", "ce"], help="kl (default with an SAE) or ce (default without)")
+    g.add_argument("--teacher_adapter", default=None,
+                   help="KL to the target + this adapter instead of the target itself (with --sae none: the upper "
+                   "bound that distils the source's logits on the same text)")
     g.add_argument("--kl_chunk", type=int, default=512, help="rows per vocabulary chunk in the KL (%(default)s)")
     g = D.add_text_args(p, "elicitation")
     g.add_argument("--text_format", default="resa", choices=["resa", "resa_sft"],

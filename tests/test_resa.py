@@ -296,3 +296,47 @@ def test_resa_sft_text_rows_and_full_sequence_loss(model3, arith_file, tmp_path)
     assert rows[-1]["lr"] == pytest.approx(1e-2 * 1 / 3) and rows[-1]["ce"] < rows[1]["ce"]
     with pytest.raises(SystemExit, match="for the SFT baselines"):
         ST.main(["--model", str(model3), "--sae", str(tmp_path / "x"), "--no_packing", "--dataset", str(arith_file)])
+
+
+def test_teacher_adapter_upper_bound_and_evaluation_with_an_sae(model3, arith_file, tmp_path):
+    # the upper-bound row: KL to the target + a source adapter, no SAE; the adapter it learns moves the target
+    # toward the source. And evaluate.py --sae: the model with an SAE in place of its residual stream
+    import evaluate as E
+    net = M.load_model(str(model3))
+    L.attach_lora(net, 4, 8, 0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in L.lora_layers(net).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    L.save_adapter(net, tmp_path / "source")
+    ST.main(["--model", str(model3), "--sae", "none", "--teacher_adapter", str(tmp_path / "source"), "--dataset",
+             str(arith_file), "--ctx_len", "64", "--lr", "1e-2", "--lora_r", "4", "--max_steps", "15",
+             "--system_prompt", "none", "--lora_dropout", "0", "--out_dir", str(tmp_path / "ub")])
+    rows = metrics(tmp_path / "ub")
+    assert "kl" in rows[0] and rows[-1]["kl"] < 0.5 * rows[0]["kl"]           # the student approaches the source
+    ids = torch.randint(3, 90, (2, 16), generator=g)
+    with torch.no_grad():
+        teacher = net(ids)                                                 # base + source adapter
+        student = M.load_model(str(model3))
+        L.load_adapter(student, tmp_path / "ub" / "final")
+        base = M.load_model(str(model3))
+        kl = lambda a, b: F.kl_div(F.log_softmax(b(ids), -1), F.log_softmax(a, -1), log_target=True,
+                                   reduction="batchmean").item()
+        assert kl(teacher, student) < 0.5 * kl(teacher, base)
+    blank = S.SAE(64, 128, 4, layer=1)                      # reconstructs 0: the stream after layer 1 is wiped
+    with torch.no_grad():
+        blank.W_dec.zero_()
+        blank.b_dec.zero_()
+    blank.save(tmp_path / "sae" / "layers.1")
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"problem": f"{a}+1", "answer": str(a + 1)}) + "\n" for a in range(3)))
+    common = ["--model", str(model3), "--data", str(small), "--max_new_tokens", "8", "--temperature", "0",
+              "--template", "none", "--device", "cpu"]
+    E.main([*common, "--out_dir", str(tmp_path / "plain")])
+    E.main([*common, "--sae", str(tmp_path / "sae" / "layers.1"), "--out_dir", str(tmp_path / "with_sae")])
+    a = [json.loads(x)["completion"] for x in open(tmp_path / "plain" / "samples.jsonl")]
+    b = [json.loads(x)["completion"] for x in open(tmp_path / "with_sae" / "samples.jsonl")]
+    assert a != b                                           # the SAE was in place while generating
+    with pytest.raises(SystemExit, match="does not fit"):
+        S.SAE(32, 64, 4, layer=1).save(tmp_path / "narrow" / "layers.1")
+        E.main([*common, "--sae", str(tmp_path / "narrow" / "layers.1"), "--out_dir", str(tmp_path / "x")])
