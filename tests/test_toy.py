@@ -51,9 +51,16 @@ def test_pipeline_quick_connects_every_stage(tmp_path):
                        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rep = json.loads((tmp_path / "toy" / "results.json").read_text())
-    assert len(rep["rows"]) == 6 and all(0 <= row["pass@1"] <= 1 for row in rep["rows"])
-    assert "| GRPO-LoRA (Tina) |" in (tmp_path / "toy" / "results.md").read_text()
-    for d in ("base", "base2", "grpo/final", "sae_tuned/final", "sft/final"):
+    labels = [row["row"] for row in rep["rows"]]
+    for want in ("base model", "GRPO-LoRA", "source with its SAE inserted", "base with that SAE inserted",
+                 "SAE-Tuning (Resa), seed 0", "SAE-Tuning, mean of 1 seeds", "control:", "upper bound:", "SFT-LoRA",
+                 "second base", "modularity"):
+        assert sum(label.startswith(want) or want in label for label in labels) == 1, want
+    assert len(labels) == 11 and all(0 <= row["pass@1"] <= 1 and 0 <= row["reasons"] <= 1 for row in rep["rows"])
+    assert set(rep["summary"]) >= {"sae_tuning_share_of_grpo_gain", "sae_tuning_score_over_grpo_score",
+                                   "sae_tuning_minus_control", "source_with_sae_over_source"}
+    assert "| GRPO-LoRA (Tina): the source |" in (tmp_path / "toy" / "results.md").read_text()
+    for d in ("base", "base2", "grpo/final", "sae_tuned_s0/final", "control/final", "upper_bound/final", "sft/final"):
         assert (tmp_path / "toy" / d).exists(), d
 
 

@@ -35,14 +35,14 @@ from toy.world import write_sets  # noqa: E402
 FULL = dict(n_train=2000, n_test=300, base=["--steps", "450"], limit=200, n=4, max_new=96, eval_batch=256,
             grpo=["--max_steps", "40", "--stop_step", "40", "--save_every", "10", "--num_generations", "8",
                   "--prompts_per_step", "16", "--grad_accum", "2"],
-            sae=["--expansion_factor", "8", "--k", "16", "--batch_size", "8"], tune=["--epochs", "2"])
+            sae=["--expansion_factor", "8", "--k", "16", "--batch_size", "8"], tune=["--epochs", "2"], seeds=[0, 1, 2])
 QUICK = dict(n_train=64, n_test=24, base=["--steps", "8", "--hidden", "32", "--mlp", "64", "--layers", "2",
                                           "--heads", "2", "--kv_heads", "1", "--batch_size", "8"],
              limit=16, n=2, max_new=24, eval_batch=64,
              grpo=["--max_steps", "2", "--stop_step", "2", "--save_every", "1", "--num_generations", "2",
                    "--prompts_per_step", "2", "--grad_accum", "1"],
              sae=["--expansion_factor", "2", "--k", "4", "--batch_size", "2", "--max_tokens", "1024"],
-             tune=["--max_steps", "3"])
+             tune=["--max_steps", "3"], seeds=[0])
 
 
 ENV = dict(os.environ)      # the stages' environment; main() sets their torch thread count in it
@@ -115,17 +115,19 @@ def main(argv=None):
         params[name] = json.loads((out / name / "run.json").read_text())["params"]
     base, base2 = str(out / "base"), str(out / "base2")
 
-    def evaluate(model: str, adapters: list[str], name: str) -> Path:
+    def evaluate(model: str, adapters: list[str], name: str, extra: list[str] = ()) -> Path:
         d = out / "eval" / name
         secs[f"eval_{name}"] = run(
             [py, "evaluate.py", "--model", model, "--adapter", ",".join(adapters), "--data", test, "--limit",
              str(cfg["limit"]), "--n", str(cfg["n"]), "--temperature", "0.6", "--top_p", "0.95", "--max_new_tokens",
              str(cfg["max_new"]), "--batch_size", str(cfg["eval_batch"]), "--template", "none", "--system_prompt",
-             "none", "--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--out_dir", str(d), "--overwrite"],
+             "none", "--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--out_dir", str(d), "--overwrite",
+             *extra],
             logs / f"eval_{name}.log")
         res = json.loads((d / "results.json").read_text())["results"]
-        print("      pass@1 " + ", ".join(f"{Path(a).name if a != 'base' else 'base'} {100 * res[a]['test']['pass@1']:.1f}%"
-                                      for a in adapters), flush=True)
+        name_of = lambda a: "base" if a == "base" else "/".join(Path(a).parts[-2:])
+        print("      pass@1 " + ", ".join(f"{name_of(a)} {100 * res[a]['test']['pass@1']:.1f}%" for a in adapters),
+              flush=True)
         return d
 
     common = ["--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--system_prompt", "none", "--overwrite"]
@@ -138,83 +140,148 @@ def main(argv=None):
     params["grpo"] = json.loads((out / "grpo" / "run.json").read_text())["trainable_params"]
     ckpts = sorted(str(c) for c in (out / "grpo").glob("step_*"))
     ev_grpo = evaluate(base, ["base", *ckpts], "grpo")
-    # 4. Resa: SAE on the GRPO-tuned model, SAE-Tuning of the base
-    secs["train_sae"] = run([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--dataset", train,
-                             "--layers", "0" if args.quick else "2", "--ctx_len", "256", "--lr", "3e-3",
-                             "--out_dir", str(out / "sae"), *cfg["sae"], *common], logs / "train_sae.log")
-    sae_dir = next((out / "sae").glob("layers.*"))
+    # 4. Resa: an SAE on the GRPO-tuned model (the source) and, for the control, one on the base (the target)
+    layer = "0" if args.quick else "2"
+    sae_common = ["--dataset", train, "--layers", layer, "--ctx_len", "256", "--lr", "3e-3", *cfg["sae"], *common]
+    secs["train_sae"] = run([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--out_dir",
+                             str(out / "sae"), *sae_common], logs / "train_sae.log")
+    secs["train_sae_control"] = run([py, "train_sae.py", "--model", base, "--out_dir", str(out / "sae_control"),
+                                     *sae_common], logs / "train_sae_control.log")
+    sae_dir, control_dir = out / "sae" / f"layers.{layer}", out / "sae_control" / f"layers.{layer}"
     sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
     params["train_sae"] = 2 * sae_cfg["num_latents"] * sae_cfg["d_in"] + sae_cfg["num_latents"] + sae_cfg["d_in"]
+    # each model with the source's SAE in its residual stream, no training: how much of its skill survives
+    ev_sae = evaluate(base, ["base", ckpts[-1]], "sae_inserted", ["--sae", str(sae_dir)])
+    # 5. SAE-Tuning of the base (several seeds), the control (the SAE trained on the base itself), the upper
+    #    bound (KL to the GRPO model's own logits, no SAE) and the SFT-LoRA baseline: the same text and steps
     tune = ["--dataset", train, "--ctx_len", "256", "--lr", "3e-4", *lora, *cfg["tune"], "--save_every", "100000",
             *common]
-    secs["sae_tune"] = run([py, "sae_tune.py", "--model", base, "--sae", str(sae_dir), "--out_dir",
-                            str(out / "sae_tuned"), *tune], logs / "sae_tune.log")
-    params["sae_tune"] = json.loads((out / "sae_tuned" / "run.json").read_text())["trainable_params"]
-    # 5. the SFT-LoRA baseline on the same text and steps
+    tuned = []
+    for seed in cfg["seeds"]:
+        d = out / f"sae_tuned_s{seed}"
+        secs[f"sae_tune_s{seed}"] = run([py, "sae_tune.py", "--model", base, "--sae", str(sae_dir), "--out_dir", str(d),
+                                         *tune, "--seed", str(seed)], logs / f"sae_tune_s{seed}.log")
+        tuned.append(str(d / "final"))
+    params["sae_tune"] = json.loads((out / f"sae_tuned_s{cfg['seeds'][0]}" / "run.json").read_text())["trainable_params"]
+    secs["sae_tune"] = secs[f"sae_tune_s{cfg['seeds'][0]}"]
+    secs["control"] = run([py, "sae_tune.py", "--model", base, "--sae", str(control_dir), "--out_dir",
+                           str(out / "control"), *tune], logs / "control.log")
+    secs["upper_bound"] = run([py, "sae_tune.py", "--model", base, "--sae", "none", "--teacher_adapter", ckpts[-1],
+                               "--loss", "kl", "--out_dir", str(out / "upper_bound"), *tune], logs / "upper_bound.log")
     secs["sft"] = run([py, "sae_tune.py", "--model", base, "--sae", "none", "--loss", "ce", "--out_dir",
                        str(out / "sft"), *tune], logs / "sft.log")
-    params["sft"] = json.loads((out / "sft" / "run.json").read_text())["trainable_params"]
-    ev_resa = evaluate(base, [str(out / "sae_tuned" / "final"), str(out / "sft" / "final")], "resa")
-    # 6. modularity: the SAE-tuned adapter on the second base
-    ev_mod = evaluate(base2, ["base", str(out / "sae_tuned" / "final")], "modularity")
+    for k in ("control", "upper_bound", "sft"):
+        params[k] = params["sae_tune"]
+    extra = [str(out / "control" / "final"), str(out / "upper_bound" / "final"), str(out / "sft" / "final")]
+    ev_resa = evaluate(base, [*tuned, *extra], "resa")
+    # 6. modularity: the SAE-tuned adapter (first seed) on the second base
+    ev_mod = evaluate(base2, ["base", tuned[0]], "modularity")
 
     # 7. the table
-    ref = per_problem(ev_grpo, "base")
-    ref2 = per_problem(ev_mod, "base")
+    ref, ref2 = per_problem(ev_grpo, "base"), per_problem(ev_mod, "base")
     rows = [("base model (trained from scratch)", ev_grpo, "base", ref, "base"),
-            ("GRPO-LoRA (Tina)", ev_grpo, ckpts[-1], ref, "grpo"),
-            ("SAE-Tuning (Resa): SAE from the GRPO model, LoRA on the base", ev_resa,
-             str(out / "sae_tuned" / "final"), ref, "sae_tune"),
-            ("SFT-LoRA baseline, same trace-free text and steps", ev_resa, str(out / "sft" / "final"), ref, "sft"),
+            ("GRPO-LoRA (Tina): the source", ev_grpo, ckpts[-1], ref, "grpo"),
+            ("source with its SAE inserted, no training", ev_sae, ckpts[-1], ref, None),
+            ("base with that SAE inserted, no training", ev_sae, "base", ref, None),
+            *[(f"SAE-Tuning (Resa), seed {s}: SAE from the source, LoRA on the base", ev_resa, t, ref,
+               f"sae_tune_s{s}") for s, t in zip(cfg["seeds"], tuned)],
+            ("control: SAE-Tuning with an SAE trained on the base itself", ev_resa, extra[0], ref, "control"),
+            ("upper bound: KL to the source's own logits, same text, no SAE", ev_resa, extra[1], ref, "upper_bound"),
+            ("SFT-LoRA baseline, same trace-free text and steps", ev_resa, extra[2], ref, "sft"),
             ("second base model (another seed)", ev_mod, "base", ref2, "base2"),
-            ("SAE-tuned adapter on the second base (modularity)", ev_mod, str(out / "sae_tuned" / "final"), ref2, None)]
+            ("SAE-tuned adapter on the second base (modularity)", ev_mod, tuned[0], ref2, None)]
     table = []
     for label, ev, adapter, reference, stage in rows:
         res = json.loads((ev / "results.json").read_text())["results"][adapter]["test"]
         diff = paired_difference(per_problem(ev, adapter), reference)
         table.append({"row": label, "pass@1": res["pass@1"], "interval95": res["interval95"],
                       "vs_base": diff[0], "vs_base_interval95": [diff[1], diff[2]], "problems": res["problems"],
-                      "n": res["n"], "seconds": round(secs.get(stage, 0.0), 1) if stage else None,
+                      "n": res["n"], "reasons": reasoning_share(ev, adapter),
+                      "seconds": round(secs.get(stage, 0.0), 1) if stage else None,
                       "trained_params": params.get(stage) if stage else None})
+    # the seeds' mean: per-problem means averaged over seeds, its interval and its change against the base
+    seeds_pp = [per_problem(ev_resa, t) for t in tuned]
+    mean_pp = {i: sum(pp[i] for pp in seeds_pp) / len(seeds_pp) for i in seeds_pp[0]}
+    m, lo, hi = mean_interval(list(mean_pp.values()))
+    diff = paired_difference(mean_pp, ref)
+    i_mean = 4 + len(tuned)
+    table.insert(i_mean, {"row": f"SAE-Tuning, mean of {len(tuned)} seeds", "pass@1": m, "interval95": [lo, hi],
+                          "vs_base": diff[0], "vs_base_interval95": [diff[1], diff[2]], "problems": len(mean_pp),
+                          "n": table[4]["n"] * len(tuned), "reasons": sum(r["reasons"] for r in table[4:i_mean]) / len(tuned),
+                          "seconds": None, "trained_params": None})
+    grpo_row = table[1]
+    vs_control = paired_difference(mean_pp, per_problem(ev_resa, extra[0]))
+    summary = {"grpo_gain": grpo_row["vs_base"],
+               "sae_tuning_share_of_grpo_gain": diff[0] / grpo_row["vs_base"] if grpo_row["vs_base"] else None,
+               "sae_tuning_score_over_grpo_score": m / grpo_row["pass@1"] if grpo_row["pass@1"] else None,
+               "upper_bound_share_of_grpo_gain": table[i_mean + 2]["vs_base"] / grpo_row["vs_base"]
+               if grpo_row["vs_base"] else None,
+               "source_with_sae_over_source": table[2]["pass@1"] / grpo_row["pass@1"] if grpo_row["pass@1"] else None,
+               "sae_tuning_minus_control": vs_control[0], "sae_tuning_minus_control_interval95": list(vs_control[1:])}
     sae_rows = [json.loads(line) for line in open(out / "sae" / "metrics.jsonl")]
-    kl_rows = [json.loads(line) for line in open(out / "sae_tuned" / "metrics.jsonl")]
+    kl_rows = [json.loads(line) for line in open(out / f"sae_tuned_s{cfg['seeds'][0]}" / "metrics.jsonl")]
+    ctrl_rows = [json.loads(line) for line in open(out / "sae_control" / "metrics.jsonl")]
+    last = lambda rows, key: next(v for k, v in rows[-1].items() if k.startswith(key))
     evidence = {"sae_fvu_first": next(v for k, v in sae_rows[0].items() if k.startswith("fvu/")),
-                "sae_fvu_last": next(v for k, v in sae_rows[-1].items() if k.startswith("fvu/")),
-                "sae_dead_fraction": next(v for k, v in sae_rows[-1].items() if k.startswith("dead_fraction/")),
+                "sae_fvu_last": last(sae_rows, "fvu/"), "sae_dead_fraction": last(sae_rows, "dead_fraction/"),
+                "control_sae_fvu_last": last(ctrl_rows, "fvu/"),
+                "control_sae_dead_fraction": last(ctrl_rows, "dead_fraction/"),
                 "sae_tune_kl_first10": sum(r["kl"] for r in kl_rows[:10]) / min(10, len(kl_rows)),
                 "sae_tune_kl_last10": sum(r["kl"] for r in kl_rows[-10:]) / min(10, len(kl_rows))}
     total = time.time() - t_start
-    report = {"rows": table, "evidence": evidence, "stage_seconds": secs, "total_seconds": round(total, 1),
-              "quick": args.quick, "command": " ".join(["python", "toy/pipeline.py", *(argv or sys.argv[1:])])}
+    report = {"rows": table, "summary": summary, "evidence": evidence, "stage_seconds": secs,
+              "total_seconds": round(total, 1), "quick": args.quick, "threads": args.threads, "device": device,
+              "command": " ".join(["python", "toy/pipeline.py", *(argv or sys.argv[1:])])}
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    md = markdown(table, evidence, total, cfg)
+    md = markdown(table, summary, evidence, total, cfg)
     (out / "results.md").write_text(md + "\n")
     print(md)
-    plot(out, ev_grpo, ckpts)
+    plot(out, ev_grpo, ckpts, table)
     return report
 
 
-def markdown(table, evidence, total, cfg) -> str:
-    lines = ["| model | held-out pass@1 (%) [95% CI] | vs base (points) [95% CI] | stage seconds | trained params |",
-             "|---|---|---|---|---|"]
+def reasoning_share(eval_dir: Path, adapter: str) -> float:
+    """Share of an adapter's samples that open with a scratchpad (the toy world's choice to reason)."""
+    rows = [json.loads(line) for line in open(eval_dir / "samples.jsonl")]
+    mine = [r for r in rows if r["adapter"] == adapter]
+    return sum(not r["completion"].lstrip().startswith("</think>") for r in mine) / max(1, len(mine))
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    m = sum(values) / len(values)
+    se = math.sqrt(sum((x - m) ** 2 for x in values) / (len(values) - 1) / len(values)) if len(values) > 1 else 0.0
+    return m, m - 1.96 * se, m + 1.96 * se
+
+
+def markdown(table, summary, evidence, total, cfg) -> str:
+    lines = ["| model | held-out pass@1 (%) [95% CI] | vs base (points) [95% CI] | samples that reason | stage seconds "
+             "| trained params |", "|---|---|---|---|---|---|"]
     for r in table:
         lo, hi = r["interval95"]
         dlo, dhi = r["vs_base_interval95"]
         sec = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
         par = "" if r["trained_params"] is None else f"{r['trained_params']:,}"
         lines.append(f"| {r['row']} | {100 * r['pass@1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
-                     f"{100 * r['vs_base']:+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}] | {sec} | {par} |")
-    lines.append("")
-    lines.append(f"{cfg['limit']} held-out problems x {cfg['n']} samples (temperature 0.6, top_p 0.95); the "
-                 "modularity rows compare against the second base. SAE FVU "
-                 f"{evidence['sae_fvu_first']:.3f} -> {evidence['sae_fvu_last']:.3f} (dead latents at the end: "
-                 f"{100 * evidence['sae_dead_fraction']:.0f}%, silent for a tenth of the run); SAE-Tuning KL (summed over a "
-                 f"256-token chunk) {evidence['sae_tune_kl_first10']:.2f} -> {evidence['sae_tune_kl_last10']:.2f} "
-                 f"(mean of the first / last 10 steps). Total {total / 60:.1f} minutes.")
+                     f"{100 * r['vs_base']:+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}] | {100 * r['reasons']:.0f}% | "
+                     f"{sec} | {par} |")
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
+    lo, hi = summary["sae_tuning_minus_control_interval95"]
+    lines += ["", f"{cfg['limit']} held-out problems x {cfg['n']} samples (temperature 0.6, top_p 0.95); the modularity "
+              "rows compare against the second base. Share of GRPO's gain recovered by SAE-Tuning (mean of seeds): "
+              f"{fmt(summary['sae_tuning_share_of_grpo_gain'])}; Resa's headline ratio (score / GRPO's score, a ratio "
+              f"of scores, not of gains): {fmt(summary['sae_tuning_score_over_grpo_score'])}; the upper bound recovers "
+              f"{fmt(summary['upper_bound_share_of_grpo_gain'])} of the gain; the source keeps "
+              f"{fmt(summary['source_with_sae_over_source'])} of its pass@1 with its SAE inserted. SAE-Tuning minus the "
+              f"control: {100 * summary['sae_tuning_minus_control']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+              f"(paired over problems). SAE FVU {evidence['sae_fvu_first']:.3f} -> {evidence['sae_fvu_last']:.3f} "
+              f"(dead latents at the end: {100 * evidence['sae_dead_fraction']:.0f}%, silent for a tenth of the run; "
+              f"the control's SAE: FVU {evidence['control_sae_fvu_last']:.3f}); SAE-Tuning KL (summed over a 256-token "
+              f"chunk) {evidence['sae_tune_kl_first10']:.2f} -> {evidence['sae_tune_kl_last10']:.2f} (mean of the "
+              f"first / last 10 steps). Total {total / 60:.1f} minutes."]
     return "\n".join(lines)
 
 
-def plot(out: Path, ev_grpo: Path, ckpts: list[str]):
+def plot(out: Path, ev_grpo: Path, ckpts: list[str], table: list[dict]):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -226,15 +293,24 @@ def plot(out: Path, ev_grpo: Path, ckpts: list[str]):
     res = json.loads((ev_grpo / "results.json").read_text())["results"]
     steps = [0] + [int(Path(c).name.split("_")[1]) for c in ckpts]
     acc = [res["base"]["test"]["pass@1"]] + [res[c]["test"]["pass@1"] for c in ckpts]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
     ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label="GRPO reward (training batch)", alpha=0.6)
     ax.plot(steps, acc, "o-", label="held-out pass@1")
     ax.set_xlabel("GRPO step")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right")
-    ax.set_title("Toy world: GRPO-LoRA on the base model")
+    ax.set_title("GRPO-LoRA on the base model")
+    y = list(range(len(table)))[::-1]
+    p = [r["pass@1"] for r in table]
+    err = [[r["pass@1"] - r["interval95"][0] for r in table], [r["interval95"][1] - r["pass@1"] for r in table]]
+    bx.barh(y, p, xerr=err, color=["#888" if "base" in r["row"][:12] else "#4a7" if "GRPO" in r["row"] else "#47a"
+                                    for r in table], capsize=2)
+    bx.set_yticks(y, [r["row"][:58] for r in table], fontsize=7)
+    bx.set_xlim(0, 1)
+    bx.set_xlabel("held-out pass@1, 95% interval")
+    bx.set_title("Every row of the table")
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
+    fig.savefig(out / "results.png", dpi=110)
 
 
 if __name__ == "__main__":
