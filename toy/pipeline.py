@@ -2,7 +2,7 @@
 toy/pipeline.py -- the whole Tina -> Resa pipeline on the toy world, on a CPU, with the real stage scripts.
 
     python toy/pipeline.py                 # about 10 minutes on 2 CPU cores -> out/toy/results.md, results.png
-    python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~40 seconds
+    python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~70 seconds
     python toy/pipeline.py --device cuda   # the same on a GPU (float32; its numbers differ from the CPU's in
                                            # the last bits, so the table may differ by a sample or two)
 
@@ -48,13 +48,14 @@ QUICK = dict(n_train=64, n_test=24, base=["--steps", "8", "--hidden", "32", "--m
 ENV = dict(os.environ)      # the stages' environment; main() sets their torch thread count in it
 
 
-def run(cmd: list[str], log: Path) -> float:
+def run(cmd: list[str], log: Path, threads: int | None = None) -> float:
     """Run one stage as a user would; its output goes to log; one line on stdout when it ends. -> seconds."""
     t0 = time.time()
+    env = ENV if threads is None else {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if r.returncode != 0:
         raise SystemExit(f"stage failed ({log}):\n" + "".join(open(log).readlines()[-20:]))
     dt = time.time() - t0
@@ -92,13 +93,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu",
                    help="cpu (default; the README's figures), cuda, or auto; the models train in float32 either way")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per stage process on CPU (%(default)s: fastest on a loaded 2-core machine)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per stage process on the CPU; 0 (default): all cores for base-model training "
+                   "(large matmuls: about 210 s with 2 threads, 365 s with 1 on a 2-core machine), one for every other "
+                   "stage (tiny, launch-bound batches: no faster with two, and 5-10x faster under load)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
-    ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    print(f"toy pipeline on {device} ({args.threads} thread(s) per stage on the CPU) -> {args.out}", flush=True)
+    base_threads = args.threads or os.cpu_count() or 1
+    ENV.update(OMP_NUM_THREADS=str(args.threads or 1), MKL_NUM_THREADS=str(args.threads or 1))
+    print(f"toy pipeline on {device} (CPU threads: {base_threads} for base training, {args.threads or 1} for the other "
+          f"stages) -> {args.out}", flush=True)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ def main(argv=None):
     train, test = str(out / "data" / "train.jsonl"), str(out / "data" / "test.jsonl")
     for name, seed in (("base", 1), ("base2", 2)):
         secs[name] = run([py, "toy/train_base.py", "--out", str(out / name), "--seed", str(seed + args.seed),
-                          "--exclude", test, "--device", device, *cfg["base"]], logs / f"{name}.log")
+                          "--exclude", test, "--device", device, *cfg["base"]], logs / f"{name}.log", base_threads)
         params[name] = json.loads((out / name / "run.json").read_text())["params"]
     base, base2 = str(out / "base"), str(out / "base2")
 
