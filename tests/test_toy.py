@@ -54,8 +54,8 @@ def test_pipeline_quick_connects_every_stage(tmp_path):
     labels = [row["row"] for row in rep["rows"]]
     for want in ("base model", "GRPO-LoRA", "source with its SAE inserted", "base with that SAE inserted",
                  "SAE-Tuning (Resa), seed 0", "SAE-Tuning, mean of 1 seeds", "control:", "upper bound:", "SFT-LoRA",
-                 "second base", "modularity"):
-        assert sum(label.startswith(want) or want in label for label in labels) == 1, want
+                 "second base", "SAE-tuned adapter on the second base"):
+        assert sum(label.startswith(want) for label in labels) == 1, want
     assert len(labels) == 11 and all(0 <= row["pass@1"] <= 1 and 0 <= row["reasons"] <= 1 for row in rep["rows"])
     assert set(rep["summary"]) >= {"sae_tuning_share_of_grpo_gain", "sae_tuning_score_over_grpo_score",
                                    "sae_tuning_minus_control", "source_with_sae_over_source"}
