@@ -46,11 +46,13 @@ QUICK = dict(n_train=64, n_test=24, base=["--steps", "8", "--hidden", "32", "--m
 
 
 ENV = dict(os.environ)      # the stages' environment; main() sets their torch thread count in it
+HEAVY = {"train_base.py": 1, "grpo_lora.py": 1, "sae_tune.py": 1}   # script -> threads (main() sets them)
 
 
-def run(cmd: list[str], log: Path, threads: int | None = None) -> float:
+def run(cmd: list[str], log: Path) -> float:
     """Run one stage as a user would; its output goes to log; one line on stdout when it ends. -> seconds."""
     t0 = time.time()
+    threads = HEAVY.get(Path(cmd[1]).name)
     env = ENV if threads is None else {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -94,16 +96,17 @@ def main(argv=None):
     p.add_argument("--device", default="cpu",
                    help="cpu (default; the README's figures), cuda, or auto; the models train in float32 either way")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per stage process on the CPU; 0 (default): all cores for base-model training "
-                   "(large matmuls: about 210 s with 2 threads, 365 s with 1 on a 2-core machine), one for every other "
-                   "stage (tiny, launch-bound batches: no faster with two, and 5-10x faster under load)")
+                   help="torch threads per stage process on the CPU; 0 (default): all cores for the training stages "
+                   "(base training: 241 s with 2 threads, about 365 s with 1 on a 2-core machine; GRPO 53 s vs 113 s), "
+                   "one for SAE training and evaluation (small, launch-bound; one thread is 5-10x faster under load)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
-    base_threads = args.threads or os.cpu_count() or 1
+    heavy = args.threads or os.cpu_count() or 1
+    HEAVY.update({k: heavy for k in HEAVY})
     ENV.update(OMP_NUM_THREADS=str(args.threads or 1), MKL_NUM_THREADS=str(args.threads or 1))
-    print(f"toy pipeline on {device} (CPU threads: {base_threads} for base training, {args.threads or 1} for the other "
-          f"stages) -> {args.out}", flush=True)
+    print(f"toy pipeline on {device} (CPU threads: {heavy} for training, {args.threads or 1} for SAE training and "
+          f"evaluation) -> {args.out}", flush=True)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -116,7 +119,7 @@ def main(argv=None):
     train, test = str(out / "data" / "train.jsonl"), str(out / "data" / "test.jsonl")
     for name, seed in (("base", 1), ("base2", 2)):
         secs[name] = run([py, "toy/train_base.py", "--out", str(out / name), "--seed", str(seed + args.seed),
-                          "--exclude", test, "--device", device, *cfg["base"]], logs / f"{name}.log", base_threads)
+                          "--exclude", test, "--device", device, *cfg["base"]], logs / f"{name}.log")
         params[name] = json.loads((out / name / "run.json").read_text())["params"]
     base, base2 = str(out / "base"), str(out / "base2")
 
