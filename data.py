@@ -340,10 +340,22 @@ def resa_sft_text(tokenizer, question: str, answer: str) -> tuple[str, str]:
     return (full[:i], full[i:]) if i >= 0 else ("", full)
 
 
+def chat_trace_free_text(tokenizer, question: str, answer: str, system_prompt: str) -> tuple[str, str]:
+    """Resa's trace-free text in the model's own chat format: the prompt exactly as at inference (so the
+    token that decides between reasoning and guessing sits where it does when the model answers), then the
+    answer standing in for the trace inside the think block, then the answer."""
+    prefix = format_prompt(tokenizer, question, system_prompt)
+    opened = "" if prefix.endswith("<think>\n") else "<think>\n"
+    return prefix, f"{opened}{answer}\n</think>\n<answer>{answer}</answer>"
+
+
 def text_pieces(tok, examples, text_format: str, system_prompt: str) -> list[tuple[str, str]]:
-    """--text_format: resa (the trigger / elicitation text, trace_free_text) or resa_sft (resa_sft_text)."""
+    """--text_format: resa (Resa's trigger / elicitation text, trace_free_text), chat (the same in the model's
+    own chat format, chat_trace_free_text) or resa_sft (Resa's SFT baseline text, resa_sft_text)."""
     if text_format == "resa_sft":
         return [resa_sft_text(tok, e.question, e.answer) for e in examples]
+    if text_format == "chat":
+        return [chat_trace_free_text(tok, e.question, e.answer, system_prompt) for e in examples]
     return [trace_free_text(e.question, e.answer, system_prompt) for e in examples]
 
 
@@ -470,4 +482,7 @@ def add_text_args(parser, kind: str):
     g.add_argument("--answer_field", default=None, help="answer column")
     g.add_argument("--system_prompt", default="resa", help="resa (Resa's), open_r1, open_rs, none, or literal text")
     g.add_argument("--ctx_len", type=int, default=2048, help="tokens per chunk (%(default)s)")
+    g.add_argument("--text_format", default="resa", choices=["resa", "chat", "resa_sft"],
+                   help="resa: Resa's trace-free text (default); chat: the same in the model's own chat format; "
+                   "resa_sft: Resa's SFT baseline text (chat template, 'think: ... answer: ...')")
     return g

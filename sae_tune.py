@@ -257,9 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "bound that distils the source's logits on the same text)")
     g.add_argument("--kl_chunk", type=int, default=512, help="rows per vocabulary chunk in the KL (%(default)s)")
     g = D.add_text_args(p, "elicitation")
-    g.add_argument("--text_format", default="resa", choices=["resa", "resa_sft"],
-                   help="resa: Resa's trace-free elicitation text (default); resa_sft: Resa's SFT baseline text "
-                   "(chat template, 'think: ... answer: ...')")
     g.add_argument("--no_packing", dest="packing", action="store_false",
                    help="one example per row, cut at --ctx_len and padded (SFTTrainer without packing); default: "
                    "the texts joined and cut into --ctx_len chunks")

@@ -87,7 +87,7 @@ def load_source(args, device, dtype):
 def trigger_chunks(args, tok):
     examples, stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
     sp = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
-    ids, _ = D.pack_chunks(tok, [D.trace_free_text(e.question, e.answer, sp) for e in examples], args.ctx_len)
+    ids, _ = D.pack_chunks(tok, D.text_pieces(tok, examples, args.text_format, sp), args.ctx_len)
     if args.max_tokens:
         ids = ids[:max(1, args.max_tokens // ids.shape[1])]
     return ids, stats

@@ -340,3 +340,19 @@ def test_teacher_adapter_upper_bound_and_evaluation_with_an_sae(model3, arith_fi
     with pytest.raises(SystemExit, match="does not fit"):
         S.SAE(32, 64, 4, layer=1).save(tmp_path / "narrow" / "layers.1")
         E.main([*common, "--sae", str(tmp_path / "narrow" / "layers.1"), "--out_dir", str(tmp_path / "x")])
+
+
+def test_trace_free_text_in_the_models_own_chat_format(model3, arith_file, tmp_path):
+    import data as D
+    tok = M.load_tokenizer(str(model3))
+    ex = D.load_examples(str(arith_file))[0][:2]
+    (prefix, reply), _ = D.text_pieces(tok, ex, "chat", "")
+    assert prefix == D.format_prompt(tok, ex[0].question, "")                 # exactly the inference prompt
+    assert reply == f"{ex[0].answer}\n</think>\n<answer>{ex[0].answer}</answer>"
+    assert D.text_pieces(tok, ex, "resa", "S")[0] == D.trace_free_text(ex[0].question, ex[0].answer, "S")
+    T.main(sae_args(model3, arith_file, tmp_path / "sae", "--layers", "1", "--text_format", "chat",
+                    "--max_tokens", "256"))
+    ST.main(["--model", str(model3), "--sae", str(tmp_path / "sae" / "layers.1"), "--dataset", str(arith_file),
+             "--text_format", "chat", "--ctx_len", "64", "--lora_r", "4", "--max_steps", "2", "--system_prompt",
+             "none", "--out_dir", str(tmp_path / "tuned")])
+    assert len(metrics(tmp_path / "tuned")) == 2
