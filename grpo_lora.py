@@ -9,12 +9,14 @@ Usage
         --max_prompt_len 128 --max_completion_len 32 --max_steps 20 --device cpu --out_dir out/grpo_cpu
   GPU, Tina's open_rs2 recipe (the defaults; recipes/ holds every experiment):
     python grpo_lora.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --dataset open_rs2 --out_dir out/open_rs2
-  Several GPUs (each rank owns whole prompt groups):
+  Several GPUs (the same global batch; each rank owns whole prompt groups):
     torchrun --nproc_per_node 2 grpo_lora.py ...
+  The effective configuration without running anything: add --dry_run.
 
-Per optimizer step: take prompts_per_step prompts per process, sample num_generations
+Per optimizer step: take prompts_per_step prompts (all processes together), sample num_generations
 completions of each with the LoRA merged into the weights, score them with the weighted rewards,
-turn rewards into group-relative advantages, then (in grad_accum micro-batches) minimise
+turn rewards into group-relative advantages, then (in grad_accum micro-batches, also counted over all
+processes) minimise
     -(min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) - beta * KL_k3(policy || policy with LoRA off))
 aggregated per --loss_type, clip the gradient norm, step AdamW on the cosine-with-min-lr schedule.
 
