@@ -135,9 +135,14 @@ def csv_list(kind=str):
 # Multi-process training (torchrun): shared by the stages
 
 
+def world_size() -> int:
+    """Processes in this run: torchrun's WORLD_SIZE, else 1 (readable before any process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed(device_arg: str):
     """torchrun sets WORLD_SIZE: one process per GPU (nccl) or per CPU worker (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world == 1:
         return 0, 1, pick_device(device_arg)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))

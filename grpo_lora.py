@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -244,7 +243,7 @@ def check_args(args):
                          f"rewards ({','.join(args.rewards)})")
     if args.num_generations < 2:
         raise SystemExit("--num_generations must be at least 2 (advantages are relative to the group)")
-    world = world_size()
+    world = C.world_size()
     if args.prompts_per_step % args.grad_accum or args.grad_accum % world:
         raise SystemExit(f"--prompts_per_step ({args.prompts_per_step}) must be a multiple of --grad_accum "
                          f"({args.grad_accum}), and --grad_accum of the number of processes ({world}): each "
@@ -267,13 +266,9 @@ def check_args(args):
             raise SystemExit("--wandb needs the wandb package (pip install wandb)")
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def effective_config(args) -> dict:
     """--dry_run: every argument after defaults, plus what they imply."""
-    world = world_size()
+    world = C.world_size()
     return {**vars(args), "world_size": world, "global_prompts_per_step": args.prompts_per_step,
             "completions_per_step": args.prompts_per_step * args.num_generations,
             "prompts_per_micro_batch": args.prompts_per_step // args.grad_accum,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
@@ -161,7 +160,7 @@ def setup(args, device):
 
 
 def check_args(args):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = C.world_size()
     if args.batch_size % world:
         raise SystemExit(f"--batch_size {args.batch_size} (all processes together) must be a multiple of the "
                          f"number of processes ({world})")
@@ -178,7 +177,7 @@ def train(args) -> dict:
     check_args(args)
     if args.dry_run:
         return C.print_config({**vars(args), "loss_resolved": args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl"),
-                               "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                               "world_size": C.world_size(),
                                "sequences_per_step": args.batch_size, "tokens_per_step": args.batch_size * args.ctx_len,
                                "total_steps": args.max_steps or None})
     rank, world, device = C.setup_distributed(args.device)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import world_size
 from lora import LoRALinear
 from model import Block, ModelConfig, RMSNorm, Transformer
 
@@ -338,7 +339,6 @@ class VLLMEngine:
 
     def __init__(self, model_dir, *, max_lora_rank: int, seed: int, max_model_len: int,
                  gpu_memory_utilization: float = 0.9):
-        import os
         try:
             from vllm import LLM
         except ImportError:
@@ -350,7 +350,7 @@ class VLLMEngine:
             kw["max_lora_rank"] = next((r for r in VLLM_LORA_RANKS if r >= max_lora_rank), None)
             if kw["max_lora_rank"] is None:
                 raise SystemExit(f"LoRA rank {max_lora_rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if world_size() > 1:
             kw["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kw)
         self.lora_ids: dict[tuple[str, int], int] = {}

@@ -17,11 +17,14 @@ out_dir/layers.L/ in sparsify's format (cfg.json + sae.safetensors) with our key
 adapter added.
 
 Per step and layer: FVU (+ auxk_alpha x AuxK on latents dead for --dead_tokens tokens) backward, the
-gradient parallel to each decoder row removed, Adam step, decoder rows renormalised (sparsify semantics).
+gradient parallel to each decoder row removed, an optimizer step (--optimizer adam, or signum: sparsify's
+default, Resa's), decoder rows renormalised (sparsify semantics). b_dec is set to the first batch's mean at
+step 0, also when starting from another SAE (--init_from), as sparsify's trainer does.
 
-Simplifications versus Resa / sparsify: plain Adam with a linear warm-up (--warmup_steps) and then a
-constant lr, instead of sparsify's schedule and optimiser choices; b_dec starts at the first batch's mean;
-no multi-GPU sharding (one pass over a few thousand examples takes minutes on one GPU).
+Simplifications versus Resa / sparsify: Adam runs at a constant lr after an optional linear warm-up
+(--warmup_steps) instead of sparsify's linear decay; b_dec starts at the batch mean, not a geometric median;
+no multi-GPU sharding (one pass over a few thousand examples takes minutes on one GPU; Resa's 2-GPU batch is
+reproduced as one batch of 32).
 """
 from __future__ import annotations
 

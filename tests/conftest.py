@@ -117,3 +117,12 @@ def identity_sae(d: int):
         sae.W_dec.copy_(torch.cat([eye, -eye]))
         sae.b_dec.zero_()
     return sae
+
+
+def randomize_B(model, seed: int = 0, scale: float = 0.05):
+    """Move every LoRA layer off its zero start: lora_B ~ N(0, scale^2), seeded (a trained adapter, in effect)."""
+    import lora as L
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in L.lora_layers(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)

@@ -12,7 +12,7 @@ import evaluate as E
 import lora as L
 import model as M
 import sampling as SM
-from conftest import make_char_model
+from conftest import make_char_model, randomize_B
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 needs_data = pytest.mark.skipif(not EVAL.exists(), reason="../shared/data is not beside the checkout")
@@ -158,10 +158,7 @@ def test_adapter_sweep_and_bad_input(small_set, tmp_path):
     flat = make_char_model(tmp_path / "flat", seed=3, embed_scale=1.0)   # not peaked: greedy output can move
     net = M.load_model(str(flat))
     L.attach_lora(net, r=4, alpha=8)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in L.lora_layers(net).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.5)
+    randomize_B(net, 0, 0.5)
     L.save_adapter(net, tmp_path / "ad")
     E.main(eval_args(flat, small_set, tmp_path / "sweep", "--adapter", f"base,{tmp_path / 'ad'}",
                      "--temperature", "0"))

@@ -15,6 +15,7 @@ import torch
 import common as C
 import grpo_lora as G
 import model as M
+from conftest import randomize_B
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -306,10 +307,8 @@ def test_update_matches_a_direct_computation(char_model_dir):
     import lora as L
     net = M.load_model(str(char_model_dir))
     L.attach_lora(net, 4, 8, 0.0)
+    randomize_B(net, 0, 0.05)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in L.lora_layers(net).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
     params = L.lora_parameters(net)
     P, Gn, Tp, Cn, T = 2, 3, 5, 6, 0.7
     N = P * Gn

@@ -8,16 +8,9 @@ import torch
 import lora as L
 import model as M
 import sampling as SM
-from conftest import left_padded_batch
+from conftest import left_padded_batch, randomize_B
 
 ALL = list(L.ALL_LINEARS)
-
-
-def randomize_B(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in L.lora_layers(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
 
 
 def logits(model, ids, mask):
@@ -207,10 +200,8 @@ def test_merging_twice_then_unmerging_restores_the_weights():
     net = M.load_model("random:tiny-qwen2")
     w0 = {n: p.detach().clone() for n, p in net.named_parameters()}
     L.attach_lora(net, 4, 8, 0.0)
+    randomize_B(net, 0, 0.1)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in L.lora_layers(net).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
     ids = torch.randint(3, 100, (2, 7), generator=g)
     with torch.no_grad():
         adapted = net(ids)

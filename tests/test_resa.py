@@ -17,7 +17,7 @@ import model as M
 import sae as S
 import sae_tune as ST
 import train_sae as T
-from conftest import identity_sae, make_char_model
+from conftest import identity_sae, make_char_model, randomize_B
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,10 +304,8 @@ def test_teacher_adapter_upper_bound_and_evaluation_with_an_sae(model3, arith_fi
     import evaluate as E
     net = M.load_model(str(model3))
     L.attach_lora(net, 4, 8, 0.0)
+    randomize_B(net, 0, 0.3)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in L.lora_layers(net).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
     L.save_adapter(net, tmp_path / "source")
     ST.main(["--model", str(model3), "--sae", "none", "--teacher_adapter", str(tmp_path / "source"), "--dataset",
              str(arith_file), "--ctx_len", "64", "--lr", "1e-2", "--lora_r", "4", "--max_steps", "15",
