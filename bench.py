@@ -7,10 +7,11 @@ bench.py -- speed and memory of the hot paths, each against its baseline measure
     bash recipes/gpu_bench.sh             # on a GPU: the CUDA-only tests, then everything with --profile
 
 Benchmarks (each prints a table row and goes into --out as JSON, written after every benchmark):
-  decode    our sampler (StaticDecoder: CUDA graphs on a GPU) vs transformers' generate (same weights,
-            batch, prompt, new tokens, sampling, EOS off; --hf_static adds transformers' compiled static
-            cache): tokens/s, the ratios, the first call's seconds (graph captures; compiles for theirs),
-            our plain path, and the share of the bandwidth floor (bytes of the matmul weights + the
+  decode    our sampler (StaticDecoder: torch.compile'd step in CUDA graphs on a GPU) vs transformers'
+            generate (same weights, batch, prompt, new tokens, sampling, EOS off; --hf_static adds
+            transformers' compiled static cache): tokens/s, the ratios, the first call's seconds (graph
+            captures and compilation, ours and theirs), our step uncompiled, our plain path, and the share
+            of the bandwidth floor (bytes of the matmul weights + the
             average KV cache read per step / measured copy bandwidth); per-step times are whole calls
             (prefill included) / new tokens
   grpo      one GRPO update on left-padded prompts + right-padded completions: reference pass with LoRA
@@ -27,7 +28,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
   sae_tune  one SAE-Tuning step (teacher pass, student pass through the SAE, chunked KL, backward):
             tokens/s and peak memory
   decode_long  decode near 4,096 keys (24 rows, 3,584-token prompts, 512 new): ms per step of each attention
-            path of the static step (SDPA, matmuls, the default switch) and its share of the bandwidth floor
+            path of the static step (SDPA, matmuls, the default switch; and the default uncompiled) and its
+            share of the bandwidth floor
   grpo_step one whole GRPO step at Tina's shape (4 prompts x 6 completions, 512 + 3,584 tokens, EOS off):
             rollout, rewards, update (4 micro-batches: reference, policy, backward; AdamW) timed apart, the
             rollout against its bandwidth floor, the update's MFU and peak memory
@@ -201,10 +203,11 @@ def bench_decode(net, hf, cfg, args, device):
         with torch.no_grad():
             cache = SM.KVCache(net.cfg, B, P + n, device, net.dtype)
             net(ids, cache=cache)
-            dec = SM.StaticDecoder(net, cache, torch.full((B,), P, device=device), graphs=False)
+            dec = SM.StaticDecoder(net, cache, torch.full((B,), P, device=device), graphs=False,
+                                   compile=device.type == "cuda")
             for _ in range(n):
                 dec.step(ids[:, -1])
-    profiled(eager_steps, device, args, "decode: 16 static steps, eager (a graph replays the same kernels)")
+    profiled(eager_steps, device, args, "decode: 16 static steps without a graph (a graph replays the same kernels)")
     # the plain path (no CUDA graph, a growing key range) and transformers' default cache: one call each
     plain = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, static=False),
                   device, 0, 1)
@@ -224,6 +227,9 @@ def bench_decode(net, hf, cfg, args, device):
         with matmul_attention_from(span):
             t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
         row[f"{tag}_attention_ms_per_step"] = 1000 * t / N
+    # the same step without torch.compile (the round-2 figure), to show what the fused kernels bring
+    t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, compile=False), device, 1, 1)
+    row["uncompiled_ms_per_step"] = 1000 * t / N
     if args.hf_static:
         row.update(hf_static_tokens_per_s=B * N / static, hf_static_ms_per_step=1000 * static / N,
                    hf_static_first_call_s=static_first, vs_hf_static=static / ours)
@@ -404,9 +410,12 @@ def bench_decode_long(net, cfg, args, device):
         prefill = timed(lambda: net(ids, hidden=True)[:, -1], device, 1, args.repeat)
     floor = decode_floor(net, B, P, N, args.bandwidth)
     row = {"prefill_s": prefill, "floor_ms_per_step": 1000 * floor}
-    for tag, span in (("default", SM.StaticDecoder.MATMUL_ATTENTION_FROM), ("sdpa", NEVER), ("matmul", 0)):
+    default = SM.StaticDecoder.MATMUL_ATTENTION_FROM
+    for tag, span, comp in (("default", default, None), ("sdpa", NEVER, None), ("matmul", 0, None),
+                            ("uncompiled", default, False)):
         with matmul_attention_from(span):
-            t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
+            t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, compile=comp),
+                      device, 1, 1)
         step = (t - prefill) / N
         row[f"{tag}_ms_per_step"] = 1000 * step
         row[f"{tag}_share_of_floor"] = floor / step

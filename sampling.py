@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from common import world_size
 from lora import LoRALinear
-from model import Block, ModelConfig, RMSNorm, Transformer
+from model import Block, ModelConfig, Transformer, rope_inv_freq
 
 # -----------------------------------------------------------------------------------------------
 # KV cache: preallocated, fixed shape, so a compiled / CUDA-graph decode step can reuse it.
@@ -96,7 +96,7 @@ def layer_weights(block: Block) -> LayerWeights:
 
 class StaticDecoder:
     """The decode step with every shape fixed, so that on CUDA it is captured once as a CUDA graph and then
-    replayed: one launch per token instead of hundreds of kernel launches from Python, and no compiler.
+    replayed: one launch per token instead of hundreds of kernel launches from Python.
 
     Fixed shapes: the KV cache is preallocated; the new token's slot is a device tensor (`slot`), not a
     Python int; keys are read up to `span`, the filled slots rounded up to SPAN_BLOCK, so one graph serves
@@ -105,16 +105,26 @@ class StaticDecoder:
     kept up to date in place. Grouped-query attention repeats no keys: the n_rep query heads of a group
     are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one matmul on
     stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that much extra
-    memory while decoding; bias-free projections add into the residual stream in place (the matmul's
-    epilogue); rotary embedding is roll + multiply-add; RMSNorm is one fused op. Residual hooks (an
-    inserted SAE) are not applied: generate() takes the plain path when the model has any.
+    memory while decoding. Residual hooks (an inserted SAE) are not applied: generate() takes the plain
+    path when the model has any.
+
+    compile=True runs the step through torch.compile (Inductor; dynamic batch size and key span, so one
+    compilation serves a whole run, about half a minute on first use): the ~15 small element-wise
+    kernels per layer (norms, rotary embedding, cache writes, SiLU x up, residual adds, the softmax)
+    become a few fused ones, inside the same CUDA graph. Should compilation fail, the eager step runs, with
+    a warning. Without it (the default off CUDA) bias-free projections add into the residual stream in
+    place (the matmul's epilogue), rotary embedding is roll + multiply-add and RMSNorm is one fused op.
     """
     SPAN_BLOCK = 256
     MATMUL_ATTENTION_FROM = 2048    # key spans from this length attend with matmuls (see _attend; measured)
 
-    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool):
+    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool,
+                 compile: bool = False):
         self.model, self.cache, self.use_graphs = model, cache, graphs
+        c = model.cfg
         self.weights = [layer_weights(b) for b in model.model.layers]
+        self.norms = [(b.input_layernorm.weight, b.post_attention_layernorm.weight) for b in model.model.layers]
+        self.const = StepConst(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps)
         dev = cache.k.device
         self.slot = torch.tensor([cache.pos], device=dev)                # [1] slot of the next token
         self.filled = cache.pos                                          # the same, on the host
@@ -122,9 +132,11 @@ class StaticDecoder:
         self.bias = torch.zeros(cache.valid.shape, dtype=model.dtype, device=dev)  # [b, S] 0 or -inf
         self.bias.masked_fill_(~cache.valid, float("-inf"))
         self.tok = torch.zeros(len(positions), dtype=torch.long, device=dev)      # [b] input token
-        half = model.cfg.head_dim // 2
+        self.inv_freq = rope_inv_freq(c).to(dev)                                  # [hd / 2] float32
+        half = c.head_dim // 2
         self.sign = torch.tensor([-1.0] * half + [1.0] * half, device=dev)        # [hd] for the rotation
         self.graph, self.graph_span, self.logits = None, 0, None
+        self.layer = compiled_layer() if compile else None
 
     def keep(self, rows: torch.Tensor):
         """Drop every batch row not in `rows` (finished sequences); a new graph is captured for the new size."""
@@ -155,9 +167,9 @@ class StaticDecoder:
         saved = self.slot.clone(), self.positions.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                      # a warm-up run (lazy cuBLAS / kernel loading)
-            self._step(span)                               # outside capture: it computes this very step,
-            self.slot.copy_(saved[0])                      # then rewinds
+        with torch.cuda.stream(side):                      # a warm-up run (lazy cuBLAS / kernel loading,
+            self._step(span)                               # compilation): outside capture, it computes this
+            self.slot.copy_(saved[0])                      # very step, then rewinds
             self.positions.copy_(saved[1])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -166,58 +178,103 @@ class StaticDecoder:
         self.graph, self.graph_span = graph, span
 
     def _step(self, span: int) -> torch.Tensor:
+        m = self.model
+        args = (self.tok, self.positions, self.slot, self.bias[:, :span], self.cache.k[:, :, :, :span],
+                self.cache.v[:, :, :, :span], self.weights, self.norms, m.model.embed_tokens.weight,
+                m.model.norm.weight, effective_weight(m.lm_head), self.inv_freq, self.sign, self.const,
+                span >= self.MATMUL_ATTENTION_FROM)
         with torch.autocast(self.cache.k.device.type, enabled=False):    # the model's own dtype throughout
-            return self._layers(span)
-
-    def _layers(self, span: int) -> torch.Tensor:
-        m, c = self.model, self.model.cfg
-        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        b = self.tok.shape[0]
-        cos, sin = m._rope(self.positions[:, None])                      # [b, 1, 1, hd] float32
-        x = m.model.embed_tokens(self.tok)[:, None]                      # [b, 1, D]
-        # rotate_half(x) * sin == x.roll(hd / 2) * (sin with its first half negated): 3 kernels for q and k
-        cos, sin = cos[:, 0].to(x.dtype), (sin[:, 0] * self.sign).to(x.dtype)  # [b, 1, hd]
-        self.bias.index_fill_(1, self.slot, 0.0)                         # the new token's key is real
-        mask = self.bias[:, None, None, :span]                           # [b, 1, 1, span]
-        for i, (block, w) in enumerate(zip(m.model.layers, self.weights)):
-            qkv = F.linear(rms_norm(block.input_layernorm, x), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
-            qk = qkv[:, :nh + nkv]
-            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)      # [b, nh + nkv, hd] rotated q and k
-            k_cache, v_cache = self.cache.k[i], self.cache.v[i]          # [b, nkv, S, hd]
-            k_cache.index_copy_(2, self.slot, qk[:, nh:, None])
-            v_cache.index_copy_(2, self.slot, qkv[:, nh + nkv:, None])
-            q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                # a group's heads as query rows
-            y = self._attend(q, k_cache[:, :, :span], v_cache[:, :, :span], mask)
-            x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
-            gate, up = F.linear(rms_norm(block.post_attention_layernorm, x), w.gate_up, w.gate_up_b).chunk(2, -1)
-            x = add_linear(x, F.silu(gate) * up, w.down, w.down_b)
-        self.slot += 1
-        self.positions += 1
-        return m.lm_head(rms_norm(m.model.norm, x))[:, 0]                # [b, V]
+            if self.layer is not None:
+                try:      # (no duck sizing: a batch size equal to some other size must not be baked in)
+                    with torch.fx.experimental._config.patch(use_duck_shape=False):
+                        return decode_step(*args, layer=self.layer)
+                except Exception as e:   # a compiler problem must not cost the run; what ran of the step
+                    warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); "
+                                  "decoding with the eager step")
+                    self.layer = None    # (key/value writes, the mask entry) is redone the same way
+            return decode_step(*args)
 
 
-    def _attend(self, q, k, v, mask):
-        """One new token's attention: q [b, nkv, rep, hd] (a group's query heads as rows), k, v [b, nkv, span, hd],
-        mask [b, 1, 1, span] additive -> [b, nkv, rep, hd]. Spans below MATMUL_ATTENTION_FROM: one fused SDPA
-        kernel. Longer spans: two batched matmuls around a float32 softmax (as transformers' eager attention).
-        A fused kernel made for long queries gives each (row, key head) one block that walks the whole key
-        range, so 6 query rows against 4,096 keys leave most of the GPU idle; cuBLAS splits the key range
-        across blocks, and the few extra kernels cost nothing inside a CUDA graph."""
-        if k.shape[2] < self.MATMUL_ATTENTION_FROM:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + mask     # [b, nkv, rep, span]
-        return torch.matmul(s.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+class StepConst(NamedTuple):    # a decode step's shape constants (plain ints: compiled as constants)
+    nh: int
+    nkv: int
+    hd: int
+    eps: float
 
 
-def rms_norm(norm: RMSNorm, x):
-    """RMSNorm as one fused op in x's dtype (float32 inside, weight applied before the one rounding):
-    within a rounding of RMSNorm.forward, which rounds before applying the weight as transformers does."""
-    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps)
+def decode_step(tok, positions, slot, bias, k, v, weights: list[LayerWeights], norms: list[tuple], embed,
+                final_norm, lm_head, inv_freq, sign, const: StepConst, matmul_attention: bool,
+                layer=None) -> torch.Tensor:
+    """One decoder step for every row: tok, positions [b] (input token, its rope position), slot [1] (its
+    cache slot), bias [b, span] (0 or -inf per key; the new key's entry is set here), k, v [L, b, nkv, span, hd]
+    (the cache up to the span; the new keys are written at `slot`), then slot and positions advance.
+    -> logits [b, V]. layer: decode_layer or its compiled twin (the StaticDecoder's choice)."""
+    layer = layer or decode_layer
+    freqs = positions[:, None].float() * inv_freq                        # [b, hd / 2] float32
+    emb = torch.cat((freqs, freqs), -1)[:, None]                         # [b, 1, hd]
+    x = F.embedding(tok[:, None], embed)                                 # [b, 1, D] (not a view: each layer
+                                                                         # gets the same kind of input)
+    # rotate_half(x) * sin == x.roll(hd / 2) * (sin with its first half negated)
+    cos, sin = emb.cos().to(x.dtype), (emb.sin() * sign).to(x.dtype)    # [b, 1, hd]
+    bias.index_fill_(1, slot, 0.0)                                       # the new token's key is real
+    mask = bias[:, None, None, :]                                        # [b, 1, 1, span]
+    for i, (w, (n1, n2)) in enumerate(zip(weights, norms)):
+        x = layer(x, cos, sin, mask, slot, k[i], v[i], w, n1, n2, const, matmul_attention)
+    slot += 1
+    positions += 1
+    return F.linear(F.rms_norm(x, x.shape[-1:], final_norm, const.eps), lm_head)[:, 0]   # [b, V]
+
+
+def decode_layer(x, cos, sin, mask, slot, k, v, w: LayerWeights, n1, n2, const: StepConst,
+                 matmul_attention: bool) -> torch.Tensor:
+    """One decoder layer for one new token per row: x [b, 1, D] -> [b, 1, D]; the token's key and value are
+    written into k, v [b, nkv, span, hd] at `slot`. cos, sin [b, 1, hd]; mask [b, 1, 1, span] additive."""
+    nh, nkv, hd, eps = const
+    b = x.shape[0]
+    qkv = F.linear(F.rms_norm(x, x.shape[-1:], n1, eps), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
+    qk = qkv[:, :nh + nkv]
+    qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)              # [b, nh + nkv, hd] rotated q and k
+    k.index_copy_(2, slot, qk[:, nh:, None])
+    v.index_copy_(2, slot, qkv[:, nh + nkv:, None])
+    q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                        # a group's heads as query rows
+    y = _attend(q, k, v, mask, matmul_attention)
+    x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
+    gate, up = F.linear(F.rms_norm(x, x.shape[-1:], n2, eps), w.gate_up, w.gate_up_b).chunk(2, -1)
+    return add_linear(x, F.silu(gate) * up, w.down, w.down_b)
+
+
+def _attend(q, k, v, mask, matmul: bool):
+    """One new token's attention: q [b, nkv, rep, hd] (a group's query heads as rows), k, v [b, nkv, span, hd],
+    mask [b, 1, 1, span] additive -> [b, nkv, rep, hd]. Short spans: one fused SDPA kernel. Long spans
+    (matmul=True, from MATMUL_ATTENTION_FROM): two batched matmuls around a float32 softmax (as transformers'
+    eager attention). A fused kernel made for long queries gives each (row, key head) one block that walks
+    the whole key range, so 6 query rows against 4,096 keys leave most of the GPU idle; cuBLAS splits the
+    key range across blocks, and the few extra kernels cost nothing inside a CUDA graph."""
+    if not matmul:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + mask     # [b, nkv, rep, span]
+    return torch.matmul(s.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+
+
+_COMPILED = None
+COMPILE_DECODE = True    # generate(compile=None) compiles the static step on CUDA (tests may switch it off)
+
+
+def compiled_layer():
+    """decode_layer through torch.compile, made once per process and shared by every layer (same shapes):
+    batch size and key span are dynamic, so shrinking batches and growing spans reuse one compilation (the
+    long-span attention path is a second one)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(decode_layer, dynamic=True)
+    return _COMPILED
 
 
 def add_linear(x, h, w, b):
-    """x + h @ w.T (+ b) for x [..., D]; without a bias, in place into x as one matmul (epilogue add)."""
-    if b is not None:
+    """x + h @ w.T (+ b) for x [..., D]; eager and without a bias, in place into x as one matmul (epilogue
+    add); under torch.compile out of place (the compiler fuses the add itself, and an in-place update of
+    an input would cost a copy back)."""
+    if b is not None or torch.compiler.is_compiling():
         return x + F.linear(h, w, b)
     x.view(-1, x.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), w.t())
     return x
@@ -227,11 +284,12 @@ def add_linear(x, h, w, b):
 def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(), pad_id: int = 0,
              seed: int | None = None, generator: torch.Generator | None = None, compact: bool = True,
-             static: bool | None = None, sync_every: int = 0) -> Generation:
+             static: bool | None = None, compile: bool | None = None, sync_every: int = 0) -> Generation:
     """Batched sampling with a preallocated KV cache. input_ids [B, T] left-padded.
 
     static: decode with StaticDecoder (CUDA graphs on a GPU); None = on CUDA when the model has no
     residual hooks. False = the plain forward with a growing key range (any hooks apply).
+    compile: run the static step through torch.compile (StaticDecoder); None = on CUDA (COMPILE_DECODE).
     compact: once a quarter (static: a half) of the rows still decoding have finished, drop them from the
     batch and the cache, so finished sequences stop costing work (the outputs are the same; a seeded
     sampler draws from a smaller batch afterwards, so its samples differ from compact=False, reproducibly).
@@ -265,7 +323,9 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     model.eval()                                                       # no dropout while sampling
     last = model(input_ids, attention_mask, cache=cache, hidden=True)[:, -1]   # prefill -> [B, D]
     logits = model.lm_head(last)                                       # only the last position: [B, V]
-    dec = StaticDecoder(model, cache, attention_mask.sum(-1), dev.type == "cuda") if static else None
+    if compile is None:
+        compile = dev.type == "cuda" and COMPILE_DECODE
+    dec = StaticDecoder(model, cache, attention_mask.sum(-1), dev.type == "cuda", compile) if static else None
     check_every = sync_every or (8 if dev.type == "cuda" else 1)
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, top_k, generator)   # [b] for the live cache rows

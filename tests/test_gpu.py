@@ -16,6 +16,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def eager_decode_step(monkeypatch):
+    # the compiled decode step is tested where a test asks for it (compile=True): elsewhere each new model
+    # shape would cost a compilation
+    monkeypatch.setattr(SM, "COMPILE_DECODE", False)
+
+
 def short_r1(layers: int = 2, dtype=torch.bfloat16) -> M.Transformer:
     """R1-Distill-Qwen-1.5B's real widths (head_dim 128, 12 query / 2 key heads) with few layers."""
     cfg = M.preset_config("r1-distill-qwen-1.5b")
@@ -80,15 +87,21 @@ def test_cuda_greedy_generation_matches_transformers(hf_models, kind):
     assert torch.equal(graph.tokens, ref) and torch.equal(plain.tokens, ref)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("attention", ["sdpa", "matmul"])
-def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos(monkeypatch, attention):
+def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos(monkeypatch, attention, compiled):
     # Round 1 ran this comparison in bf16 and failed on row 2: the graph step (stacked q/k/v and gate/up
     # matmuls, fused RMSNorm, a smaller batch after compaction) and the plain forward use different kernels,
     # so their bf16 hidden states differ by rounding, and a random model's greedy margins are of the same
     # size (scaling lm_head scales margin and error alike, so it cannot help). In float32 (no TF32) the two
     # paths agree to ~1e-6, far below the margins: there the tokens must match exactly, and a bookkeeping
-    # bug after a shrink (slot, position, mask bias, kept rows) changes them.
+    # bug after a shrink (slot, position, mask bias, kept rows) changes them. compiled: the same through
+    # torch.compile's fused kernels (inside the graphs), which must not recompile per span or batch size.
     monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", 0 if attention == "matmul" else 1 << 30)
+    monkeypatch.setattr(SM, "COMPILE_DECODE", compiled)
+    monkeypatch.setattr(SM.StaticDecoder, "SPAN_BLOCK", 16)          # 56 slots: spans 16 ... 64
+    from torch._dynamo.utils import counters
+    graphs_before = counters["stats"]["unique_graphs"]
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     net = short_r1()
@@ -104,6 +117,9 @@ def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos(monkey
                    sync_every=1)
     assert c.finished[:4].all()
     assert torch.equal(c.tokens, d.tokens) and torch.equal(c.lengths, d.lengths)
+    # bf16 and float32 models, each compiled once for all its spans and batch sizes (a batch of one row
+    # is a compiler special case: at most one more each)
+    assert counters["stats"]["unique_graphs"] - graphs_before <= (4 if compiled else 0)
 
 
 def test_rotated_rows_bf16_logprobs_and_lora_grads(monkeypatch):

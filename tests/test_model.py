@@ -362,6 +362,26 @@ def test_failed_graph_capture_falls_back_to_eager_steps(hf_models):
     assert not dec.use_graphs and torch.equal(torch.stack(toks, 1), ref.tokens)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("matmul_from", [1 << 30, 0])
+def test_compiled_static_step_matches_the_eager_one(hf_models, monkeypatch, matmul_from):
+    # torch.compile's fused step (CPU code here, Triton on a GPU) against the eager step, token for token,
+    # across key-span blocks and batch shrinks, compiled once for all of them (~1 minute on 2 cores)
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(SM.StaticDecoder, "SPAN_BLOCK", 8)
+    monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
+    ours = M.load_model(str(hf_models["qwen2"][1]))
+    ids, mask = left_padded_batch(128, [9, 4, 7, 8, 6], seed=18)
+    eager = SM.generate(ours, ids, mask, max_new_tokens=30, temperature=0.0, static=True, compile=False)
+    eos = sorted({int(t) for t in eager.tokens[:3, 5]})                # three rows stop early: the batch shrinks
+    eager = SM.generate(ours, ids, mask, max_new_tokens=30, temperature=0.0, static=True, compile=False, eos_ids=eos)
+    before = counters["stats"]["unique_graphs"]
+    comp = SM.generate(ours, ids, mask, max_new_tokens=30, temperature=0.0, static=True, compile=True, eos_ids=eos)
+    assert torch.equal(eager.tokens, comp.tokens) and torch.equal(eager.lengths, comp.lengths)
+    assert eager.finished[:3].all() and eager.lengths.max() > 20      # one row runs on past three spans
+    assert counters["stats"]["unique_graphs"] - before <= 2        # 5 rows, then 2 (and maybe 1): not per span
+
+
 def test_static_decoding_under_autocast_runs_in_the_model_dtype():
     # a caller's autocast must not break the static step (in-place matmuls need one dtype)
     net = M.load_model("random:tiny-qwen2")
