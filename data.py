@@ -163,6 +163,36 @@ def _read_hub(spec: DatasetSpec) -> list[dict]:
     return ds.to_list()
 
 
+def load_texts(name_or_path: str, field: str = "text", max_chars: int = 0) -> tuple[list[str], dict]:
+    """A plain-text corpus (Resa's SAE pre-training: sparsify on EleutherAI/SmolLM2-135M-10B) -> (texts, stats):
+    the `field` column of a local file, or of a hub dataset streamed until max_chars characters (0 = all).
+    Empty or missing texts are skipped and counted."""
+    path = Path(name_or_path)
+    if path.exists():
+        rows, source = _read_local(path), str(path)
+    elif "/" in name_or_path:
+        from datasets import load_dataset
+        rows, source, n = [], name_or_path, 0
+        for r in load_dataset(name_or_path, split="train", streaming=True):
+            rows.append(r)
+            n += len(str(r.get(field) or ""))
+            if max_chars and n >= max_chars:
+                break
+    else:
+        raise ValueError(f"unknown corpus {name_or_path!r}: not a file and not a hub dataset id (owner/name)")
+    if not rows:
+        raise ValueError(f"{source}: no records")
+    if field not in rows[0]:
+        raise ValueError(f"{source}: no text field {field!r}; the records have fields {list(rows[0])}. "
+                         "Pass --question_field NAME (the text column with --text_format plain).")
+    texts = [str(r.get(field) or "") for r in rows]
+    kept = [t for t in texts if t.strip()]
+    if len(kept) < len(texts):
+        print(f"{source}: skipped {len(texts) - len(kept)} of {len(texts)} records with an empty {field!r}")
+    return kept, {"source": source, "records": len(texts), "examples": len(kept),
+                  "skipped": len(texts) - len(kept), "text_field": field}
+
+
 def _pick(rows: list[dict], wanted: str | None, defaults, kind: str, source: str) -> str:
     cols = list(rows[0].keys()) if rows else []
     for name in ([wanted] if wanted else []) + [d for d in defaults if d != wanted]:
@@ -482,7 +512,11 @@ def add_text_args(parser, kind: str):
     g.add_argument("--answer_field", default=None, help="answer column")
     g.add_argument("--system_prompt", default="resa", help="resa (Resa's), open_r1, open_rs, none, or literal text")
     g.add_argument("--ctx_len", type=int, default=2048, help="tokens per chunk (%(default)s)")
-    g.add_argument("--text_format", default="resa", choices=["resa", "chat", "resa_sft"],
+    formats = ["resa", "chat", "resa_sft"] + (["plain"] if kind == "trigger" else [])
+    g.add_argument("--text_format", default="resa", choices=formats,
                    help="resa: Resa's trace-free text (default); chat: the same in the model's own chat format; "
-                   "resa_sft: Resa's SFT baseline text (chat template, 'think: ... answer: ...')")
+                   "resa_sft: Resa's SFT baseline text (chat template, 'think: ... answer: ...')" +
+                   ("; plain: a plain-text corpus, its 'text' column (or --question_field) as is, for pre-training "
+                    "an SAE as Resa's pretrain_sae.sh does (sparsify on EleutherAI/SmolLM2-135M-10B), then "
+                    "--init_from it on the trigger set" if kind == "trigger" else ""))
     return g

@@ -266,6 +266,8 @@ def compiled_layer():
     long-span attention path is a second one)."""
     global _COMPILED
     if _COMPILED is None:
+        print("decoding with a torch.compile'd step: the first steps compile it (once per process, about half a "
+              "minute on a GPU; generate(compile=False) skips it)", flush=True)
         _COMPILED = torch.compile(decode_layer, dynamic=True)
     return _COMPILED
 

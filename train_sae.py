@@ -88,9 +88,16 @@ def load_source(args, device, dtype):
 
 
 def trigger_chunks(args, tok):
-    examples, stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
-    sp = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
-    ids, _ = D.pack_chunks(tok, D.text_pieces(tok, examples, args.text_format, sp), args.ctx_len)
+    """The training text as [N, ctx_len] token chunks: trace-free text made from a question/answer set, or with
+    --text_format plain a corpus's text column as is (read up to about 8 characters per wanted token)."""
+    if args.text_format == "plain":
+        texts, stats = D.load_texts(args.dataset, args.question_field or "text", 8 * args.max_tokens)
+        pieces = [("", t) for t in texts]
+    else:
+        examples, stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
+        sp = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
+        pieces = D.text_pieces(tok, examples, args.text_format, sp)
+    ids, _ = D.pack_chunks(tok, pieces, args.ctx_len)
     if args.max_tokens:
         ids = ids[:max(1, args.max_tokens // ids.shape[1])]
     return ids, stats

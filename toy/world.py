@@ -67,8 +67,10 @@ def problems(seed: int, count: int, min_terms: int, max_terms: int, exclude: set
 
 
 def write_sets(out_dir, seed: int = 0, n_train: int = 2000, n_test: int = 300, min_terms: int = 3,
-               max_terms: int = 6) -> dict:
-    """Held-out test problems first, then training problems that never repeat a test question."""
+               max_terms: int = 6, n_corpus: int = 0) -> dict:
+    """Held-out test problems first, then training problems that never repeat a test question; and
+    corpus.jsonl, n_corpus documents drawn as the base model's own training text (worked and direct
+    answers, no held-out question): the toy's stand-in for the general corpus a real SAE is pre-trained on."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test = problems(seed + 1, n_test, min_terms, max_terms)
@@ -77,7 +79,14 @@ def write_sets(out_dir, seed: int = 0, n_train: int = 2000, n_test: int = 300, m
         with open(out / f"{name}.jsonl", "w") as f:
             for q, a, _ in rows:
                 f.write(json.dumps({"problem": q, "answer": str(a)}) + "\n")
-    return {"train": len(train), "test": len(test)}
+    if not n_corpus:
+        return {"train": len(train), "test": len(test)}
+    corpus = random.Random(seed + 3)           # the toy's general text, as a real SAE's pre-training corpus
+    exclude = {q for q, _, _ in test}
+    with open(out / "corpus.jsonl", "w") as f:
+        for _ in range(n_corpus):
+            f.write(json.dumps({"text": pretraining_text(corpus, 0.35, 2, 6, exclude)}) + "\n")
+    return {"train": len(train), "test": len(test), "corpus": n_corpus}
 
 
 def pretraining_text(rng: random.Random, worked_fraction: float, min_terms: int = 2, max_terms: int = 6,
