@@ -32,7 +32,9 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             share of the bandwidth floor
   grpo_step one whole GRPO step at Tina's shape (4 prompts x 6 completions, 512 + 3,584 tokens, EOS off):
             rollout, rewards, update (4 micro-batches: reference, policy, backward; AdamW) timed apart, the
-            rollout against its bandwidth floor, the update's MFU and peak memory
+            rollout against its bandwidth floor, the update's MFU and peak memory; on a GPU the decode step is
+            compiled first by a short rollout (rollout_compile_s, paid once per run), and the rollout is
+            timed once more with the uncompiled step (rollout_uncompiled_s)
 
 --profile adds one profiled run of ours per benchmark; the top ops / kernels go to <out>.profile.txt.
 
@@ -451,9 +453,10 @@ def bench_grpo_step(net, cfg, args, device):
         times[name] = time.perf_counter() - t0
         return out
 
-    def rollout():
+    def rollout(compile=None, prompt=ids, new=N):
         with L.lora_merged(net):
-            return SM.generate(net, ids, mask, max_new_tokens=N, temperature=0.7, seed=0)
+            return SM.generate(net, prompt, torch.ones_like(prompt), max_new_tokens=new, temperature=0.7, seed=0,
+                               compile=compile)
 
     def rewards(out):
         texts = ["".join(alphabet[t % len(alphabet)] for t in row) for row in out.tokens.tolist()]
@@ -469,13 +472,21 @@ def bench_grpo_step(net, cfg, args, device):
         opt.zero_grad(set_to_none=True)
 
     net.train()
+    # compile the decode step first (once per process, as in the first step of a run): a short rollout whose
+    # key span crosses MATMUL_ATTENTION_FROM, so both attention paths are compiled; then the step itself
+    if device.type == "cuda":
+        start = max(1, SM.StaticDecoder.MATMUL_ATTENTION_FROM - 300)
+        warm = torch.randint(0, net.cfg.vocab_size, (Pn * Gn, start), generator=g).to(device)
+        part("rollout_compile", lambda: rollout(prompt=warm, new=400))
     out = part("rollout", rollout)
     adv = part("rewards", lambda: rewards(out))
     part("update", lambda: update(out, adv))
     mem = peak_memory(device, lambda: update(out, adv), net)
+    if device.type == "cuda":                  # the same rollout with the uncompiled step (round 2's figure)
+        part("rollout_uncompiled", lambda: rollout(compile=False))
     lora_training(net, on=False)
     floor = decode_floor(net, Pn * Gn, P, N, args.bandwidth) * N
-    total = sum(times.values())
+    total = sum(v for k, v in times.items() if k in ("rollout", "rewards", "update"))
     flops = 8 * matmul_params(net) * Pn * Gn * (P + N)
     return {"seconds": total, **{f"{k}_s": v for k, v in times.items()}, "rollout_floor_s": floor,
             "rollout_share_of_floor": floor / times["rollout"], "update_mfu": flops / times["update"] / args.peak_flops,
