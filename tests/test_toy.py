@@ -69,7 +69,11 @@ def test_full_pipeline_meets_the_acceptance_bars(tmp_path):
     r = subprocess.run([sys.executable, "toy/pipeline.py", "--out", str(tmp_path / "toy")], cwd=ROOT,
                        capture_output=True, text=True, timeout=3600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = json.loads((tmp_path / "toy" / "results.json").read_text())["rows"]
-    base, grpo = rows[0], rows[1]
+    rep = json.loads((tmp_path / "toy" / "results.json").read_text())
+    rows = rep["rows"]
+    base, grpo, source_sae = rows[0], rows[1], rows[2]
     assert 0.15 <= base["pass@1"] <= 0.60
-    assert grpo["vs_base"] >= 0.10 and grpo["vs_base_interval95"][0] > 0
+    assert grpo["vs_base"] >= 0.15 and grpo["vs_base_interval95"][0] > 0      # Tina's effect, clearly
+    assert source_sae["row"].startswith("source with its SAE inserted")
+    assert source_sae["pass@1"] >= 0.8 * grpo["pass@1"]                      # the SAE keeps the source's skill
+    assert rep["summary"]["source_with_sae_over_source"] >= 0.8

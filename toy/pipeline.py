@@ -35,13 +35,14 @@ from toy.world import write_sets  # noqa: E402
 FULL = dict(n_train=2000, n_test=300, base=["--steps", "450"], limit=200, n=4, max_new=96, eval_batch=256,
             grpo=["--max_steps", "40", "--stop_step", "40", "--save_every", "10", "--num_generations", "8",
                   "--prompts_per_step", "16", "--grad_accum", "2"],
-            sae=["--expansion_factor", "8", "--k", "16", "--batch_size", "8"], tune=["--epochs", "2"], seeds=[0, 1, 2])
+            n_corpus=40000, sae=["--expansion_factor", "8", "--k", "32", "--batch_size", "8", "--max_tokens", "1000000"],
+            tune=["--epochs", "2"], seeds=[0, 1, 2])
 QUICK = dict(n_train=64, n_test=24, base=["--steps", "8", "--hidden", "32", "--mlp", "64", "--layers", "2",
                                           "--heads", "2", "--kv_heads", "1", "--batch_size", "8"],
              limit=16, n=2, max_new=24, eval_batch=64,
              grpo=["--max_steps", "2", "--stop_step", "2", "--save_every", "1", "--num_generations", "2",
                    "--prompts_per_step", "2", "--grad_accum", "1"],
-             sae=["--expansion_factor", "2", "--k", "4", "--batch_size", "2", "--max_tokens", "1024"],
+             n_corpus=200, sae=["--expansion_factor", "2", "--k", "4", "--batch_size", "2", "--max_tokens", "1024"],
              tune=["--max_steps", "3"], seeds=[0])
 
 
@@ -115,7 +116,7 @@ def main(argv=None):
     t_start = time.time()
 
     # 1. data and the two base models
-    write_sets(out / "data", seed=args.seed, n_train=cfg["n_train"], n_test=cfg["n_test"])
+    write_sets(out / "data", seed=args.seed, n_train=cfg["n_train"], n_test=cfg["n_test"], n_corpus=cfg["n_corpus"])
     train, test = str(out / "data" / "train.jsonl"), str(out / "data" / "test.jsonl")
     for name, seed in (("base", 1), ("base2", 2)):
         secs[name] = run([py, "toy/train_base.py", "--out", str(out / name), "--seed", str(seed + args.seed),
@@ -150,7 +151,12 @@ def main(argv=None):
     ev_grpo = evaluate(base, ["base", *ckpts], "grpo")
     # 4. Resa: an SAE on the GRPO-tuned model (the source) and, for the control, one on the base (the target)
     layer = "0" if args.quick else "2"
-    sae_common = ["--dataset", train, "--layers", layer, "--ctx_len", "256", "--lr", "3e-3", *cfg["sae"], *common]
+    # the SAEs read the toy's general text (corpus.jsonl: worked and direct answers, as the base was trained
+    # on), not the trace-free trigger set: trained on trace-free text alone, an SAE misses the activations of
+    # the source's own worked answers (FVU 0.10 there) and the source with it inserted falls from 60% to 3%
+    corpus = str(out / "data" / "corpus.jsonl")
+    sae_common = ["--dataset", corpus, "--text_format", "plain", "--layers", layer, "--ctx_len", "256", "--lr", "3e-3",
+                  *cfg["sae"], *common]
     secs["train_sae"] = run([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--out_dir",
                              str(out / "sae"), *sae_common], logs / "train_sae.log")
     secs["train_sae_control"] = run([py, "train_sae.py", "--model", base, "--out_dir", str(out / "sae_control"),
@@ -230,10 +236,12 @@ def main(argv=None):
     kl_rows = [json.loads(line) for line in open(out / f"sae_tuned_s{cfg['seeds'][0]}" / "metrics.jsonl")]
     ctrl_rows = [json.loads(line) for line in open(out / "sae_control" / "metrics.jsonl")]
     last = lambda rows, key: next(v for k, v in rows[-1].items() if k.startswith(key))
+    own = fvu_on_completions(base, ckpts[-1], ev_grpo, [sae_dir, control_dir])   # on the source's own answers
     evidence = {"sae_fvu_first": next(v for k, v in sae_rows[0].items() if k.startswith("fvu/")),
                 "sae_fvu_last": last(sae_rows, "fvu/"), "sae_dead_fraction": last(sae_rows, "dead_fraction/"),
                 "control_sae_fvu_last": last(ctrl_rows, "fvu/"),
                 "control_sae_dead_fraction": last(ctrl_rows, "dead_fraction/"),
+                "sae_fvu_source_completions": own[0], "control_sae_fvu_source_completions": own[1],
                 "sae_tune_kl_first10": sum(r["kl"] for r in kl_rows[:10]) / min(10, len(kl_rows)),
                 "sae_tune_kl_last10": sum(r["kl"] for r in kl_rows[-10:]) / min(10, len(kl_rows))}
     total = time.time() - t_start
@@ -246,6 +254,34 @@ def main(argv=None):
     print(md)
     plot(out, ev_grpo, ckpts, table)
     return report
+
+
+def fvu_on_completions(model: str, adapter: str, eval_dir: Path, sae_dirs: list[Path], limit: int = 400) -> list[float]:
+    """FVU of each SAE on the residual stream of `adapter` (merged into `model`) over its own sampled completions
+    (the first `limit` records of that adapter in an evaluate.py samples.jsonl; completion tokens only)."""
+    import torch
+    import lora as L
+    import model as M
+    import sae as S
+    from train_sae import collect_residuals
+    tok = M.load_tokenizer(model)
+    net = M.load_model(model, "cpu", torch.float32)
+    L.load_adapter(net, adapter)
+    L.unload_lora(net, merge=True)
+    rows = [json.loads(line) for line in open(eval_dir / "samples.jsonl")]
+    rows = [r for r in rows if r["adapter"] == adapter][:limit]
+    enc = [tok(r["prompt"] + r["completion"], add_special_tokens=False).input_ids for r in rows]
+    start = [len(tok(r["prompt"], add_special_tokens=False).input_ids) for r in rows]
+    T = max(map(len, enc))
+    ids = torch.tensor([e + [tok.pad_token_id] * (T - len(e)) for e in enc])
+    keep = torch.tensor([[s <= j < len(e) for j in range(T)] for s, e in zip(start, enc)])   # [N, T]
+    out = []
+    for d in sae_dirs:
+        sae = S.load_sae(str(d))
+        x = collect_residuals(net.eval(), ids, [sae.layer])[sae.layer][keep].float()            # [tokens, D]
+        with torch.no_grad():
+            out.append(sae(x).fvu.item())
+    return out
 
 
 def reasoning_share(eval_dir: Path, adapter: str) -> float:
@@ -282,8 +318,11 @@ def markdown(table, summary, evidence, total, cfg) -> str:
               f"{fmt(summary['source_with_sae_over_source'])} of its pass@1 with its SAE inserted. SAE-Tuning minus the "
               f"control: {100 * summary['sae_tuning_minus_control']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
               f"(paired over problems). SAE FVU {evidence['sae_fvu_first']:.3f} -> {evidence['sae_fvu_last']:.3f} "
+              f"on the training text, {evidence['sae_fvu_source_completions']:.4f} on the source's own sampled answers "
               f"(dead latents at the end: {100 * evidence['sae_dead_fraction']:.0f}%, silent for a tenth of the run; "
-              f"the control's SAE: FVU {evidence['control_sae_fvu_last']:.3f}); SAE-Tuning KL (summed over a 256-token "
+              f"the control's SAE: FVU {evidence['control_sae_fvu_last']:.3f}, "
+              f"{evidence['control_sae_fvu_source_completions']:.4f} on the source's answers, "
+              f"{100 * evidence['control_sae_dead_fraction']:.0f}% dead); SAE-Tuning KL (summed over a 256-token "
               f"chunk) {evidence['sae_tune_kl_first10']:.2f} -> {evidence['sae_tune_kl_last10']:.2f} (mean of the "
               f"first / last 10 steps). Total {total / 60:.1f} minutes."]
     return "\n".join(lines)
