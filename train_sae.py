@@ -2,15 +2,18 @@
 train_sae.py -- Resa step 1 (reasoning-ability extraction): TopK SAEs on a source model's residual stream.
 
 Usage
-  CPU, the toy world (seconds):
-    python train_sae.py --model toy/out/base --adapter out/toy/grpo/final --dataset toy/out/train.jsonl \
-        --layers 2 --expansion_factor 8 --k 8 --ctx_len 256 --batch_size 8 --device cpu --out_dir out/toy/sae
+  CPU, the toy world (under a minute; as toy/pipeline.py does, on the toy's general text):
+    python train_sae.py --model out/toy/base --adapter out/toy/grpo/final --dataset out/toy/data/corpus.jsonl \
+        --text_format plain --max_tokens 1000000 --layers 2 --expansion_factor 8 --k 32 --ctx_len 256 \
+        --batch_size 8 --lr 3e-3 --system_prompt none --device cpu --out_dir out/toy/sae
   GPU, Resa's recipe (SAE on a Tina checkpoint, the STILL trigger set; recipes/resa_train_sae.sh):
     python train_sae.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --adapter TINA_CHECKPOINT \
         --dataset still --layers 12 --out_dir out/resa_sae
 
 The source model reads Resa's trace-free text (system prompt, the question, and the answer standing in for
-the reasoning trace), joined with EOS and cut into --ctx_len chunks. The forward pass stops after the
+the reasoning trace), joined with EOS and cut into --ctx_len chunks; or, with --text_format plain, a general
+corpus's text column as is (Resa's other way: an SAE pre-trained on general text, e.g. sparsify on
+EleutherAI/SmolLM2-135M-10B, then fine-tuned on the trigger set with --init_from). The forward pass stops after the
 highest requested layer; the residual stream after each requested layer (the output of decoder layer L,
 sparsify's hookpoint layers.L) trains its own SAE, all from that single pass. Each SAE is written to
 out_dir/layers.L/ in sparsify's format (cfg.json + sae.safetensors) with our keys layer, source_model,

@@ -354,3 +354,24 @@ def test_trace_free_text_in_the_models_own_chat_format(model3, arith_file, tmp_p
              "--text_format", "chat", "--ctx_len", "64", "--lora_r", "4", "--max_steps", "2", "--system_prompt",
              "none", "--out_dir", str(tmp_path / "tuned")])
     assert len(metrics(tmp_path / "tuned")) == 2
+
+
+def test_plain_text_corpus_trains_an_sae_on_its_text_as_is(model3, tmp_path, capsys):
+    # --text_format plain (Resa's SAE pre-training on a general corpus): the text column chunked as is, empty
+    # records counted and skipped, a missing column named with the fields there are
+    import data as D
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [f"Q: {a}+{a}\nA: <think>\n{a}+{a}={2 * a}\n</think>" for a in range(40)]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs) + json.dumps({"text": ""}) + "\n")
+    tok = M.load_tokenizer(str(model3))
+    args = T.build_parser().parse_args(sae_args(model3, corpus, tmp_path / "sae", "--layers", "1", "--text_format",
+                                                "plain", "--max_tokens", "0"))
+    ids, stats = T.trigger_chunks(args, tok)
+    assert stats["examples"] == 40 and stats["skipped"] == 1 and "skipped 1 of 41" in capsys.readouterr().out
+    want = D.pack_chunks(tok, [("", t) for t in docs], 64)[0]
+    assert torch.equal(ids, want)
+    T.main(sae_args(model3, corpus, tmp_path / "sae", "--layers", "1", "--text_format", "plain"))
+    assert S.load_sae(str(tmp_path / "sae" / "layers.1")).meta["trigger_dataset"] == str(corpus)
+    with pytest.raises(ValueError, match="no text field 'body'.*'text'"):
+        T.main(sae_args(model3, corpus, tmp_path / "sae2", "--layers", "1", "--text_format", "plain",
+                        "--question_field", "body"))
