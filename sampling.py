@@ -258,6 +258,8 @@ def _attend(q, k, v, mask, matmul: bool):
 
 _COMPILED = None
 COMPILE_DECODE = True    # generate(compile=None) compiles the static step on CUDA (tests may switch it off)
+COMPILE_MIN_PARAMS = 100_000_000   # ... for models this big: a small model's graph replay is already a few
+                                   # microseconds a layer, and compiling (once per process) would cost more
 
 
 def compiled_layer():
@@ -291,7 +293,8 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
 
     static: decode with StaticDecoder (CUDA graphs on a GPU); None = on CUDA when the model has no
     residual hooks. False = the plain forward with a growing key range (any hooks apply).
-    compile: run the static step through torch.compile (StaticDecoder); None = on CUDA (COMPILE_DECODE).
+    compile: run the static step through torch.compile (StaticDecoder); None = on CUDA for models of at least
+    COMPILE_MIN_PARAMS parameters (while COMPILE_DECODE is on).
     compact: once a quarter (static: a half) of the rows still decoding have finished, drop them from the
     batch and the cache, so finished sequences stop costing work (the outputs are the same; a seeded
     sampler draws from a smaller batch afterwards, so its samples differ from compact=False, reproducibly).
@@ -326,7 +329,7 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     last = model(input_ids, attention_mask, cache=cache, hidden=True)[:, -1]   # prefill -> [B, D]
     logits = model.lm_head(last)                                       # only the last position: [B, V]
     if compile is None:
-        compile = dev.type == "cuda" and COMPILE_DECODE
+        compile = dev.type == "cuda" and COMPILE_DECODE and sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMS
     dec = StaticDecoder(model, cache, attention_mask.sum(-1), dev.type == "cuda", compile) if static else None
     check_every = sync_every or (8 if dev.type == "cuda" else 1)
     for t in range(max_new_tokens):
