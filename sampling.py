@@ -329,7 +329,8 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     last = model(input_ids, attention_mask, cache=cache, hidden=True)[:, -1]   # prefill -> [B, D]
     logits = model.lm_head(last)                                       # only the last position: [B, V]
     if compile is None:
-        compile = dev.type == "cuda" and COMPILE_DECODE and sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMS
+        big = sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMS
+        compile = dev.type == "cuda" and COMPILE_DECODE and big
     dec = StaticDecoder(model, cache, attention_mask.sum(-1), dev.type == "cuda", compile) if static else None
     check_every = sync_every or (8 if dev.type == "cuda" else 1)
     for t in range(max_new_tokens):
