@@ -1,7 +1,7 @@
 """
 toy/pipeline.py -- the whole Tina -> Resa pipeline on the toy world, on a CPU, with the real stage scripts.
 
-    python toy/pipeline.py                 # about 10 minutes on 2 CPU cores -> out/toy/results.md, results.png
+    python toy/pipeline.py                 # about 14 minutes on 2 CPU cores -> out/toy/results.md, results.png
     python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~70 seconds
     python toy/pipeline.py --device cuda   # the same on a GPU (float32; its numbers differ from the CPU's in
                                            # the last bits, so the table may differ by a sample or two)
@@ -52,18 +52,31 @@ HEAVY = {"train_base.py": 1, "grpo_lora.py": 1, "sae_tune.py": 1}   # script -> 
 
 def run(cmd: list[str], log: Path) -> float:
     """Run one stage as a user would; its output goes to log; one line on stdout when it ends. -> seconds."""
-    t0 = time.time()
-    threads = HEAVY.get(Path(cmd[1]).name)
-    env = ENV if threads is None else {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(log, "w") as f:
+    return run_together([(cmd, log)])[0]
+
+
+def run_together(jobs: list[tuple[list[str], Path]]) -> list[float]:
+    """Run stages side by side (single-threaded ones, on separate cores), each as run() does. -> seconds each."""
+    t0, procs, files = time.time(), [], []
+    for cmd, log in jobs:
+        threads = HEAVY.get(Path(cmd[1]).name)
+        env = ENV if threads is None else {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        f = open(log, "w")
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"stage failed ({log}):\n" + "".join(open(log).readlines()[-20:]))
-    dt = time.time() - t0
-    print(f"  {log.stem:16s} {dt:6.1f} s", flush=True)
-    return dt
+        files.append(f)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env))
+    secs = []
+    for p, f, (cmd, log) in zip(procs, files, jobs):
+        rc = p.wait()
+        f.close()
+        if rc != 0:
+            for q in procs:
+                q.kill()
+            raise SystemExit(f"stage failed ({log}):\n" + "".join(open(log).readlines()[-20:]))
+        secs.append(time.time() - t0)
+        print(f"  {log.stem:16s} {secs[-1]:6.1f} s", flush=True)
+    return secs
 
 
 def _cuda() -> bool:
@@ -157,10 +170,13 @@ def main(argv=None):
     corpus = str(out / "data" / "corpus.jsonl")
     sae_common = ["--dataset", corpus, "--text_format", "plain", "--layers", layer, "--ctx_len", "256", "--lr", "3e-3",
                   *cfg["sae"], *common]
-    secs["train_sae"] = run([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--out_dir",
-                             str(out / "sae"), *sae_common], logs / "train_sae.log")
-    secs["train_sae_control"] = run([py, "train_sae.py", "--model", base, "--out_dir", str(out / "sae_control"),
-                                     *sae_common], logs / "train_sae_control.log")
+    sae_jobs = [([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--out_dir", str(out / "sae"),
+                  *sae_common], logs / "train_sae.log"),
+                ([py, "train_sae.py", "--model", base, "--out_dir", str(out / "sae_control"), *sae_common],
+                 logs / "train_sae_control.log")]
+    # one thread each: side by side when there are cores for both (the same numbers either way)
+    pair = run_together(sae_jobs) if (os.cpu_count() or 1) >= 2 and not args.threads else [run(*j) for j in sae_jobs]
+    secs["train_sae"], secs["train_sae_control"] = pair
     sae_dir, control_dir = out / "sae" / f"layers.{layer}", out / "sae_control" / f"layers.{layer}"
     sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
     params["train_sae"] = 2 * sae_cfg["num_latents"] * sae_cfg["d_in"] + sae_cfg["num_latents"] + sae_cfg["d_in"]

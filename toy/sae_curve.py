@@ -26,15 +26,15 @@ from toy.pipeline import fvu_on_completions, run  # noqa: E402
 TRIGGER = ["--dataset", "{data}/train.jsonl", "--text_format", "resa"]
 CORPUS = ["--dataset", "{data}/corpus.jsonl", "--text_format", "plain"]
 VARIANTS = [   # name, what it is, train_sae.py flags (None: the pipeline's own SAE, already trained)
-    ("trigger_x8_k16", "from scratch on the trace-free trigger text (Resa's first way), 1,024 latents, k 16",
+    ("trigger_x8_k16", "from scratch on the trace-free trigger text (Resa's first way)",
      [*TRIGGER, "--expansion_factor", "8", "--k", "16"]),
-    ("trigger_x32_k64", "the same, 4,096 latents, k 64", [*TRIGGER, "--expansion_factor", "32", "--k", "64"]),
+    ("trigger_x32_k64", "from scratch on the trigger text, wider", [*TRIGGER, "--expansion_factor", "32", "--k", "64"]),
     ("pretrained_finetuned", "the control's SAE (general text, on the base) fine-tuned on the trigger text "
      "(Resa's second way)", [*TRIGGER, "--init_from", "{toy}/sae_control"]),
-    ("corpus_x8_k16_400k", "general text, 1,024 latents, k 16, 0.4M tokens",
+    ("corpus_x8_k16_400k", "general text (corpus.jsonl), 0.4M tokens",
      [*CORPUS, "--expansion_factor", "8", "--k", "16", "--max_tokens", "400000"]),
-    ("pipeline", "general text, 1,024 latents, k 32, 1M tokens (the pipeline's SAE)", None),
-    ("corpus_x16_k32_2M", "general text, 2,048 latents, k 32, 2M tokens",
+    ("pipeline", "general text, 1M tokens (the pipeline's SAE)", None),
+    ("corpus_x16_k32_2M", "general text, 2M tokens, wider",
      [*CORPUS, "--expansion_factor", "16", "--k", "32", "--max_tokens", "2000000"]),
 ]
 
