@@ -473,10 +473,9 @@ def bench_grpo_step(net, cfg, args, device):
 
     net.train()
     # compile the decode step first (once per process, as in the first step of a run): a short rollout whose
-    # key span crosses MATMUL_ATTENTION_FROM, so both attention paths are compiled; then the step itself
+    # key span crosses 2,048, so either attention path a span switch could pick is compiled; then the step
     if device.type == "cuda":
-        start = max(1, SM.StaticDecoder.MATMUL_ATTENTION_FROM - 300)
-        warm = torch.randint(0, net.cfg.vocab_size, (Pn * Gn, start), generator=g).to(device)
+        warm = torch.randint(0, net.cfg.vocab_size, (Pn * Gn, 1748), generator=g).to(device)
         part("rollout_compile", lambda: rollout(prompt=warm, new=400))
     out = part("rollout", rollout)
     adv = part("rewards", lambda: rewards(out))

@@ -116,7 +116,11 @@ class StaticDecoder:
     place (the matmul's epilogue), rotary embedding is roll + multiply-add and RMSNorm is one fused op.
     """
     SPAN_BLOCK = 256
-    MATMUL_ATTENTION_FROM = 2048    # key spans from this length attend with matmuls (see _attend; measured)
+    # key spans from this length attend with matmuls (see _attend); None: 2,048 for the eager step, 0 (always)
+    # for the compiled one, where the mask, softmax and casts fuse into one kernel. Measured on an H100, compiled:
+    # 3.38 vs 3.46 ms (SDPA) per step at batch 32 and ~1k keys, 4.04 vs 4.88 ms at batch 24 and ~4k keys;
+    # eager: SDPA 3.78 vs 4.01 at ~1k keys, matmuls 4.68 vs 5.09 at ~4k
+    MATMUL_ATTENTION_FROM: int | None = None
 
     def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool,
                  compile: bool = False):
@@ -177,12 +181,17 @@ class StaticDecoder:
             self.logits = self._step(span)                 # recorded, not run: the replay runs it
         self.graph, self.graph_span = graph, span
 
+    def matmul_attention_from(self) -> int:
+        if self.MATMUL_ATTENTION_FROM is not None:
+            return self.MATMUL_ATTENTION_FROM
+        return 0 if self.layer is not None else 2048
+
     def _step(self, span: int) -> torch.Tensor:
         m = self.model
         args = (self.tok, self.positions, self.slot, self.bias[:, :span], self.cache.k[:, :, :, :span],
                 self.cache.v[:, :, :, :span], self.weights, self.norms, m.model.embed_tokens.weight,
                 m.model.norm.weight, effective_weight(m.lm_head), self.inv_freq, self.sign, self.const,
-                span >= self.MATMUL_ATTENTION_FROM)
+                span >= self.matmul_attention_from())
         with torch.autocast(self.cache.k.device.type, enabled=False):    # the model's own dtype throughout
             if self.layer is not None:
                 try:      # (no duck sizing: a batch size equal to some other size must not be baked in)
