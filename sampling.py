@@ -5,6 +5,7 @@ sampling.py -- batched generation: the KV cache, the sampler, and the CUDA-graph
                                       temperature / top_p / top_k sampling (greedy at temperature 0),
                                       several EOS ids, per-row stop, seeded; finished rows are dropped
   * StaticDecoder                     the decode step with every shape fixed, replayed as a CUDA graph
+                                      (on CUDA, for big models, each layer compiled by torch.compile)
   * encode_prompts(tok, texts, ...)   prompt texts -> left-padded ids and mask (every stage's one helper)
   * VLLMEngine                        the same prompts through vLLM, for --rollout vllm / --backend vllm
 
@@ -108,8 +109,9 @@ class StaticDecoder:
     memory while decoding. Residual hooks (an inserted SAE) are not applied: generate() takes the plain
     path when the model has any.
 
-    compile=True runs the step through torch.compile (Inductor; dynamic batch size and key span, so one
-    compilation serves a whole run, about half a minute on first use): the ~15 small element-wise
+    compile=True runs each layer of the step through torch.compile (Inductor; one function for every layer,
+    batch size and key span dynamic, so one compilation per dtype serves a whole run: about a minute on an
+    H100 on first use, two attention variants included): the ~15 small element-wise
     kernels per layer (norms, rotary embedding, cache writes, SiLU x up, residual adds, the softmax)
     become a few fused ones, inside the same CUDA graph. Should compilation fail, the eager step runs, with
     a warning. Without it (the default off CUDA) bias-free projections add into the residual stream in
@@ -277,7 +279,7 @@ def compiled_layer():
     long-span attention path is a second one)."""
     global _COMPILED
     if _COMPILED is None:
-        print("decoding with a torch.compile'd step: the first steps compile it (once per process, about half a "
+        print("decoding with a torch.compile'd step: the first steps compile it (once per process, about a "
               "minute on a GPU; generate(compile=False) skips it)", flush=True)
         _COMPILED = torch.compile(decode_layer, dynamic=True)
     return _COMPILED
