@@ -5,6 +5,10 @@
 # cut off at its time limit and the rest goes on; everything lands in $OUT/gpu_bench.json.
 # GPU_BENCH_PARTS=tests,bench,grpo_lora (any of tests, bench, grpo_lora, train_sae, sae_tune, evaluate, toy)
 # runs a subset when device time is short; GPU_BENCH_SECONDS caps the whole run (the toy gets what is left).
+# Measured in round 3 (H100): tests 131 s (compilations included), bench about 400 s, so in one 10-minute call
+# the stages and the toy get no time: with a 15-minute device budget run it as two calls,
+#   GPU_BENCH_PARTS=tests,bench OUT=$OUT bash recipes/gpu_bench.sh
+#   GPU_BENCH_PARTS=grpo_lora,train_sae,sae_tune,evaluate,toy OUT=$OUT bash recipes/gpu_bench.sh
 #
 # The GPU image has torch, transformers, safetensors, peft, pytest and tqdm. What else the run needs travels
 # with it: wheels in .whl/ (sparsify for the sae baseline, math-verify for the rewards and grading) and data in
