@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from common import world_size
 from lora import LoRALinear
-from model import Block, ModelConfig, Transformer, rope_inv_freq
+from model import Block, ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------------------------
 # KV cache: preallocated, fixed shape, so a compiled / CUDA-graph decode step can reuse it.
@@ -138,7 +138,6 @@ class StaticDecoder:
         self.bias = torch.zeros(cache.valid.shape, dtype=model.dtype, device=dev)  # [b, S] 0 or -inf
         self.bias.masked_fill_(~cache.valid, float("-inf"))
         self.tok = torch.zeros(len(positions), dtype=torch.long, device=dev)      # [b] input token
-        self.inv_freq = rope_inv_freq(c).to(dev)                                  # [hd / 2] float32
         half = c.head_dim // 2
         self.sign = torch.tensor([-1.0] * half + [1.0] * half, device=dev)        # [hd] for the rotation
         self.graph, self.graph_span, self.logits = None, 0, None
@@ -190,10 +189,11 @@ class StaticDecoder:
 
     def _step(self, span: int) -> torch.Tensor:
         m = self.model
-        args = (self.tok, self.positions, self.slot, self.bias[:, :span], self.cache.k[:, :, :, :span],
-                self.cache.v[:, :, :, :span], self.weights, self.norms, m.model.embed_tokens.weight,
-                m.model.norm.weight, effective_weight(m.lm_head), self.inv_freq, self.sign, self.const,
-                span >= self.matmul_attention_from())
+        cos, sin = m._rope(self.positions[:, None])                      # [b, 1, 1, hd] float32
+        args = (self.tok, cos[:, 0], sin[:, 0], self.positions, self.slot, self.bias[:, :span],
+                self.cache.k[:, :, :, :span], self.cache.v[:, :, :, :span], self.weights, self.norms,
+                m.model.embed_tokens.weight, m.model.norm.weight, effective_weight(m.lm_head), self.sign,
+                self.const, span >= self.matmul_attention_from())
         with torch.autocast(self.cache.k.device.type, enabled=False):    # the model's own dtype throughout
             if self.layer is not None:
                 try:      # (no duck sizing: a batch size equal to some other size must not be baked in)
@@ -213,20 +213,19 @@ class StepConst(NamedTuple):    # a decode step's shape constants (plain ints: c
     eps: float
 
 
-def decode_step(tok, positions, slot, bias, k, v, weights: list[LayerWeights], norms: list[tuple], embed,
-                final_norm, lm_head, inv_freq, sign, const: StepConst, matmul_attention: bool,
+def decode_step(tok, cos, sin, positions, slot, bias, k, v, weights: list[LayerWeights], norms: list[tuple],
+                embed, final_norm, lm_head, sign, const: StepConst, matmul_attention: bool,
                 layer=None) -> torch.Tensor:
-    """One decoder step for every row: tok, positions [b] (input token, its rope position), slot [1] (its
-    cache slot), bias [b, span] (0 or -inf per key; the new key's entry is set here), k, v [L, b, nkv, span, hd]
-    (the cache up to the span; the new keys are written at `slot`), then slot and positions advance.
-    -> logits [b, V]. layer: decode_layer or its compiled twin (the StaticDecoder's choice)."""
+    """One decoder step for every row: tok [b] (input token), cos, sin [b, 1, hd] float32 (its rotary
+    embedding, Transformer._rope), positions [b] (its rope position), slot [1] (its cache slot), bias [b, span]
+    (0 or -inf per key; the new key's entry is set here), k, v [L, b, nkv, span, hd] (the cache up to the span;
+    the new keys are written at `slot`), then slot and positions advance. -> logits [b, V].
+    layer: decode_layer or its compiled twin (the StaticDecoder's choice)."""
     layer = layer or decode_layer
-    freqs = positions[:, None].float() * inv_freq                        # [b, hd / 2] float32
-    emb = torch.cat((freqs, freqs), -1)[:, None]                         # [b, 1, hd]
     x = F.embedding(tok[:, None], embed)                                 # [b, 1, D] (not a view: each layer
                                                                          # gets the same kind of input)
     # rotate_half(x) * sin == x.roll(hd / 2) * (sin with its first half negated)
-    cos, sin = emb.cos().to(x.dtype), (emb.sin() * sign).to(x.dtype)    # [b, 1, hd]
+    cos, sin = cos.to(x.dtype), (sin * sign).to(x.dtype)                 # [b, 1, hd]
     bias.index_fill_(1, slot, 0.0)                                       # the new token's key is real
     mask = bias[:, None, None, :]                                        # [b, 1, 1, span]
     for i, (w, (n1, n2)) in enumerate(zip(weights, norms)):
