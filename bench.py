@@ -38,7 +38,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
 
 --profile adds one profiled run of ours per benchmark; the top ops / kernels go to <out>.profile.txt.
 
-Baselines (transformers, peft, sparsify) are imported here only, lazily; the product never imports them.
+Baselines: transformers' model is built here; peft's LoRA and sparsify's SparseCoder come from
+tests/baselines.py (test-only dependencies, imported when their benchmark runs; the product never imports them).
 Times are medians over --repeat runs after --warmup runs, with the device synchronised; the slow
 baselines (our plain decode path, transformers' default-cache generate) run once.
 """
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -58,6 +60,9 @@ import lora as L
 import model as M
 import sampling as SM
 import sae as S
+
+sys.path.append(str(Path(__file__).resolve().parent / "tests"))
+import baselines  # noqa: E402  (tests/baselines.py: peft and sparsify, the test-only references)
 
 FULL = dict(preset="r1-distill-qwen-1.5b", batch=32, prompt=512, new=512, grpo_seqs=6, grpo_len=4096,
             lora_tokens=8192, sae_layer=12, sae_latents=65536, sae_k=32, sae_batch=16, sae_len=2048, tune_len=2048,
@@ -269,8 +274,7 @@ def bench_grpo(net, hf, cfg, args, device):
     mem_ours = peak_memory(device, ours, net)
     profiled(ours, device, args, "grpo: one update")
     lora_training(net, on=False)
-    from peft import LoraConfig, get_peft_model
-    pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=list(L.ALL_LINEARS)))
+    pm = baselines.peft_lora(hf, 32, 64, 0.0, L.ALL_LINEARS)
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -317,43 +321,18 @@ def bench_lora(net, hf, cfg, args, device):
     plain = run(lambda x: net(x, hidden=True))
     hf_plain = run(lambda x: hf.model(input_ids=x))
     row.update(plain_ms=1000 * plain, hf_plain_ms=1000 * hf_plain)
-    from peft import LoraConfig, get_peft_model
     for dropout, tag in ((0.0, ""), (0.05, "_dropout")):
         L.attach_lora(net, 32, 64, dropout)
         net.train(dropout > 0)
         row["ours_overhead" + tag] = run(lambda x: net(x, hidden=True)) / plain
         L.unload_lora(net)
-        pm = get_peft_model(hf, LoraConfig(r=32, lora_alpha=64, lora_dropout=dropout,
-                                           target_modules=list(L.ALL_LINEARS)))
+        pm = baselines.peft_lora(hf, 32, 64, dropout, L.ALL_LINEARS)
         pm.train(dropout > 0)
         row["peft_overhead" + tag] = run(lambda x, pm=pm: pm.base_model.model.model(input_ids=x)) / hf_plain
         pm.unload()
     net.eval()
     hf.eval()
     return row
-
-
-def sparsify_coder(device):
-    """sparsify's SparseCoder and its config. The package __init__ imports sparsify's trainer, which needs
-    `datasets`; where that is missing (the GPU image), load the coder's modules without the __init__."""
-    import importlib.util
-    import os
-    import sys
-    import types
-    if device.type != "cuda":
-        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
-    try:
-        from sparsify import SparseCoder, SparseCoderConfig
-    except ImportError:
-        spec = importlib.util.find_spec("sparsify")
-        if spec is None:
-            raise SystemExit("the sae benchmark's baseline needs eai-sparsify (pip install eai-sparsify)") from None
-        pkg = types.ModuleType("sparsify")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["sparsify"] = pkg
-        from sparsify.config import SparseCoderConfig
-        from sparsify.sparse_coder import SparseCoder
-    return SparseCoder, SparseCoderConfig
 
 
 def bench_sae(net, hf, cfg, args, device):
@@ -370,7 +349,7 @@ def bench_sae(net, hf, cfg, args, device):
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
     profiled(ours, device, args, "sae: one training step")
-    SparseCoder, SparseCoderConfig = sparsify_coder(device)
+    SparseCoder, SparseCoderConfig = baselines.sparsify_coder(device)
     sc = SparseCoder(d, SparseCoderConfig(num_latents=cfg["sae_latents"], k=cfg["sae_k"]), device=device)
     sopt = torch.optim.Adam(sc.parameters(), lr=1e-4)
 
