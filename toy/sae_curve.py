@@ -69,7 +69,7 @@ def main(argv=None):
             sae_dir = out / "layers.2"
         ev = out / "eval"
         run([py, "evaluate.py", "--model", base, "--adapter", source, "--data", f"{data}/test.jsonl", "--limit",
-             str(rep["rows"][1]["problems"]), "--n", str(cfg["n"] if "n" in cfg else rep["rows"][1]["n"]),
+             str(rep["rows"][1]["problems"]), "--n", str(rep["rows"][1]["n"]),
              "--temperature", str(cfg["temperature"]), "--top_p", str(cfg["top_p"]), "--max_new_tokens",
              str(cfg["max_new_tokens"]), "--batch_size", "256", "--template", "none", "--system_prompt", "none",
              "--device", "cpu", "--dtype", "fp32", "--seed", str(cfg["seed"]), "--sae", str(sae_dir), "--out_dir",
