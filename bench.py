@@ -13,7 +13,9 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             captures and compilation, ours and theirs), our step uncompiled, our plain path, and the share
             of the bandwidth floor (bytes of the matmul weights + the
             average KV cache read per step / measured copy bandwidth); per-step times are whole calls
-            (prefill included) / new tokens
+            (prefill included) / new tokens, steady_* without the prefill; the slow paths (ours without
+            graphs, transformers' default cache) run a quarter of the new tokens, against ours over the
+            same; with --profile on a GPU, replay_*: the GPU's busy share while steps replay
   grpo      one GRPO update on left-padded prompts + right-padded completions: reference pass with LoRA
             off, policy pass, backward through chunked log-probs; vs peft's LoRA on the transformers model
             with per-row log-softmax: seconds, tokens/s, peak memory (the model's parameters + what the
@@ -34,7 +36,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             rollout, rewards, update (4 micro-batches: reference, policy, backward; AdamW) timed apart, the
             rollout against its bandwidth floor, the update's MFU and peak memory; on a GPU the decode step is
             compiled first by a short rollout (rollout_compile_s, paid once per run), and the rollout is
-            timed once more with the uncompiled step (rollout_uncompiled_s)
+            timed once more with the uncompiled step (rollout_uncompiled_s); update_again_s: the same
+            update once more (seconds counts the first)
 
 --profile adds one profiled run of ours per benchmark; the top ops / kernels go to <out>.profile.txt.
 
@@ -205,6 +208,8 @@ def bench_decode(net, hf, cfg, args, device):
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
     first, ours = first_and_median(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0),
                                    device, args.warmup, args.repeat)
+    with torch.no_grad():
+        prefill = timed(lambda: net(ids, hidden=True)[:, -1], device, 1, args.repeat)
 
     def eager_steps(n: int = 16):   # the static step without a graph, so the profile lists its kernels
         with torch.no_grad():
@@ -215,21 +220,29 @@ def bench_decode(net, hf, cfg, args, device):
             for _ in range(n):
                 dec.step(ids[:, -1])
     profiled(eager_steps, device, args, "decode: 16 static steps without a graph (a graph replays the same kernels)")
-    # the plain path (no CUDA graph, a growing key range) and transformers' default cache: one call each
-    plain = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, static=False),
+    replay = replay_profile(net, ids, device, args) if device.type == "cuda" and args.profile else {}
+    # the slow paths (no CUDA graph: ours plain, transformers' default cache) over a quarter of the tokens,
+    # against ours over the same quarter (whole calls, prefill included, as above)
+    n = max(1, N // 4)
+    short = timed(lambda: SM.generate(net, ids, max_new_tokens=n, temperature=1.0, seed=0), device, 1, 1)
+    plain = timed(lambda: SM.generate(net, ids, max_new_tokens=n, temperature=1.0, seed=0, static=False),
                   device, 0, 1)
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
-        theirs = timed(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen), device, 0, 1)
+        theirs = timed(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                           **{**gen, "max_new_tokens": n, "min_new_tokens": n}), device, 0, 1)
         if args.hf_static:
             static_first, static = first_and_median(
                 lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                     cache_implementation="static", **gen), device, 0, args.repeat)
     floor = decode_floor(net, B, P, N, args.bandwidth)
+    steady = (ours - prefill) / N
     row = {"tokens_per_s": B * N / ours, "ms_per_step": 1000 * ours / N, "first_call_s": first,
-           "floor_ms_per_step": 1000 * floor, "share_of_floor": floor / (ours / N),
-           "plain_tokens_per_s": B * N / plain, "hf_tokens_per_s": B * N / theirs, "vs_hf": theirs / ours}
+           "floor_ms_per_step": 1000 * floor, "share_of_floor": floor / (ours / N), "prefill_s": prefill,
+           "steady_ms_per_step": 1000 * steady, "steady_share_of_floor": floor / steady, **replay,
+           "slow_paths_new_tokens": n, "plain_tokens_per_s": B * n / plain, "hf_tokens_per_s": B * n / theirs,
+           "vs_hf": theirs / short}
     for tag, span in (("sdpa", NEVER), ("matmul", 0)):      # each attention path of the static step alone
         with matmul_attention_from(span):
             t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
@@ -241,6 +254,40 @@ def bench_decode(net, hf, cfg, args, device):
         row.update(hf_static_tokens_per_s=B * N / static, hf_static_ms_per_step=1000 * static / N,
                    hf_static_first_call_s=static_first, vs_hf_static=static / ours)
     return row
+
+
+def replay_profile(net, ids, device, args, steps: int = 32) -> dict:
+    """The decode loop as generate() runs it (graph replay of the compiled step + the sampler), `steps` steps
+    under the profiler after its graph is captured: how busy the GPU is (kernel time / wall time) and the
+    kernels per step by time (into the profile report)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    B, P = ids.shape
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        cache = SM.KVCache(net.cfg, B, P + 2 * steps, device, net.dtype)
+        logits = net.lm_head(net(ids, cache=cache, hidden=True)[:, -1])
+        dec = SM.StaticDecoder(net, cache, torch.full((B,), P, device=device), graphs=True, compile=True)
+        for _ in range(steps // 2):                                   # captures the graph
+            logits = dec.step(SM.sample_next(logits, 1.0, generator=g))
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                logits = dec.step(SM.sample_next(logits, 1.0, generator=g))
+            sync(device)
+            wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() / steps
+    busy = sum(kernels.values()) / 1e3                                # ms of kernels per step
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    args.profiles.append(f"== decode: graph replay + sampler, per step ({steps} steps, {len(kernels)} kernel names): "
+                         f"{1e3 * wall / steps:.3f} ms wall, {busy:.3f} ms of kernels\n"
+                         + "\n".join(f"{us:9.1f} us  {name[:110]}" for name, us in top))
+    return {"replay_ms_per_step": 1e3 * wall / steps, "replay_kernel_ms_per_step": busy,
+            "replay_busy_share": busy / (1e3 * wall / steps)}
 
 
 def grpo_batch(vocab: int, n: int, T: int, device):
@@ -459,7 +506,7 @@ def bench_grpo_step(net, cfg, args, device):
     out = part("rollout", rollout)
     adv = part("rewards", lambda: rewards(out))
     part("update", lambda: update(out, adv))
-    mem = peak_memory(device, lambda: update(out, adv), net)
+    mem = peak_memory(device, lambda: part("update_again", lambda: update(out, adv)), net)   # (no first-call costs)
     if device.type == "cuda":                  # the same rollout with the uncompiled step (round 2's figure)
         part("rollout_uncompiled", lambda: rollout(compile=False))
     lora_training(net, on=False)

@@ -101,8 +101,9 @@ class StaticDecoder:
 
     Fixed shapes: the KV cache is preallocated; the new token's slot is a device tensor (`slot`), not a
     Python int; keys are read up to `span`, the filled slots rounded up to SPAN_BLOCK, so one graph serves
-    SPAN_BLOCK steps (the next block captures a new one, at about the cost of two eager steps; should a
-    capture fail, decoding goes on without graphs, with a warning). Masking is an additive [b, S] bias
+    SPAN_BLOCK steps (the next block captures a new one, at about the cost of one eager step, two when the
+    batch size or the attention path changed; should a capture fail, decoding goes on without graphs, with a
+    warning). Masking is an additive [b, S] bias
     kept up to date in place. Grouped-query attention repeats no keys: the n_rep query heads of a group
     are attended as n_rep query rows of their key head. q/k/v and gate/up each run as one matmul on
     stacked copies of their weights (an enabled, unmerged LoRA is folded in), which costs that much extra
@@ -141,6 +142,7 @@ class StaticDecoder:
         half = c.head_dim // 2
         self.sign = torch.tensor([-1.0] * half + [1.0] * half, device=dev)        # [hd] for the rotation
         self.graph, self.graph_span, self.logits = None, 0, None
+        self.warm_kind, self.captures = None, 0     # (batch size, attention path) last warmed up; graphs made
         self.layer = compiled_layer() if compile else None
 
     def keep(self, rows: torch.Tensor):
@@ -158,25 +160,37 @@ class StaticDecoder:
         if not self.use_graphs:
             return self._step(span)
         if self.graph is None or span != self.graph_span:
+            # a new batch size or attention path needs a warm-up run first; a longer span of the same kind
+            # reuses the kernels (and the compilation) already loaded, so it is captured directly
+            kind = (len(self.tok), span >= self.matmul_attention_from())
             try:
-                self._capture(span)
+                try:
+                    self._capture(span, warm_up=kind != self.warm_kind)
+                except Exception:
+                    if kind == self.warm_kind:             # (something still needed loading: once more,
+                        self._capture(span, warm_up=True)  #  with a warm-up run)
+                    else:
+                        raise
             except RuntimeError as e:                      # never lose a run to a capture problem
                 warnings.warn(f"CUDA graph capture failed ({e}); decoding without graphs")
                 self.use_graphs, self.graph = False, None
                 return self._step(span)
+            self.warm_kind = kind
+            self.captures += 1
         self.graph.replay()
         return self.logits
 
-    def _capture(self, span: int):
+    def _capture(self, span: int, warm_up: bool = True):
         self.graph = None                                  # free the old graph before capturing the next
-        saved = self.slot.clone(), self.positions.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                      # a warm-up run (lazy cuBLAS / kernel loading,
-            self._step(span)                               # compilation): outside capture, it computes this
-            self.slot.copy_(saved[0])                      # very step, then rewinds
-            self.positions.copy_(saved[1])
-        torch.cuda.current_stream().wait_stream(side)
+        if warm_up:
+            saved = self.slot.clone(), self.positions.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                  # a warm-up run (lazy cuBLAS / kernel loading,
+                self._step(span)                           # compilation): outside capture, it computes this
+                self.slot.copy_(saved[0])                  # very step, then rewinds
+                self.positions.copy_(saved[1])
+            torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self._step(span)                 # recorded, not run: the replay runs it
@@ -200,6 +214,8 @@ class StaticDecoder:
                     with torch.fx.experimental._config.patch(use_duck_shape=False):
                         return decode_step(*args, layer=self.layer)
                 except Exception as e:   # a compiler problem must not cost the run; what ran of the step
+                    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                        raise            # (inside a capture: step() retries with a warm-up run first)
                     warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); "
                                   "decoding with the eager step")
                     self.layer = None    # (key/value writes, the mask entry) is redone the same way

@@ -65,7 +65,8 @@ part tests 200 "$OUT/gpu_tests.log" python3 -m pytest -q -p no:cacheprovider tes
 tail -3 "$OUT/gpu_tests.log"
 
 # 2. every benchmark with its baseline in the same run; top kernels of ours
-part bench 400 "$OUT/bench.log" python3 bench.py --hf_static --profile --out "$OUT/bench.json" "$@"
+# (TORCH_LOGS: every torch.compile recompilation and its reason goes into bench.log)
+TORCH_LOGS=${TORCH_LOGS:-recompiles} part bench 400 "$OUT/bench.log" python3 bench.py --hf_static --profile --out "$OUT/bench.json" "$@"
 grep -E "^(decode|decode_long|grpo|lora|sae|sae_tune|grpo_step) " "$OUT/bench.log"
 
 # 3. each stage as a user runs it: random weights of the real shape, the toy's character tokenizer
