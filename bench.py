@@ -15,7 +15,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             average KV cache read per step / measured copy bandwidth); per-step times are whole calls
             (prefill included) / new tokens, steady_* without the prefill; the slow paths (ours without
             graphs, transformers' default cache) run a quarter of the new tokens, against ours over the
-            same; with --profile on a GPU, replay_*: the GPU's busy share while steps replay
+            same; with --profile on a GPU, replay_*: the GPU's busy share while steps replay; *_attention_*:
+            the step with each attention path at every span (SDPA, matmuls, the Triton split-key kernel)
   grpo      one GRPO update on left-padded prompts + right-padded completions: reference pass with LoRA
             off, policy pass, backward through chunked log-probs; vs peft's LoRA on the transformers model
             with per-row log-softmax: seconds, tokens/s, peak memory (the model's parameters + what the
@@ -30,8 +31,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
   sae_tune  one SAE-Tuning step (teacher pass, student pass through the SAE, chunked KL, backward):
             tokens/s and peak memory
   decode_long  decode near 4,096 keys (24 rows, 3,584-token prompts, 512 new): ms per step of each attention
-            path of the static step (SDPA, matmuls, the default switch; and the default uncompiled) and its
-            share of the bandwidth floor
+            path of the static step (the default; SDPA, matmuls and the Triton split-key kernel at every span;
+            the default uncompiled) and its share of the bandwidth floor
   grpo_step one whole GRPO step at Tina's shape (4 prompts x 6 completions, 512 + 3,584 tokens, EOS off):
             rollout, rewards, update (4 micro-batches: reference, policy, backward; AdamW) timed apart, the
             rollout against its bandwidth floor, the update's MFU and peak memory; on a GPU the decode step is
@@ -178,20 +179,37 @@ def first_and_median(fn, device, warmup: int, repeat: int) -> tuple[float, float
     return first, timed(fn, device, warmup, repeat)
 
 
-class matmul_attention_from:
-    """Within the block, StaticDecoder attends with matmuls from this key span on (0 = always, a huge
-    number = never): the benchmarks time both of its attention paths in one run."""
-    def __init__(self, span: int):
-        self.span = span
+class attention_path:
+    """Within the block, StaticDecoder attends with matmuls from this key span on (0 = always, a huge number =
+    never, None = its default), or (split=True) with the Triton split-key kernel at every span: the
+    benchmarks time each attention path of the step in one run."""
+    def __init__(self, matmul_from: int | None, split: bool = False):
+        self.new = matmul_from, split
 
     def __enter__(self):
-        self.saved, SM.StaticDecoder.MATMUL_ATTENTION_FROM = SM.StaticDecoder.MATMUL_ATTENTION_FROM, self.span
+        D = SM.StaticDecoder
+        self.saved = D.MATMUL_ATTENTION_FROM, D.SPLIT_KEY_ATTENTION
+        D.MATMUL_ATTENTION_FROM, D.SPLIT_KEY_ATTENTION = self.new
 
     def __exit__(self, *exc):
-        SM.StaticDecoder.MATMUL_ATTENTION_FROM = self.saved
+        SM.StaticDecoder.MATMUL_ATTENTION_FROM, SM.StaticDecoder.SPLIT_KEY_ATTENTION = self.saved
 
 
-NEVER = 1 << 30
+PATHS = (("sdpa", 1 << 30, False), ("matmul", 0, False), ("split", 0, True))   # tag, matmul_from, split
+
+
+def by_path(fn, device) -> dict:
+    """{tag: seconds of fn()} under each attention path (one call each after a warm-up call); a path that
+    fails (say, no Triton) gives its error instead of losing the others."""
+    out = {}
+    for tag, span, split in PATHS:
+        try:
+            with attention_path(span, split):
+                out[tag] = timed(fn, device, 1, 1)
+        except Exception as e:
+            traceback.print_exc()
+            out[tag] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def decode_floor(net, B: int, P: int, N: int, bandwidth: float) -> float:
@@ -243,10 +261,8 @@ def bench_decode(net, hf, cfg, args, device):
            "steady_ms_per_step": 1000 * steady, "steady_share_of_floor": floor / steady, **replay,
            "slow_paths_new_tokens": n, "plain_tokens_per_s": B * n / plain, "hf_tokens_per_s": B * n / theirs,
            "vs_hf": theirs / short}
-    for tag, span in (("sdpa", NEVER), ("matmul", 0)):      # each attention path of the static step alone
-        with matmul_attention_from(span):
-            t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device, 1, 1)
-        row[f"{tag}_attention_ms_per_step"] = 1000 * t / N
+    for tag, t in by_path(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0), device).items():
+        row[f"{tag}_attention_ms_per_step"] = 1000 * t / N if isinstance(t, float) else t
     # the same step without torch.compile (the round-2 figure), to show what the fused kernels bring
     t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, compile=False), device, 1, 1)
     row["uncompiled_ms_per_step"] = 1000 * t / N
@@ -438,12 +454,13 @@ def bench_decode_long(net, cfg, args, device):
         prefill = timed(lambda: net(ids, hidden=True)[:, -1], device, 1, args.repeat)
     floor = decode_floor(net, B, P, N, args.bandwidth)
     row = {"prefill_s": prefill, "floor_ms_per_step": 1000 * floor}
-    default = SM.StaticDecoder.MATMUL_ATTENTION_FROM
-    for tag, span, comp in (("default", default, None), ("sdpa", NEVER, None), ("matmul", 0, None),
-                            ("uncompiled", default, False)):
-        with matmul_attention_from(span):
-            t = timed(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, compile=comp),
-                      device, 1, 1)
+    run = lambda comp=None: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, compile=comp)  # noqa: E731
+    times = {"default": timed(run, device, 1, 1), **by_path(run, device),
+             "uncompiled": timed(lambda: run(False), device, 1, 1)}
+    for tag, t in times.items():
+        if not isinstance(t, float):
+            row[f"{tag}_ms_per_step"] = t                  # (the path's error)
+            continue
         step = (t - prefill) / N
         row[f"{tag}_ms_per_step"] = 1000 * step
         row[f"{tag}_share_of_floor"] = floor / step

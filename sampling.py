@@ -6,6 +6,7 @@ sampling.py -- batched generation: the KV cache, the sampler, and the CUDA-graph
                                       several EOS ids, per-row stop, seeded; finished rows are dropped
   * StaticDecoder                     the decode step with every shape fixed, replayed as a CUDA graph
                                       (on CUDA, for big models, each layer compiled by torch.compile)
+  * split_key_attention               a Triton split-key decode-attention kernel (opt-in path of the step)
   * encode_prompts(tok, texts, ...)   prompt texts -> left-padded ids and mask (every stage's one helper)
   * VLLMEngine                        the same prompts through vLLM, for --rollout vllm / --backend vllm
 
@@ -124,6 +125,9 @@ class StaticDecoder:
     # 3.38 vs 3.46 ms (SDPA) per step at batch 32 and ~1k keys, 4.04 vs 4.88 ms at batch 24 and ~4k keys;
     # eager: SDPA 3.78 vs 4.01 at ~1k keys, matmuls 4.68 vs 5.09 at ~4k
     MATMUL_ATTENTION_FROM: int | None = None
+    # opt in: every span through the Triton split-key kernel (split_key_attention below) instead; bench.py times
+    # it beside the other two paths (not yet measured on a GPU, so not the default)
+    SPLIT_KEY_ATTENTION = False
 
     def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, graphs: bool,
                  compile: bool = False):
@@ -162,7 +166,7 @@ class StaticDecoder:
         if self.graph is None or span != self.graph_span:
             # a new batch size or attention path needs a warm-up run first; a longer span of the same kind
             # reuses the kernels (and the compilation) already loaded, so it is captured directly
-            kind = (len(self.tok), span >= self.matmul_attention_from())
+            kind = (len(self.tok), self.attention(span))
             try:
                 try:
                     self._capture(span, warm_up=kind != self.warm_kind)
@@ -196,10 +200,14 @@ class StaticDecoder:
             self.logits = self._step(span)                 # recorded, not run: the replay runs it
         self.graph, self.graph_span = graph, span
 
-    def matmul_attention_from(self) -> int:
-        if self.MATMUL_ATTENTION_FROM is not None:
-            return self.MATMUL_ATTENTION_FROM
-        return 0 if self.layer is not None else 2048
+    def attention(self, span: int) -> str:
+        """The attention path for this key span: "split" (opted in), "matmul" or "sdpa"."""
+        if self.SPLIT_KEY_ATTENTION and split_key_attention_fits(self.const.hd):
+            return "split"
+        start = self.MATMUL_ATTENTION_FROM
+        if start is None:
+            start = 0 if self.layer is not None else 2048
+        return "matmul" if span >= start else "sdpa"
 
     def _step(self, span: int) -> torch.Tensor:
         m = self.model
@@ -207,7 +215,7 @@ class StaticDecoder:
         args = (self.tok, cos[:, 0], sin[:, 0], self.positions, self.slot, self.bias[:, :span],
                 self.cache.k[:, :, :, :span], self.cache.v[:, :, :, :span], self.weights, self.norms,
                 m.model.embed_tokens.weight, m.model.norm.weight, effective_weight(m.lm_head), self.sign,
-                self.const, span >= self.matmul_attention_from())
+                self.const, self.attention(span))
         with torch.autocast(self.cache.k.device.type, enabled=False):    # the model's own dtype throughout
             if self.layer is not None:
                 try:      # (no duck sizing: a batch size equal to some other size must not be baked in)
@@ -230,7 +238,7 @@ class StepConst(NamedTuple):    # a decode step's shape constants (plain ints: c
 
 
 def decode_step(tok, cos, sin, positions, slot, bias, k, v, weights: list[LayerWeights], norms: list[tuple],
-                embed, final_norm, lm_head, sign, const: StepConst, matmul_attention: bool,
+                embed, final_norm, lm_head, sign, const: StepConst, attention: str,
                 layer=None) -> torch.Tensor:
     """One decoder step for every row: tok [b] (input token), cos, sin [b, 1, hd] float32 (its rotary
     embedding, Transformer._rope), positions [b] (its rope position), slot [1] (its cache slot), bias [b, span]
@@ -245,14 +253,14 @@ def decode_step(tok, cos, sin, positions, slot, bias, k, v, weights: list[LayerW
     bias.index_fill_(1, slot, 0.0)                                       # the new token's key is real
     mask = bias[:, None, None, :]                                        # [b, 1, 1, span]
     for i, (w, (n1, n2)) in enumerate(zip(weights, norms)):
-        x = layer(x, cos, sin, mask, slot, k[i], v[i], w, n1, n2, const, matmul_attention)
+        x = layer(x, cos, sin, mask, slot, k[i], v[i], w, n1, n2, const, attention)
     slot += 1
     positions += 1
     return F.linear(F.rms_norm(x, x.shape[-1:], final_norm, const.eps), lm_head)[:, 0]   # [b, V]
 
 
 def decode_layer(x, cos, sin, mask, slot, k, v, w: LayerWeights, n1, n2, const: StepConst,
-                 matmul_attention: bool) -> torch.Tensor:
+                 attention: str) -> torch.Tensor:
     """One decoder layer for one new token per row: x [b, 1, D] -> [b, 1, D]; the token's key and value are
     written into k, v [b, nkv, span, hd] at `slot`. cos, sin [b, 1, hd]; mask [b, 1, 1, span] additive."""
     nh, nkv, hd, eps = const
@@ -263,23 +271,137 @@ def decode_layer(x, cos, sin, mask, slot, k, v, w: LayerWeights, n1, n2, const: 
     k.index_copy_(2, slot, qk[:, nh:, None])
     v.index_copy_(2, slot, qkv[:, nh + nkv:, None])
     q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                        # a group's heads as query rows
-    y = _attend(q, k, v, mask, matmul_attention)
+    y = _attend(q, k, v, mask, attention)
     x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
     gate, up = F.linear(F.rms_norm(x, x.shape[-1:], n2, eps), w.gate_up, w.gate_up_b).chunk(2, -1)
     return add_linear(x, F.silu(gate) * up, w.down, w.down_b)
 
 
-def _attend(q, k, v, mask, matmul: bool):
+def _attend(q, k, v, mask, path: str):
     """One new token's attention: q [b, nkv, rep, hd] (a group's query heads as rows), k, v [b, nkv, span, hd],
-    mask [b, 1, 1, span] additive -> [b, nkv, rep, hd]. Short spans: one fused SDPA kernel. Long spans
-    (matmul=True, from MATMUL_ATTENTION_FROM): two batched matmuls around a float32 softmax (as transformers'
-    eager attention). A fused kernel made for long queries gives each (row, key head) one block that walks
-    the whole key range, so 6 query rows against 4,096 keys leave most of the GPU idle; cuBLAS splits the
-    key range across blocks, and the few extra kernels cost nothing inside a CUDA graph."""
-    if not matmul:
+    mask [b, 1, 1, span] additive -> [b, nkv, rep, hd]. path "sdpa": one fused SDPA kernel (short spans, eager).
+    "matmul": two batched matmuls around a float32 softmax (as transformers' eager attention). A fused kernel
+    made for long queries gives each (row, key head) one block that walks the whole key range, so 6 query
+    rows against 4,096 keys leave most of the GPU idle; cuBLAS splits the key range across blocks, and the
+    few extra kernels cost nothing inside a CUDA graph. "split": split_key_attention, one Triton kernel that
+    splits the keys itself and a small one that merges the parts."""
+    if path == "split":
+        return split_key_attention(q, k, v, mask[:, 0, 0])
+    if path == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + mask     # [b, nkv, rep, span]
     return torch.matmul(s.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+
+
+# -----------------------------------------------------------------------------------------------
+# Split-key decode attention (Triton; a GPU, or Triton's CPU interpreter in the tests)
+#
+# One query token per row, grouped-query heads: for each (row, key head), the rep query heads of the group
+# attend together as the rows of a small matrix. Pass 1 gives every SPLIT keys of every (row, key head) their
+# own program: the running max m, the sum l of exp(s - m) and the weighted sum of values (online softmax,
+# float32). Pass 2 merges the parts of each (row, key head): out = sum_i acc_i e^(m_i - M) / sum_i l_i
+# e^(m_i - M), M = max_i m_i. So the keys are read once, by enough programs to keep every SM busy at any
+# batch size (FlashDecoding's scheme).
+
+SPLIT = 256          # keys per program in pass 1
+_KERNELS = None
+
+
+def _triton_kernels():
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["span"])      # (one compilation for every key span)
+    def part(Q, K, V, Bias, Acc, M, L, span, scale, sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b,
+             NKV: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr,
+             BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+        bh, sp = tl.program_id(0), tl.program_id(1)
+        b, h = bh // NKV, bh % NKV
+        r, d = tl.arange(0, ROWS), tl.arange(0, HD)
+        q = tl.load(Q + b * sq_b + h * sq_h + r[:, None] * sq_r + d[None, :], mask=r[:, None] < REP,
+                    other=0.0).to(tl.float32)    # (float32 tiles: TF32 dots hold bf16 values exactly;
+                                                 #  a float32 model's dots run in full float32)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HD], tl.float32)
+        for n0 in range(sp * SPLIT, sp * SPLIT + SPLIT, BLOCK):
+            n = n0 + tl.arange(0, BLOCK)
+            ok = n < span
+            kt = tl.load(K + b * sk_b + h * sk_h + n[None, :] * sk_n + d[:, None], mask=ok[None, :],
+                         other=0.0).to(tl.float32)                                # [HD, BLOCK]
+            s = tl.dot(q, kt, input_precision=PRECISION) * scale                  # [ROWS, BLOCK] float32
+            s += tl.load(Bias + b * sb_b + n, mask=ok, other=float("-inf")).to(tl.float32)[None, :]
+            m_new = tl.maximum(m, tl.max(s, 1))
+            base = tl.where(m_new == float("-inf"), 0.0, m_new)                   # (all keys so far masked)
+            p = tl.exp(s - base[:, None])
+            alpha = tl.exp(m - base)
+            vv = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=ok[:, None],
+                         other=0.0).to(tl.float32)                                # [BLOCK, HD]
+            acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+        at = (bh * tl.num_programs(1) + sp) * ROWS + r
+        tl.store(Acc + at[:, None] * HD + d[None, :], acc)
+        tl.store(M + at, m)
+        tl.store(L + at, l)
+
+    @triton.jit(do_not_specialize=["splits"])
+    def merge(Acc, M, L, Out, splits, so_b, so_h, so_r, NKV: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr,
+              HD: tl.constexpr):
+        bh = tl.program_id(0)
+        b, h = bh // NKV, bh % NKV
+        r, d = tl.arange(0, ROWS), tl.arange(0, HD)
+        top = tl.full([ROWS], float("-inf"), tl.float32)
+        for i in range(0, splits):
+            top = tl.maximum(top, tl.load(M + (bh * splits + i) * ROWS + r))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.zeros([ROWS], tl.float32)
+        out = tl.zeros([ROWS, HD], tl.float32)
+        for i in range(0, splits):
+            at = (bh * splits + i) * ROWS + r
+            w = tl.exp(tl.load(M + at) - top)                                      # 0 for an all-masked part
+            total += tl.load(L + at) * w
+            out += tl.load(Acc + at[:, None] * HD + d[None, :]) * w[:, None]
+        out = out / total[:, None]
+        tl.store(Out + b * so_b + h * so_h + r[:, None] * so_r + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=r[:, None] < REP)
+
+    _KERNELS = (part, merge)
+    return _KERNELS
+
+
+def split_key_attention_fits(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0    # (a power of two: one tile per head)
+
+
+@torch.library.custom_op("nanoreason::split_key_attention", mutates_args=())
+def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q [b, nkv, rep, hd], k, v [b, nkv, span, hd] (any strides with a contiguous last dim: the cache's views),
+    bias [b, span] additive (0 or -inf; every row needs one real key) -> [b, nkv, rep, hd] in q's dtype."""
+    part, merge = _triton_kernels()
+    b, nkv, rep, hd = q.shape
+    if not split_key_attention_fits(hd):
+        raise ValueError(f"split_key_attention needs a power-of-two head dim of at least 16, not {hd}")
+    span = k.shape[2]
+    rows = max(16, 1 << (rep - 1).bit_length())            # the group's query heads, padded for tl.dot
+    splits = -(-span // SPLIT)
+    acc = torch.empty(b * nkv * splits * rows, hd, dtype=torch.float32, device=q.device)
+    m = torch.empty(b * nkv * splits * rows, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    out = torch.empty_like(q)
+    part[(b * nkv, splits)](q, k, v, bias, acc, m, l, span, hd ** -0.5, *q.stride()[:3], *k.stride()[:3],
+                            *v.stride()[:3], bias.stride(0), NKV=nkv, REP=rep, ROWS=rows, HD=hd, SPLIT=SPLIT,
+                            BLOCK=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    merge[(b * nkv,)](acc, m, l, out, splits, *out.stride()[:3], NKV=nkv, REP=rep, ROWS=rows, HD=hd)
+    return out
+
+
+@split_key_attention.register_fake
+def _(q, k, v, bias):
+    return torch.empty_like(q)
 
 
 _COMPILED = None
@@ -345,7 +467,10 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
         generator = torch.Generator(device=dev).manual_seed(seed)
     eos = torch.tensor(sorted(set(int(e) for e in eos_ids)) or [-1], device=dev)
     max_len = T + max_new_tokens
-    cache = KVCache(model.cfg, B, -(-max_len // 64) * 64 if static else max_len, dev, model.dtype)
+    # static: room past the last key-span block, so a span never equals the cache length (a compiled step
+    # would otherwise see new stride relations in the last block and compile once more)
+    block = StaticDecoder.SPAN_BLOCK
+    cache = KVCache(model.cfg, B, -(-max_len // block) * block + 64 if static else max_len, dev, model.dtype)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)

@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():                 # Triton kernels (sampling.split_key_attention) run in Triton's
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # CPU interpreter; set before anything imports triton
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # tiny architectures covering what the real checkpoints use: GQA, q/k/v bias, tied and untied

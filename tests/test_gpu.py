@@ -34,12 +34,16 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.mark.parametrize("matmul_from", [1 << 30, 128])     # SDPA throughout; matmul attention from span 128
+@pytest.mark.parametrize("matmul_from", [1 << 30, 128, "split"])   # SDPA; matmuls from span 128; Triton's kernel
 def test_graph_replay_equals_eager_static_step(monkeypatch, matmul_from):
     # same kernels, so graph replay must give the eager step's logits; across three key-span blocks
-    # (three captures) and a batch shrink (a recapture); and the plain cached forward within bf16 noise
+    # (three captures, the later ones without a warm-up run) and a batch shrink (a recapture); and the
+    # plain cached forward within bf16 noise
     monkeypatch.setattr(SM.StaticDecoder, "SPAN_BLOCK", 64)
-    monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
+    if matmul_from == "split":
+        monkeypatch.setattr(SM.StaticDecoder, "SPLIT_KEY_ATTENTION", True)
+    else:
+        monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
     net = short_r1()
     V = net.cfg.vocab_size
     ids, mask = left_padded_batch(V, [40, 17, 33, 5], seed=0)
@@ -88,7 +92,7 @@ def test_cuda_greedy_generation_matches_transformers(hf_models, kind):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "split"])
 def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos(monkeypatch, attention, compiled):
     # Round 1 ran this comparison in bf16 and failed on row 2: the graph step (stacked q/k/v and gate/up
     # matmuls, fused RMSNorm, a smaller batch after compaction) and the plain forward use different kernels,
@@ -98,6 +102,7 @@ def test_cuda_seeded_sampling_with_graphs_is_reproducible_and_honours_eos(monkey
     # bug after a shrink (slot, position, mask bias, kept rows) changes them. compiled: the same through
     # torch.compile's fused kernels (inside the graphs), which must not recompile per span or batch size.
     monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", 0 if attention == "matmul" else 1 << 30)
+    monkeypatch.setattr(SM.StaticDecoder, "SPLIT_KEY_ATTENTION", attention == "split")
     monkeypatch.setattr(SM, "COMPILE_DECODE", compiled)
     monkeypatch.setattr(SM.StaticDecoder, "SPAN_BLOCK", 16)          # 56 slots: spans 16 ... 64
     from torch._dynamo.utils import counters

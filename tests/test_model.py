@@ -1,5 +1,6 @@
 """model.py against transformers' own Qwen2ForCausalLM / LlamaForCausalLM, and float64 references."""
 import json
+import os
 
 import pytest
 import torch
@@ -302,14 +303,49 @@ def test_roll_rows_inverts():
     assert M.roll_rows(x, shift)[1, 0].tolist() == x[1, 3].tolist()
 
 
-@pytest.mark.parametrize("matmul_from", [1 << 30, 0, 16])     # SDPA only, matmul attention only, a switch
+@pytest.fixture
+def interpreted_triton(monkeypatch):
+    """Triton kernels on this machine: on a CPU, Triton's interpreter (conftest sets TRITON_INTERPRET before
+    anything imports triton); skipped without Triton."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and Triton's interpreter is off")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rep", [6, 1])
+def test_split_key_attention_matches_float64(interpreted_triton, dtype, rep):
+    # the Triton split-key kernel against float64 matmul attention: views of a longer cache, a span that is
+    # not a multiple of the split, left padding that masks a whole split of one row, a masked key mid-row
+    b, nkv, hd, S, span = 3, 2, 32, 700, 600
+    g = torch.Generator().manual_seed(3)
+    kc, vc = (torch.randn(b, nkv, S, hd, generator=g).to(dtype) for _ in range(2))
+    k, v = kc[:, :, :span], vc[:, :, :span]
+    q = torch.randn(b, nkv * rep + nkv, hd, generator=g).to(dtype)[:, :nkv * rep].reshape(b, nkv, rep, hd)
+    bias = torch.zeros(b, S, dtype=dtype)
+    bias[0, :300] = float("-inf")
+    bias[1, 5:9] = float("-inf")
+    out = SM.split_key_attention(q, k, v, bias[:, :span])
+    ref = SM._attend(q.double(), k.double(), v.double(), bias[:, None, None, :span].double(), "matmul")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.double() - ref).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("matmul_from", [1 << 30, 0, 16, "split"])   # SDPA, matmuls, a switch, Triton's kernel
 @pytest.mark.parametrize("kind", KINDS)
-def test_static_decoder_matches_plain_decoding(hf_models, kind, matmul_from, monkeypatch):
+def test_static_decoder_matches_plain_decoding(hf_models, kind, matmul_from, monkeypatch, request):
     # the fixed-shape step (what a CUDA graph replays) against the plain cached forward, token for token,
     # across key-span blocks and a batch shrink; llama_tied_bias has o / mlp biases, qwen2 GQA and q/k/v bias
     monkeypatch.setattr(SM.StaticDecoder, "SPAN_BLOCK", 8)
-    monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
     ours = M.load_model(str(hf_models[kind][1]))
+    if matmul_from == "split":
+        if not SM.split_key_attention_fits(ours.cfg.head_dim):
+            pytest.skip(f"head dim {ours.cfg.head_dim}: the split-key kernel takes powers of two")
+        request.getfixturevalue("interpreted_triton")
+        monkeypatch.setattr(SM.StaticDecoder, "SPLIT_KEY_ATTENTION", True)
+    else:
+        monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
     ids, mask = left_padded_batch(128, [9, 4, 7], seed=15)
     forced = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -363,13 +399,18 @@ def test_failed_graph_capture_falls_back_to_eager_steps(hf_models):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("matmul_from", [1 << 30, 0])
-def test_compiled_static_step_matches_the_eager_one(hf_models, monkeypatch, matmul_from):
+@pytest.mark.parametrize("matmul_from", [1 << 30, 0, "split"])
+def test_compiled_static_step_matches_the_eager_one(hf_models, monkeypatch, matmul_from, request):
     # torch.compile's fused step (CPU code here, Triton on a GPU) against the eager step, token for token,
-    # across key-span blocks and batch shrinks, compiled once for all of them (~1 minute on 2 cores)
+    # across key-span blocks and batch shrinks, compiled once for all of them (~1 minute on 2 cores);
+    # "split": the Triton kernel as a custom op inside the compiled step
     from torch._dynamo.utils import counters
     monkeypatch.setattr(SM.StaticDecoder, "SPAN_BLOCK", 8)
-    monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
+    if matmul_from == "split":
+        request.getfixturevalue("interpreted_triton")
+        monkeypatch.setattr(SM.StaticDecoder, "SPLIT_KEY_ATTENTION", True)
+    else:
+        monkeypatch.setattr(SM.StaticDecoder, "MATMUL_ATTENTION_FROM", matmul_from)
     ours = M.load_model(str(hf_models["qwen2"][1]))
     ids, mask = left_padded_batch(128, [9, 4, 7, 8, 6], seed=18)
     eager = SM.generate(ours, ids, mask, max_new_tokens=30, temperature=0.0, static=True, compile=False)

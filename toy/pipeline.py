@@ -6,7 +6,9 @@ toy/pipeline.py -- the whole Tina -> Resa pipeline on the toy world, on a CPU, w
     python toy/pipeline.py --device cuda   # the same on a GPU (float32; its numbers differ from the CPU's in
                                            # the last bits, so the table may differ by a sample or two)
 
-Stages (each a subprocess running the same command a user would type; wall seconds recorded):
+Stages (each a subprocess running the same command a user would type; wall seconds recorded; independent ones
+run side by side where there are free cores, or up to GPU_JOBS at once on a GPU, where a toy stage spends its
+time launching small kernels and leaves the GPU mostly idle):
   1. toy data (toy/world.py) and two base models trained from scratch with different seeds (toy/train_base.py)
   2. evaluate.py on the base: held-out pass@1, n samples per problem
   3. grpo_lora.py on the base (Tina) -> evaluate.py over its checkpoints
@@ -53,31 +55,57 @@ TRAINING_THREADS = 2     # fixed, not the core count: the README's table is what
 
 def run(cmd: list[str], log: Path) -> float:
     """Run one stage as a user would; its output goes to log; one line on stdout when it ends. -> seconds."""
-    return run_together([(cmd, log)])[0]
+    return run_jobs([(cmd, log)])[0]
 
 
-def run_together(jobs: list[tuple[list[str], Path]]) -> list[float]:
-    """Run stages side by side (single-threaded ones, on separate cores), each as run() does. -> seconds each."""
-    t0, procs, files = time.time(), [], []
-    for cmd, log in jobs:
-        threads = HEAVY.get(Path(cmd[1]).name)
-        env = ENV if threads is None else {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        f = open(log, "w")
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        files.append(f)
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env))
-    secs = []
-    for p, f, (cmd, log) in zip(procs, files, jobs):
-        rc = p.wait()
-        f.close()
-        if rc != 0:
-            for q in procs:
-                q.kill()
-            raise SystemExit(f"stage failed ({log}):\n" + "".join(open(log).readlines()[-20:]))
-        secs.append(time.time() - t0)
-        print(f"  {log.stem:16s} {secs[-1]:6.1f} s", flush=True)
+SLOTS = {"n": 1, "gpu": False}   # main() sets them: what independent stages may share at once
+GPU_JOBS = 4                     # stage processes at once on a GPU (each is bound by its own Python launches)
+
+
+def run_jobs(jobs: list[tuple[list[str], Path]]) -> list[float]:
+    """Run independent stages, started in order, as many side by side as there are slots: on a CPU a stage
+    takes as many cores as its torch threads (so a 2-core machine runs the training stages one at a time),
+    on a GPU one of GPU_JOBS (a toy stage keeps the GPU mostly idle: its time goes to launching small
+    kernels). Each runs as run() does; thread counts are fixed, so the numbers do not depend on the
+    schedule. -> seconds each."""
+    def cost(cmd):
+        return 1 if SLOTS["gpu"] else HEAVY.get(Path(cmd[1]).name) or int(ENV.get("OMP_NUM_THREADS", "1"))
+
+    pending, running, secs = list(range(len(jobs))), {}, [0.0] * len(jobs)
+    try:
+        while pending or running:
+            while pending and (not running or sum(r[3] for r in running.values()) + cost(jobs[pending[0]][0])
+                               <= SLOTS["n"]):
+                i = pending.pop(0)
+                cmd, log = jobs[i]
+                threads = HEAVY.get(Path(cmd[1]).name)
+                env = ENV if threads is None else {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                f = open(log, "w")
+                f.write("$ " + " ".join(cmd) + "\n")
+                f.flush()
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+                running[i] = (proc, f, time.time(), cost(cmd))
+            time.sleep(0.1)
+            for i, (proc, f, t0, _) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                f.close()
+                del running[i]
+                log = jobs[i][1]
+                if proc.returncode != 0:
+                    raise SystemExit(f"stage failed ({log}):\n" + "".join(open(log).readlines()[-20:]))
+                secs[i] = time.time() - t0
+                print(f"  {log.stem:16s} {secs[i]:6.1f} s", flush=True)
+    finally:                     # a failed stage (or Ctrl-C) stops the others
+        for proc, f, _, _ in running.values():
+            proc.kill()
+            f.close()
     return secs
+
+
+def stages(secs: dict, jobs: dict[str, tuple[list[str], Path]]):
+    """run_jobs on named stages; their seconds go into secs by name."""
+    secs.update(zip(jobs, run_jobs(list(jobs.values()))))
 
 
 def _cuda() -> bool:
@@ -120,9 +148,12 @@ def main(argv=None):
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     heavy = args.threads or TRAINING_THREADS
     HEAVY.update({k: heavy for k in HEAVY})
+    cores = os.cpu_count() or 1
+    SLOTS.update(n=min(cores, GPU_JOBS) if device == "cuda" else cores, gpu=device == "cuda")
     ENV.update(OMP_NUM_THREADS=str(args.threads or 1), MKL_NUM_THREADS=str(args.threads or 1))
     print(f"toy pipeline on {device} (CPU threads: {heavy} for training, {args.threads or 1} for SAE training and "
-          f"evaluation) -> {args.out}", flush=True)
+          f"evaluation; independent stages side by side in {SLOTS['n']} {'processes' if SLOTS['gpu'] else 'cores'}) "
+          f"-> {args.out}", flush=True)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -133,25 +164,28 @@ def main(argv=None):
     # 1. data and the two base models
     write_sets(out / "data", seed=args.seed, n_train=cfg["n_train"], n_test=cfg["n_test"], n_corpus=cfg["n_corpus"])
     train, test = str(out / "data" / "train.jsonl"), str(out / "data" / "test.jsonl")
-    for name, seed in (("base", 1), ("base2", 2)):
-        secs[name] = run([py, "toy/train_base.py", "--out", str(out / name), "--seed", str(seed + args.seed),
-                          "--exclude", test, "--device", device, *cfg["base"]], logs / f"{name}.log")
-        params[name] = json.loads((out / name / "run.json").read_text())["params"]
     base, base2 = str(out / "base"), str(out / "base2")
+    stages(secs, {name: ([py, "toy/train_base.py", "--out", str(out / name), "--seed", str(seed + args.seed),
+                          "--exclude", test, "--device", device, *cfg["base"]], logs / f"{name}.log")
+                  for name, seed in (("base", 1), ("base2", 2))})
+    for name in ("base", "base2"):
+        params[name] = json.loads((out / name / "run.json").read_text())["params"]
 
-    def evaluate(model: str, adapters: list[str], name: str, extra: list[str] = ()) -> Path:
+    def evaluation(model: str, adapters: list[str], name: str, extra: list[str] = ()) -> tuple[list[str], Path]:
+        """evaluate.py on adapters of model, into eval/<name>: the stage's command and log."""
+        return ([py, "evaluate.py", "--model", model, "--adapter", ",".join(adapters), "--data", test, "--limit",
+                 str(cfg["limit"]), "--n", str(cfg["n"]), "--temperature", "0.6", "--top_p", "0.95", "--max_new_tokens",
+                 str(cfg["max_new"]), "--batch_size", str(cfg["eval_batch"]), "--template", "none", "--system_prompt",
+                 "none", "--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--out_dir",
+                 str(out / "eval" / name), "--overwrite", *extra], logs / f"eval_{name}.log")
+
+    def evaluated(name: str, adapters: list[str]) -> Path:
+        """Print an evaluation's pass@1 per adapter. -> its folder."""
         d = out / "eval" / name
-        secs[f"eval_{name}"] = run(
-            [py, "evaluate.py", "--model", model, "--adapter", ",".join(adapters), "--data", test, "--limit",
-             str(cfg["limit"]), "--n", str(cfg["n"]), "--temperature", "0.6", "--top_p", "0.95", "--max_new_tokens",
-             str(cfg["max_new"]), "--batch_size", str(cfg["eval_batch"]), "--template", "none", "--system_prompt",
-             "none", "--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--out_dir", str(d), "--overwrite",
-             *extra],
-            logs / f"eval_{name}.log")
         res = json.loads((d / "results.json").read_text())["results"]
         name_of = lambda a: "base" if a == "base" else "/".join(Path(a).parts[-2:])
-        print("      pass@1 " + ", ".join(f"{name_of(a)} {100 * res[a]['test']['pass@1']:.1f}%" for a in adapters),
-              flush=True)
+        print(f"      {name}: pass@1 " + ", ".join(f"{name_of(a)} {100 * res[a]['test']['pass@1']:.1f}%"
+                                               for a in adapters), flush=True)
         return d
 
     common = ["--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--system_prompt", "none", "--overwrite"]
@@ -163,8 +197,8 @@ def main(argv=None):
                         str(cfg["max_new"] - 16), *lora, *cfg["grpo"], *common], logs / "grpo.log")
     params["grpo"] = json.loads((out / "grpo" / "run.json").read_text())["trainable_params"]
     ckpts = sorted(str(c) for c in (out / "grpo").glob("step_*"))
-    ev_grpo = evaluate(base, ["base", *ckpts], "grpo")
-    # 4. Resa: an SAE on the GRPO-tuned model (the source) and, for the control, one on the base (the target)
+    # 4. Resa: an SAE on the GRPO-tuned model (the source) and, for the control, one on the base (the target);
+    #    beside them, the GRPO checkpoints' evaluation
     layer = "0" if args.quick else "2"
     # the SAEs read the toy's general text (corpus.jsonl: worked and direct answers, as the base was trained
     # on), not the trace-free trigger set: trained on trace-free text alone, an SAE misses the activations of
@@ -172,42 +206,43 @@ def main(argv=None):
     corpus = str(out / "data" / "corpus.jsonl")
     sae_common = ["--dataset", corpus, "--text_format", "plain", "--layers", layer, "--ctx_len", "256", "--lr", "3e-3",
                   *cfg["sae"], *common]
-    sae_jobs = [([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--out_dir", str(out / "sae"),
-                  *sae_common], logs / "train_sae.log"),
-                ([py, "train_sae.py", "--model", base, "--out_dir", str(out / "sae_control"), *sae_common],
-                 logs / "train_sae_control.log")]
-    # one thread each: side by side when there are cores for both (the same numbers either way)
-    pair = run_together(sae_jobs) if (os.cpu_count() or 1) >= 2 and not args.threads else [run(*j) for j in sae_jobs]
-    secs["train_sae"], secs["train_sae_control"] = pair
+    stages(secs, {"train_sae": ([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--out_dir",
+                                 str(out / "sae"), *sae_common], logs / "train_sae.log"),
+                  "train_sae_control": ([py, "train_sae.py", "--model", base, "--out_dir", str(out / "sae_control"),
+                                         *sae_common], logs / "train_sae_control.log"),
+                  "eval_grpo": evaluation(base, ["base", *ckpts], "grpo")})
+    ev_grpo = evaluated("grpo", ["base", *ckpts])
     sae_dir, control_dir = out / "sae" / f"layers.{layer}", out / "sae_control" / f"layers.{layer}"
     sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
     params["train_sae"] = 2 * sae_cfg["num_latents"] * sae_cfg["d_in"] + sae_cfg["num_latents"] + sae_cfg["d_in"]
-    # each model with the source's SAE in its residual stream, no training: how much of its skill survives
-    ev_sae = evaluate(base, ["base", ckpts[-1]], "sae_inserted", ["--sae", str(sae_dir)])
     # 5. SAE-Tuning of the base (several seeds), the control (the SAE trained on the base itself), the upper
-    #    bound (KL to the GRPO model's own logits, no SAE) and the SFT-LoRA baseline: the same text and steps
+    #    bound (KL to the GRPO model's own logits, no SAE) and the SFT-LoRA baseline: the same text and steps;
+    #    beside them, each model with the source's SAE in its residual stream, no training (how much skill survives)
     tune = ["--dataset", train, "--ctx_len", "256", "--lr", "3e-4", *lora, *cfg["tune"], "--save_every", "100000",
             *common]
-    tuned = []
-    for seed in cfg["seeds"]:
-        d = out / f"sae_tuned_s{seed}"
-        secs[f"sae_tune_s{seed}"] = run([py, "sae_tune.py", "--model", base, "--sae", str(sae_dir), "--out_dir", str(d),
-                                         *tune, "--seed", str(seed)], logs / f"sae_tune_s{seed}.log")
-        tuned.append(str(d / "final"))
+    tuned = [str(out / f"sae_tuned_s{seed}" / "final") for seed in cfg["seeds"]]
+    jobs = {f"sae_tune_s{seed}": ([py, "sae_tune.py", "--model", base, "--sae", str(sae_dir), "--out_dir",
+                                   str(out / f"sae_tuned_s{seed}"), *tune, "--seed", str(seed)],
+                                  logs / f"sae_tune_s{seed}.log") for seed in cfg["seeds"]}
+    jobs["control"] = ([py, "sae_tune.py", "--model", base, "--sae", str(control_dir), "--out_dir",
+                        str(out / "control"), *tune], logs / "control.log")
+    jobs["upper_bound"] = ([py, "sae_tune.py", "--model", base, "--sae", "none", "--teacher_adapter", ckpts[-1],
+                            "--loss", "kl", "--out_dir", str(out / "upper_bound"), *tune], logs / "upper_bound.log")
+    jobs["sft"] = ([py, "sae_tune.py", "--model", base, "--sae", "none", "--loss", "ce", "--out_dir",
+                    str(out / "sft"), *tune], logs / "sft.log")
+    jobs["eval_sae_inserted"] = evaluation(base, ["base", ckpts[-1]], "sae_inserted", ["--sae", str(sae_dir)])
+    stages(secs, jobs)
+    ev_sae = evaluated("sae_inserted", ["base", ckpts[-1]])
     params["sae_tune"] = json.loads((out / f"sae_tuned_s{cfg['seeds'][0]}" / "run.json").read_text())["trainable_params"]
     secs["sae_tune"] = secs[f"sae_tune_s{cfg['seeds'][0]}"]
-    secs["control"] = run([py, "sae_tune.py", "--model", base, "--sae", str(control_dir), "--out_dir",
-                           str(out / "control"), *tune], logs / "control.log")
-    secs["upper_bound"] = run([py, "sae_tune.py", "--model", base, "--sae", "none", "--teacher_adapter", ckpts[-1],
-                               "--loss", "kl", "--out_dir", str(out / "upper_bound"), *tune], logs / "upper_bound.log")
-    secs["sft"] = run([py, "sae_tune.py", "--model", base, "--sae", "none", "--loss", "ce", "--out_dir",
-                       str(out / "sft"), *tune], logs / "sft.log")
     for k in ("control", "upper_bound", "sft"):
         params[k] = params["sae_tune"]
     extra = [str(out / "control" / "final"), str(out / "upper_bound" / "final"), str(out / "sft" / "final")]
-    ev_resa = evaluate(base, [*tuned, *extra], "resa")
-    # 6. modularity: the SAE-tuned adapter (first seed) on the second base
-    ev_mod = evaluate(base2, ["base", tuned[0]], "modularity")
+    # 6. all of them on the base, and modularity: the SAE-tuned adapter (first seed) on the second base
+    stages(secs, {"eval_resa": evaluation(base, [*tuned, *extra], "resa"),
+                  "eval_modularity": evaluation(base2, ["base", tuned[0]], "modularity")})
+    ev_resa = evaluated("resa", [*tuned, *extra])
+    ev_mod = evaluated("modularity", ["base", tuned[0]])
 
     # 7. the table
     ref, ref2 = per_problem(ev_grpo, "base"), per_problem(ev_mod, "base")
