@@ -252,20 +252,25 @@ def decode_step(tok, cos, sin, positions, slot, bias, k, v, weights: list[LayerW
     cos, sin = cos.to(x.dtype), (sin * sign).to(x.dtype)                 # [b, 1, hd]
     bias.index_fill_(1, slot, 0.0)                                       # the new token's key is real
     mask = bias[:, None, None, :]                                        # [b, 1, 1, span]
-    for i, (w, (n1, n2)) in enumerate(zip(weights, norms)):
-        x = layer(x, cos, sin, mask, slot, k[i], v[i], w, n1, n2, const, attention)
+    h = F.rms_norm(x, x.shape[-1:], norms[0][0], const.eps)              # the first layer's input norm
+    for i, (w, (_, n2)) in enumerate(zip(weights, norms)):
+        following = norms[i + 1][0] if i + 1 < len(norms) else final_norm
+        x, h = layer(x, h, cos, sin, mask, slot, k[i], v[i], w, n2, following, const, attention)
     slot += 1
     positions += 1
-    return F.linear(F.rms_norm(x, x.shape[-1:], final_norm, const.eps), lm_head)[:, 0]   # [b, V]
+    return F.linear(h, lm_head)[:, 0]                                    # [b, V]
 
 
-def decode_layer(x, cos, sin, mask, slot, k, v, w: LayerWeights, n1, n2, const: StepConst,
-                 attention: str) -> torch.Tensor:
-    """One decoder layer for one new token per row: x [b, 1, D] -> [b, 1, D]; the token's key and value are
-    written into k, v [b, nkv, span, hd] at `slot`. cos, sin [b, 1, hd]; mask [b, 1, 1, span] additive."""
+def decode_layer(x, h, cos, sin, mask, slot, k, v, w: LayerWeights, n2, following, const: StepConst,
+                 attention: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer for one new token per row: x [b, 1, D] (the residual stream) and h (x through this
+    layer's input norm) -> the new x and the new x through `following` (the next layer's input norm, or the
+    final norm), so the last residual add and that norm are one fused kernel when compiled. The token's key
+    and value are written into k, v [b, nkv, span, hd] at `slot`. cos, sin [b, 1, hd]; mask [b, 1, 1, span]
+    additive."""
     nh, nkv, hd, eps = const
     b = x.shape[0]
-    qkv = F.linear(F.rms_norm(x, x.shape[-1:], n1, eps), w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
+    qkv = F.linear(h, w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
     qk = qkv[:, :nh + nkv]
     qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)              # [b, nh + nkv, hd] rotated q and k
     k.index_copy_(2, slot, qk[:, nh:, None])
@@ -274,7 +279,8 @@ def decode_layer(x, cos, sin, mask, slot, k, v, w: LayerWeights, n1, n2, const: 
     y = _attend(q, k, v, mask, attention)
     x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
     gate, up = F.linear(F.rms_norm(x, x.shape[-1:], n2, eps), w.gate_up, w.gate_up_b).chunk(2, -1)
-    return add_linear(x, F.silu(gate) * up, w.down, w.down_b)
+    x = add_linear(x, F.silu(gate) * up, w.down, w.down_b)
+    return x, F.rms_norm(x, x.shape[-1:], following, eps)
 
 
 def _attend(q, k, v, mask, path: str):
