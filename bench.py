@@ -39,6 +39,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             compiled first by a short rollout (rollout_compile_s, paid once per run), and the rollout is
             timed once more with the uncompiled step (rollout_uncompiled_s); update_again_s: the same
             update once more (seconds counts the first)
+  decode_autotune  (only when asked for: minutes of autotuning) decode's and decode_long's shapes with the step
+            compiled in max-autotune mode vs the default compilation, both timed here
 
 --profile adds one profiled run of ours per benchmark; the top ops / kernels go to <out>.profile.txt.
 
@@ -535,13 +537,41 @@ def bench_grpo_step(net, cfg, args, device):
             "update_peak_gib": mem, "completion_tokens": Pn * Gn * N}
 
 
+def bench_decode_autotune(net, cfg, args, device):
+    """decode's and decode_long's shapes with the step compiled in max-autotune mode (sampling.COMPILE_MODE),
+    against the default compilation timed again here: whole-call ms per step of each (decode_long's: the
+    prefill left out), and the tuned first call's seconds (autotuning included)."""
+    B, P, N = cfg["batch"], cfg["prompt"], cfg["new"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=g).to(device)
+    long = torch.randint(0, net.cfg.vocab_size, (cfg["long_batch"], cfg["long_prompt"]), generator=g).to(device)
+    with torch.no_grad():
+        prefill = timed(lambda: net(long, hidden=True)[:, -1], device, 1, args.repeat)
+    short_run = lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0)                # noqa: E731
+    long_run = lambda: SM.generate(net, long, max_new_tokens=cfg["long_new"], temperature=1.0, seed=0)  # noqa: E731
+    row = {"default_ms_per_step": 1000 * timed(short_run, device, 1, args.repeat) / N,
+           "default_long_ms_per_step": 1000 * (timed(long_run, device, 1, 1) - prefill) / cfg["long_new"]}
+    saved, SM.COMPILE_MODE = SM.COMPILE_MODE, "max-autotune-no-cudagraphs"
+    try:
+        first, tuned = first_and_median(short_run, device, 0, args.repeat)
+        tuned_long = timed(long_run, device, 1, 1)
+    finally:
+        SM.COMPILE_MODE = saved
+    row.update(tuned_first_call_s=first, tuned_ms_per_step=1000 * tuned / N,
+               tuned_long_ms_per_step=1000 * (tuned_long - prefill) / cfg["long_new"])
+    row["tuned_vs_default"] = row["tuned_ms_per_step"] / row["default_ms_per_step"]
+    row["tuned_vs_default_long"] = row["tuned_long_ms_per_step"] / row["default_long_ms_per_step"]
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (seconds)")
     p.add_argument("--only", type=C.csv_list(), default=["decode", "decode_long", "grpo", "lora", "sae", "sae_tune",
                                                          "grpo_step"],
                    help="comma-separated subset of decode, decode_long, grpo, lora, sae, sae_tune, grpo_step "
-                   "(grpo_step runs last: after it, the same process measured LoRA and SAE-Tuning 1.4-1.6x slower)")
+                   "(grpo_step runs last: after it, the same process measured LoRA and SAE-Tuning 1.4-1.6x slower), "
+                   "and decode_autotune (not in the default set: autotuning takes minutes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--hf_static", action="store_true", help="also time transformers' static-cache generate")
     p.add_argument("--warmup", type=int, default=1)
@@ -567,7 +597,8 @@ def main(argv=None):
                "sae": lambda: bench_sae(net, hf, cfg, args, device),
                "sae_tune": lambda: bench_sae_tune(net, cfg, args, device),
                "decode_long": lambda: bench_decode_long(net, cfg, args, device),
-               "grpo_step": lambda: bench_grpo_step(net, cfg, args, device)}
+               "grpo_step": lambda: bench_grpo_step(net, cfg, args, device),
+               "decode_autotune": lambda: bench_decode_autotune(net, cfg, args, device)}
     unknown = [b for b in args.only if b not in runners]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown}; choose from {', '.join(runners)}")

@@ -43,8 +43,12 @@ class KVCache:
 
 
 
-def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None):
-    """logits [B, V] -> next tokens [B]. temperature 0 = greedy."""
+def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, generator=None,
+                race: bool | None = None):
+    """logits [B, V] -> next tokens [B]. temperature 0 = greedy. race (default: on CUDA): draw by the
+    exponential race, argmax(logits - log E) with E ~ Exp(1) per entry, which is a draw from softmax(logits)
+    without forming it (half the kernels of softmax + multinomial, whose input checks are reductions too; a
+    decode step on a GPU spends ~140 us per step in the sampler otherwise); else torch.multinomial."""
     if temperature < 0:
         raise ValueError(f"temperature {temperature} < 0 would sample the inverted distribution; use >= 0")
     if temperature == 0:
@@ -59,6 +63,8 @@ def sample_next(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int
         drop = cum - sorted_logits.softmax(-1) >= top_p   # mass before this token already reaches top_p
         drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    if logits.is_cuda if race is None else race:          # (exponential_ never returns 0 in torch)
+        return (logits - torch.empty_like(logits).exponential_(generator=generator).log_()).argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
@@ -410,22 +416,26 @@ def _(q, k, v, bias):
     return torch.empty_like(q)
 
 
-_COMPILED = None
 COMPILE_DECODE = True    # generate(compile=None) compiles the static step on CUDA (tests may switch it off)
 COMPILE_MIN_PARAMS = 100_000_000   # ... for models this big: a small model's graph replay is already a few
                                    # microseconds a layer, and compiling (once per process) would cost more
+# torch.compile's mode for the step. None: Inductor's default (cuBLAS matmuls; about a minute). Opt in:
+# "max-autotune-no-cudagraphs" benchmarks Triton matmul templates against cuBLAS for each projection at the
+# first batch size and can fuse biases and residual adds into them (the graphs stay ours); compiling takes
+# minutes. bench.py's decode_autotune times it against the default in one run (not yet measured)
+COMPILE_MODE: str | None = None
+_COMPILED: dict = {}
 
 
 def compiled_layer():
-    """decode_layer through torch.compile, made once per process and shared by every layer (same shapes):
-    batch size and key span are dynamic, so shrinking batches and growing spans reuse one compilation (the
-    long-span attention path is a second one)."""
-    global _COMPILED
-    if _COMPILED is None:
-        print("decoding with a torch.compile'd step: the first steps compile it (once per process, about a "
-              "minute on a GPU; generate(compile=False) skips it)", flush=True)
-        _COMPILED = torch.compile(decode_layer, dynamic=True)
-    return _COMPILED
+    """decode_layer through torch.compile (COMPILE_MODE), made once per process and shared by every layer
+    (same shapes): batch size and key span are dynamic, so shrinking batches and growing spans reuse one
+    compilation (each attention path is one more)."""
+    if COMPILE_MODE not in _COMPILED:
+        print(f"decoding with a torch.compile'd step (mode {COMPILE_MODE or 'default'}): the first steps compile it "
+              "(once per process, about a minute on a GPU; generate(compile=False) skips it)", flush=True)
+        _COMPILED[COMPILE_MODE] = torch.compile(decode_layer, dynamic=True, mode=COMPILE_MODE)
+    return _COMPILED[COMPILE_MODE]
 
 
 def add_linear(x, h, w, b):

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (about 9 minutes on an H100): the CUDA-only tests, every benchmark of bench.py
-# (each with its baseline, top kernels profiled), each stage script run as a user would on random weights of
-# the R1-Distill-Qwen-1.5B shape for a few steps, and the toy pipeline on the GPU. A failing or slow part is
-# cut off at its time limit and the rest goes on; everything lands in $OUT/gpu_bench.json.
-# GPU_BENCH_PARTS=tests,bench,grpo_lora (any of tests, bench, grpo_lora, train_sae, sae_tune, evaluate, toy)
-# runs a subset when device time is short; GPU_BENCH_SECONDS caps the whole run (the toy gets what is left).
+# Every GPU check in one run (about 20 minutes on an H100): the CUDA-only tests, every benchmark of bench.py
+# (each with its baseline, top kernels profiled), the toy pipeline on the GPU, each stage script run as a user
+# would on random weights of the R1-Distill-Qwen-1.5B shape for a few steps, and the decode step compiled in
+# max-autotune mode against the default. A failing or slow part is cut off at its time limit and the rest goes
+# on; everything lands in $OUT/gpu_bench.json.
+# GPU_BENCH_PARTS=tests,bench (any of tests, bench, toy, grpo_lora, train_sae, sae_tune, evaluate, autotune)
+# runs a subset when device time is short; GPU_BENCH_SECONDS caps the toy's part (it gets what is left).
 # Measured in round 4 (H100): tests 140 s, bench 291 s (both compilations included; the Triton attention path
 # added since: expect ~190 s and ~340 s), the toy one stage after another > 333 s (now side by side: ~4 min
-# expected). In one 10-minute call the stages and the toy get no time: with a 15-minute device budget run it as
-# two calls, the second with what is left (GPU_BENCH_SECONDS caps it; the toy gets the rest):
+# expected); autotune not run yet (minutes). With a 15-minute device budget and 10 minutes per call:
 #   GPU_BENCH_PARTS=tests,bench OUT=$OUT bash recipes/gpu_bench.sh
-#   GPU_BENCH_PARTS=toy GPU_BENCH_SECONDS=330 OUT=$OUT bash recipes/gpu_bench.sh   (the stages: another round)
+#   GPU_BENCH_PARTS=toy GPU_BENCH_SECONDS=330 OUT=$OUT bash recipes/gpu_bench.sh
+# and the stages and autotune in a round of their own (GPU_BENCH_PARTS=autotune,grpo_lora,evaluate, ~9 min).
 #
 # The GPU image has torch, transformers, safetensors, peft, pytest and tqdm. What else the run needs travels
 # with it: wheels in .whl/ (sparsify for the sae baseline, math-verify for the rewards and grading) and data in
@@ -42,10 +43,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1
-DEADLINE=$((SECONDS + ${GPU_BENCH_SECONDS:-520}))   # the toy pipeline gets what is left of this
+DEADLINE=$((SECONDS + ${GPU_BENCH_SECONDS:-1200}))  # the toy pipeline gets what is left of this (600 s at most)
 : > "$W/parts.txt"
 
-PARTS=${GPU_BENCH_PARTS:-tests,bench,grpo_lora,train_sae,sae_tune,evaluate,toy}   # a subset when device time is short
+PARTS=${GPU_BENCH_PARTS:-tests,bench,toy,grpo_lora,train_sae,sae_tune,evaluate,autotune}   # a subset when device time is short
 
 part() {   # part NAME LIMIT_SECONDS LOG cmd... : run with a time limit, append its output to LOG, note rc + seconds
   local name=$1 limit=$2 log=$3 t0=$SECONDS rc
@@ -71,7 +72,13 @@ tail -3 "$OUT/gpu_tests.log"
 TORCH_LOGS=${TORCH_LOGS:-recompiles} part bench 400 "$OUT/bench.log" python3 bench.py --hf_static --profile --out "$OUT/bench.json" "$@"
 grep -E "^(decode|decode_long|grpo|lora|sae|sae_tune|grpo_step) " "$OUT/bench.log"
 
-# 3. each stage as a user runs it: random weights of the real shape, the toy's character tokenizer
+# 3. the toy pipeline on the GPU, with what is left of the time (600 s at most)
+left=$((DEADLINE - SECONDS))
+left=$(( left > 600 ? 600 : left ))
+part toy $(( left > 30 ? left : 30 )) "$OUT/toy.log" python3 toy/pipeline.py --device cuda --out "$W/toy"
+grep -v "^===" "$OUT/toy.log" 2>/dev/null | head -40
+
+# 4. each stage as a user runs it: random weights of the real shape, the toy's character tokenizer
 R1=${GPU_BENCH_MODEL:-random:r1-distill-qwen-1.5b}     # (a CPU dry run of this script: random:tiny-qwen2,
 LAYER=${GPU_BENCH_LAYER:-12}                            #  layer 1, bench args --smoke)
 python3 -c "from toy.chars import build_char_tokenizer as b; b('$W/chartok')"
@@ -89,12 +96,11 @@ part evaluate 120 "$S" python3 evaluate.py --model $R1 --tokenizer "$W/chartok" 
   --data_dir "$DATA" --benchmarks math_500 --limit 32 --n 2 --max_new_tokens 3584 --batch_size 64 \
   --system_prompt none --out_dir "$W/eval"
 
-# 4. the toy pipeline on the GPU, with what is left of the time
-left=$((DEADLINE - SECONDS))
-part toy $(( left > 30 ? left : 30 )) "$OUT/toy.log" python3 toy/pipeline.py --device cuda --out "$W/toy"
-cat "$OUT/toy.log" | grep -v "^===" | head -40
+# 5. the decode step compiled in max-autotune mode against the default, both timed in this part (minutes)
+part autotune 420 "$OUT/bench_autotune.log" python3 bench.py --only decode_autotune --out "$OUT/bench_autotune.json" "$@"
+grep -E "^decode_autotune " "$OUT/bench_autotune.log" 2>/dev/null
 
-# 5. one JSON with every figure
+# 6. one JSON with every figure
 python3 - "$OUT" "$W" <<'EOF'
 import json, re, sys
 from pathlib import Path
@@ -114,6 +120,7 @@ m = re.findall(r"(\d+) (passed|failed|skipped|error)", log)
 res["tests"] = {k: int(v) for v, k in m}
 res["tests"]["failures"] = re.findall(r"^FAILED (\S+)", log, re.M)
 res["bench"] = rj(out / "bench.json")
+res["bench_autotune"] = rj(out / "bench_autotune.json")
 stages = {}
 g = jl(w / "grpo" / "metrics.jsonl")
 if g:

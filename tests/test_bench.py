@@ -19,3 +19,11 @@ def test_bench_smoke(tmp_path):
     profile = out.with_suffix(".profile.txt").read_text()
     assert all(f"== {name}" in profile for name in ("decode", "grpo", "sae", "sae_tune"))
     assert "aten::scaled_dot_product_attention" in profile or "aten::_scaled_dot_product" in profile
+
+
+def test_bench_decode_autotune_smoke(tmp_path):
+    # on request only (minutes of autotuning on a GPU); on CPU the plain path runs and only the plumbing is checked
+    res = bench.main(["--smoke", "--only", "decode_autotune", "--out", str(tmp_path / "b.json"), "--repeat", "1"])
+    row = res["decode_autotune"]
+    assert set(row) >= {"default_ms_per_step", "tuned_ms_per_step", "tuned_vs_default", "tuned_long_ms_per_step"}
+    assert all(v > 0 for v in row.values())
