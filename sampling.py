@@ -282,7 +282,10 @@ def decode_layer(x, h, cos, sin, mask, slot, k, v, w: LayerWeights, n2, followin
     k.index_copy_(2, slot, qk[:, nh:, None])
     v.index_copy_(2, slot, qkv[:, nh + nkv:, None])
     q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                        # a group's heads as query rows
-    y = _attend(q, k, v, mask, attention)
+    if attention == "split":       # (here, not in _attend: compiled, the layer is two graphs around it)
+        y = _split_key_attention_outside_compile(q, k, v, mask[:, 0, 0])
+    else:
+        y = _attend(q, k, v, mask, attention)
     x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
     gate, up = F.linear(F.rms_norm(x, x.shape[-1:], n2, eps), w.gate_up, w.gate_up_b).chunk(2, -1)
     x = add_linear(x, F.silu(gate) * up, w.down, w.down_b)
@@ -389,7 +392,6 @@ def split_key_attention_fits(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0    # (a power of two: one tile per head)
 
 
-@torch.library.custom_op("nanoreason::split_key_attention", mutates_args=())
 def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """q [b, nkv, rep, hd], k, v [b, nkv, span, hd] (any strides with a contiguous last dim: the cache's views),
     bias [b, span] additive (0 or -inf; every row needs one real key) -> [b, nkv, rep, hd] in q's dtype."""
@@ -411,9 +413,10 @@ def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     return out
 
 
-@split_key_attention.register_fake
-def _(q, k, v, bias):
-    return torch.empty_like(q)
+# Inside the compiled step the kernel runs between two compiled graphs (a graph break; inside a CUDA graph it
+# costs nothing): called from the graph, it would receive a copy of the whole key span, since the compiler
+# does not let an opaque op read a buffer that the same graph writes (the new key) in place.
+_split_key_attention_outside_compile = torch.compiler.disable(split_key_attention)
 
 
 COMPILE_DECODE = True    # generate(compile=None) compiles the static step on CUDA (tests may switch it off)
