@@ -198,6 +198,33 @@ class attention_path:
 
 
 PATHS = (("sdpa", 1 << 30, False), ("matmul", 0, False), ("split", 0, True))   # tag, matmul_from, split
+_SPLIT_CHECK = """
+import torch, sampling as SM
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(s, generator=g).cuda().bfloat16() for s in ((4, 2, 6, 128), (4, 2, 700, 128), (4, 2, 700, 128)))
+bias = torch.zeros(4, 700, device="cuda", dtype=torch.bfloat16)
+bias[0, :300] = float("-inf")
+err = (SM.split_key_attention(q, k, v, bias) - SM._attend(q, k, v, bias[:, None, None], "matmul")).abs().max().item()
+assert err < 3e-2, err
+"""
+
+
+_SPLIT_VERDICT: dict = {}
+
+
+def split_path_works(device) -> str | None:
+    """None if the Triton split-key kernel runs and agrees with matmul attention here, else why not. Checked
+    once, in a child process: a kernel fault would otherwise poison this process's CUDA context for every
+    benchmark after it."""
+    if device.type != "cuda":
+        return None
+    if "why" not in _SPLIT_VERDICT:
+        import subprocess
+        r = subprocess.run([sys.executable, "-c", _SPLIT_CHECK], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=300)
+        _SPLIT_VERDICT["why"] = None if r.returncode == 0 else \
+            "split-key kernel check failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    return _SPLIT_VERDICT["why"]
 
 
 def by_path(fn, device) -> dict:
@@ -205,6 +232,9 @@ def by_path(fn, device) -> dict:
     fails (say, no Triton) gives its error instead of losing the others."""
     out = {}
     for tag, span, split in PATHS:
+        if split and (why := split_path_works(device)):
+            out[tag] = why
+            continue
         try:
             with attention_path(span, split):
                 out[tag] = timed(fn, device, 1, 1)
