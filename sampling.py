@@ -152,7 +152,7 @@ class StaticDecoder:
         half = c.head_dim // 2
         self.sign = torch.tensor([-1.0] * half + [1.0] * half, device=dev)        # [hd] for the rotation
         self.graph, self.graph_span, self.logits = None, 0, None
-        self.warm_kind, self.captures = None, 0     # (batch size, attention path) last warmed up; graphs made
+        self.warm_kind = None                      # (batch size, attention path) of the last warm-up run
         self.layer = compiled_layer() if compile else None
 
     def keep(self, rows: torch.Tensor):
@@ -186,7 +186,6 @@ class StaticDecoder:
                 self.use_graphs, self.graph = False, None
                 return self._step(span)
             self.warm_kind = kind
-            self.captures += 1
         self.graph.replay()
         return self.logits
 
@@ -298,10 +297,8 @@ def _attend(q, k, v, mask, path: str):
     "matmul": two batched matmuls around a float32 softmax (as transformers' eager attention). A fused kernel
     made for long queries gives each (row, key head) one block that walks the whole key range, so 6 query
     rows against 4,096 keys leave most of the GPU idle; cuBLAS splits the key range across blocks, and the
-    few extra kernels cost nothing inside a CUDA graph. "split": split_key_attention, one Triton kernel that
-    splits the keys itself and a small one that merges the parts."""
-    if path == "split":
-        return split_key_attention(q, k, v, mask[:, 0, 0])
+    few extra kernels cost nothing inside a CUDA graph. (The third path, "split", is split_key_attention,
+    called by decode_layer itself.)"""
     if path == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + mask     # [b, nkv, rep, span]
