@@ -34,12 +34,17 @@ from model import Block, ModelConfig, Transformer
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)    # [L, B, nkv, S_max, hd]
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (cfg.num_hidden_layers, 2, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)   # [L, 2, B, nkv, S_max, hd]: keys, values
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]               # [L, B, nkv, S_max, hd] views
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S_max] real keys
         self.pos = 0          # slots filled so far (same for every row; left padding is marked invalid)
         self.max_len = max_len
+
+    def keep(self, rows: torch.Tensor):
+        """Drop every batch row not in `rows`."""
+        self.kv, self.valid = self.kv[:, :, rows], self.valid[rows]
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
 
 
@@ -157,8 +162,7 @@ class StaticDecoder:
 
     def keep(self, rows: torch.Tensor):
         """Drop every batch row not in `rows` (finished sequences); a new graph is captured for the new size."""
-        c = self.cache
-        c.k, c.v, c.valid = c.k[:, rows], c.v[:, rows], c.valid[rows]
+        self.cache.keep(rows)
         self.positions, self.bias, self.tok = self.positions[rows], self.bias[rows], self.tok[rows]
         self.graph = None
 
@@ -218,7 +222,7 @@ class StaticDecoder:
         m = self.model
         cos, sin = m._rope(self.positions[:, None])                      # [b, 1, 1, hd] float32
         args = (self.tok, cos[:, 0], sin[:, 0], self.positions, self.slot, self.bias[:, :span],
-                self.cache.k[:, :, :, :span], self.cache.v[:, :, :, :span], self.weights, self.norms,
+                self.cache.kv[..., :span, :], self.weights, self.norms,
                 m.model.embed_tokens.weight, m.model.norm.weight, effective_weight(m.lm_head), self.sign,
                 self.const, self.attention(span))
         with torch.autocast(self.cache.k.device.type, enabled=False):    # the model's own dtype throughout
@@ -242,13 +246,13 @@ class StepConst(NamedTuple):    # a decode step's shape constants (plain ints: c
     eps: float
 
 
-def decode_step(tok, cos, sin, positions, slot, bias, k, v, weights: list[LayerWeights], norms: list[tuple],
+def decode_step(tok, cos, sin, positions, slot, bias, kv, weights: list[LayerWeights], norms: list[tuple],
                 embed, final_norm, lm_head, sign, const: StepConst, attention: str,
                 layer=None) -> torch.Tensor:
     """One decoder step for every row: tok [b] (input token), cos, sin [b, 1, hd] float32 (its rotary
     embedding, Transformer._rope), positions [b] (its rope position), slot [1] (its cache slot), bias [b, span]
-    (0 or -inf per key; the new key's entry is set here), k, v [L, b, nkv, span, hd] (the cache up to the span;
-    the new keys are written at `slot`), then slot and positions advance. -> logits [b, V].
+    (0 or -inf per key; the new key's entry is set here), kv [L, 2, b, nkv, span, hd] (the cache's keys and
+    values up to the span; the new ones are written at `slot`), then slot and positions advance. -> logits [b, V].
     layer: decode_layer or its compiled twin (the StaticDecoder's choice)."""
     layer = layer or decode_layer
     x = F.embedding(tok[:, None], embed)                                 # [b, 1, D] (not a view: each layer
@@ -260,26 +264,26 @@ def decode_step(tok, cos, sin, positions, slot, bias, k, v, weights: list[LayerW
     h = F.rms_norm(x, x.shape[-1:], norms[0][0], const.eps)              # the first layer's input norm
     for i, (w, (_, n2)) in enumerate(zip(weights, norms)):
         following = norms[i + 1][0] if i + 1 < len(norms) else final_norm
-        x, h = layer(x, h, cos, sin, mask, slot, k[i], v[i], w, n2, following, const, attention)
+        x, h = layer(x, h, cos, sin, mask, slot, kv[i], w, n2, following, const, attention)
     slot += 1
     positions += 1
     return F.linear(h, lm_head)[:, 0]                                    # [b, V]
 
 
-def decode_layer(x, h, cos, sin, mask, slot, k, v, w: LayerWeights, n2, following, const: StepConst,
+def decode_layer(x, h, cos, sin, mask, slot, kv, w: LayerWeights, n2, following, const: StepConst,
                  attention: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per row: x [b, 1, D] (the residual stream) and h (x through this
     layer's input norm) -> the new x and the new x through `following` (the next layer's input norm, or the
     final norm), so the last residual add and that norm are one fused kernel when compiled. The token's key
-    and value are written into k, v [b, nkv, span, hd] at `slot`. cos, sin [b, 1, hd]; mask [b, 1, 1, span]
+    and value are written into kv [2, b, nkv, span, hd] (keys, values) at `slot`, in one kernel when compiled. cos, sin [b, 1, hd]; mask [b, 1, 1, span]
     additive."""
     nh, nkv, hd, eps = const
     b = x.shape[0]
     qkv = F.linear(h, w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
     qk = qkv[:, :nh + nkv]
     qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)              # [b, nh + nkv, hd] rotated q and k
-    k.index_copy_(2, slot, qk[:, nh:, None])
-    v.index_copy_(2, slot, qkv[:, nh + nkv:, None])
+    kv.index_copy_(3, slot, torch.stack([qk[:, nh:], qkv[:, nh + nkv:]])[:, :, :, None])   # one write, k and v
+    k, v = kv[0], kv[1]
     q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                        # a group's heads as query rows
     if attention == "split":       # (here, not in _attend: compiled, the layer is two graphs around it)
         y = _split_key_attention_outside_compile(q, k, v, mask[:, 0, 0])
@@ -521,7 +525,7 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
                 if dec is not None:
                     dec.keep(keep)
                 else:
-                    cache.k, cache.v, cache.valid = cache.k[:, keep], cache.v[:, keep], cache.valid[keep]
+                    cache.keep(keep)
         if dec is not None:
             logits = dec.step(tok)                                     # decode one token -> [b, V]
         else:

@@ -61,7 +61,7 @@ def test_graph_replay_equals_eager_static_step(monkeypatch, matmul_from):
         for t in range(120):
             if t == 50:
                 rows = torch.tensor([0, 2, 3], device=CUDA)
-                plain.k, plain.v, plain.valid = plain.k[:, rows], plain.v[:, rows], plain.valid[rows]
+                plain.keep(rows)
                 dec_e.keep(rows)
                 dec_g.keep(rows)
             a = net(forced[rows, t:t + 1], cache=plain)[:, -1]
