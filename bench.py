@@ -244,6 +244,12 @@ def by_path(fn, device) -> dict:
     return out
 
 
+def prefill_seconds(net, ids, device, args) -> float:
+    """Seconds of the prompt pass that generate() runs first (its part of a whole-call time)."""
+    with torch.no_grad():
+        return timed(lambda: net(ids, hidden=True)[:, -1], device, 1, args.repeat)
+
+
 def decode_floor(net, B: int, P: int, N: int, bandwidth: float) -> float:
     """Seconds per decode step at the bandwidth limit: the matmul weights + the average KV cache read
     (B rows, P prompt tokens, N new tokens) once per step."""
@@ -258,8 +264,7 @@ def bench_decode(net, hf, cfg, args, device):
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
     first, ours = first_and_median(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0),
                                    device, args.warmup, args.repeat)
-    with torch.no_grad():
-        prefill = timed(lambda: net(ids, hidden=True)[:, -1], device, 1, args.repeat)
+    prefill = prefill_seconds(net, ids, device, args)
 
     def eager_steps(n: int = 16):   # the static step without a graph, so the profile lists its kernels
         with torch.no_grad():
@@ -482,8 +487,7 @@ def bench_decode_long(net, cfg, args, device):
     tokens; both attention paths of the static step, each against the bandwidth floor (KV reads included)."""
     B, P, N = cfg["long_batch"], cfg["long_prompt"], cfg["long_new"]
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(5)).to(device)
-    with torch.no_grad():
-        prefill = timed(lambda: net(ids, hidden=True)[:, -1], device, 1, args.repeat)
+    prefill = prefill_seconds(net, ids, device, args)
     floor = decode_floor(net, B, P, N, args.bandwidth)
     row = {"prefill_s": prefill, "floor_ms_per_step": 1000 * floor}
     run = lambda comp=None: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0, compile=comp)  # noqa: E731
@@ -575,8 +579,7 @@ def bench_decode_autotune(net, cfg, args, device):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=g).to(device)
     long = torch.randint(0, net.cfg.vocab_size, (cfg["long_batch"], cfg["long_prompt"]), generator=g).to(device)
-    with torch.no_grad():
-        prefill = timed(lambda: net(long, hidden=True)[:, -1], device, 1, args.repeat)
+    prefill = prefill_seconds(net, long, device, args)
     short_run = lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0)                # noqa: E731
     long_run = lambda: SM.generate(net, long, max_new_tokens=cfg["long_new"], temperature=1.0, seed=0)  # noqa: E731
     row = {"default_ms_per_step": 1000 * timed(short_run, device, 1, args.repeat) / N,

@@ -68,8 +68,11 @@ def run_jobs(jobs: list[tuple[list[str], Path]]) -> list[float]:
     on a GPU one of GPU_JOBS (a toy stage keeps the GPU mostly idle: its time goes to launching small
     kernels). Each runs as run() does; thread counts are fixed, so the numbers do not depend on the
     schedule. -> seconds each."""
+    def threads(cmd):                     # the stage's torch threads: HEAVY's, else ENV's
+        return HEAVY.get(Path(cmd[1]).name) or int(ENV.get("OMP_NUM_THREADS", "1"))
+
     def cost(cmd):
-        return 1 if SLOTS["gpu"] else HEAVY.get(Path(cmd[1]).name) or int(ENV.get("OMP_NUM_THREADS", "1"))
+        return 1 if SLOTS["gpu"] else threads(cmd)
 
     pending, running, secs = list(range(len(jobs))), {}, [0.0] * len(jobs)
     try:
@@ -78,8 +81,7 @@ def run_jobs(jobs: list[tuple[list[str], Path]]) -> list[float]:
                                <= SLOTS["n"]):
                 i = pending.pop(0)
                 cmd, log = jobs[i]
-                threads = HEAVY.get(Path(cmd[1]).name)
-                env = ENV if threads is None else {**ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                env = {**ENV, "OMP_NUM_THREADS": str(threads(cmd)), "MKL_NUM_THREADS": str(threads(cmd))}
                 f = open(log, "w")
                 f.write("$ " + " ".join(cmd) + "\n")
                 f.flush()

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from toy.pipeline import fvu_on_completions, run  # noqa: E402
+from toy.pipeline import ENV, fvu_on_completions, run  # noqa: E402
 
 TRIGGER = ["--dataset", "{data}/train.jsonl", "--text_format", "resa"]
 CORPUS = ["--dataset", "{data}/corpus.jsonl", "--text_format", "plain"]
@@ -48,7 +47,7 @@ def main(argv=None):
     rep = json.loads((toy / "results.json").read_text())
     if rep.get("quick"):
         raise SystemExit(f"{toy} is a --quick run: run the full pipeline first")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")           # small, launch-bound stages (see toy/pipeline.py)
+    ENV.setdefault("OMP_NUM_THREADS", "1")                  # small, launch-bound stages (see toy/pipeline.py)
     base, data, logs = str(toy / "base"), str(toy / "data"), toy / "logs"
     source = str(sorted((toy / "grpo").glob("step_*"))[-1])
     cfg = json.loads((toy / "eval" / "sae_inserted" / "samples_settings.json").read_text())
