@@ -27,7 +27,8 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             model's forward, ours and peft's (on transformers' model); without dropout, and with Tina's
             dropout 0.05 in train mode
   sae       SAE training step on layer L: our early-stopped forward + SAE vs a full forward + sparsify's
-            SparseCoder on the same activations: tokens/s and the ratio
+            SparseCoder on the same activations: tokens/s and the ratio; and the latent selection alone
+            (torch.topk vs sae.top_k on the step's pre-activations)
   sae_tune  one SAE-Tuning step (teacher pass, student pass through the SAE, chunked KL, backward):
             tokens/s and peak memory
   decode_long  decode near 4,096 keys (24 rows, 3,584-token prompts, 512 new): ms per step of each attention
@@ -459,7 +460,14 @@ def bench_sae(net, hf, cfg, args, device):
         S.train_step(sc, sopt, x)
 
     t_sp = timed(theirs, device, args.warmup, args.repeat)
-    return {"tokens_per_s": B * T / t_ours, "sparsify_tokens_per_s": B * T / t_sp, "vs_sparsify": t_sp / t_ours}
+    # the latent selection alone, on this step's pre-activations [B*T, M]: torch.topk vs sae.top_k
+    with torch.no_grad(), C.autocast(device):
+        pre = sae.encoder(net(ids, stop_after=Ly).reshape(-1, d).float() - sae.b_dec)
+    sel = {name: 1000 * timed(lambda f=f: f(pre), device, args.warmup, args.repeat)
+           for name, f in (("torch_topk_ms", lambda p: p.topk(cfg["sae_k"], sorted=False)),
+                           ("top_k_ms", lambda p: S.top_k(p, cfg["sae_k"])))}
+    return {"tokens_per_s": B * T / t_ours, "sparsify_tokens_per_s": B * T / t_sp, "vs_sparsify": t_sp / t_ours,
+            **sel}
 
 
 def bench_sae_tune(net, cfg, args, device):

@@ -89,15 +89,16 @@ def test_losses_and_decode_match_float64_reference():
     assert torch.allclose(sae.decode(out.acts, out.indices), dense @ sae.W_dec + sae.b_dec, atol=1e-5)
 
 
-def test_gradients_match_float64_reference():
+@pytest.mark.parametrize("m,k", [(64, 5), (256, 4)])     # torch.topk; top_k's grouped path (groups of 8)
+def test_gradients_match_float64_reference(m, k):
     # every parameter's gradient of FVU + AuxK (and the input's, for SAEs inserted with grad="pass")
     # against autograd through the plain formula in float64
-    sae = S.SAE(16, 64, 5)
+    sae = S.SAE(16, m, k)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.5)
         sae.encoder.bias.normal_(0, 0.1)
     x = torch.randn(40, 16, generator=torch.Generator().manual_seed(4)).requires_grad_()
-    dead = torch.zeros(64, dtype=torch.bool)
+    dead = torch.zeros(m, dtype=torch.bool)
     dead[::3] = True
     out = sae(x, dead_mask=dead)
     (out.fvu + out.auxk_loss).backward()
@@ -217,6 +218,26 @@ def test_sae_that_does_not_fit_is_refused(tmp_path):
         S.SAE.load(tmp_path / "s")
     with pytest.raises(FileNotFoundError, match="hookpoint folders"):
         S.load_sae(str(tmp_path))
+
+
+@pytest.mark.parametrize("n,m,k", [(50, 1024, 32), (30, 4096, 8), (20, 256, 4), (9, 90, 3), (6, 64, 5)])
+def test_top_k_selects_what_torch_topk_selects(n, m, k):
+    # the grouped selection (groups of 4, 16, 8; then 90 % 4 != 0 and 64 / 5 too small: torch.topk itself)
+    # against torch.topk: the same values (ties everywhere in the integer rows, -inf in the masked ones),
+    # k distinct indices that hold them, and the gradient lands on exactly those entries
+    g = torch.Generator().manual_seed(n)
+    for pre in (torch.randn(n, m, generator=g), torch.randint(-3, 4, (n, m), generator=g).float(),
+                torch.randn(n, m, generator=g).masked_fill(torch.rand(n, m, generator=g) < 0.9, -torch.inf)):
+        pre.requires_grad_()
+        vals, idx = S.top_k(pre, k)
+        assert vals.shape == idx.shape == (n, k)
+        assert torch.equal(vals.sort(-1).values, pre.topk(k, -1).values.sort(-1).values)
+        assert torch.equal(pre.detach().gather(1, idx), vals.detach())
+        assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
+        w = torch.rand(n, k, generator=g) + 0.5
+        (vals.nan_to_num(neginf=0.0) * w).sum().backward()
+        want = torch.zeros(n, m).scatter(1, idx, w.masked_fill(vals.detach().isinf(), 0.0))
+        assert torch.equal(pre.grad, want)
 
 
 def test_relu_applies_when_fewer_than_k_latents_are_positive():
