@@ -114,7 +114,7 @@ class SAE(nn.Module):
         if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
             k_aux = min(x.shape[-1] // 2, num_dead)                        # top half-width of dead latents
             scale = min(num_dead / (x.shape[-1] // 2), 1.0)
-            aux_acts, aux_idx = torch.where(dead_mask[None], pre, -torch.inf).topk(k_aux, sorted=False)
+            aux_acts, aux_idx = top_k(torch.where(dead_mask[None], pre, -torch.inf), k_aux)
             e_hat = _sparse_decode(F.relu(aux_acts), aux_idx, self.W_dec)   # predicts the residual, no b_dec
             auxk = scale * (e_hat - e.detach()).pow(2).sum() / total_variance
         multi = recon.new_zeros(())

@@ -280,14 +280,16 @@ def decode_layer(x, h, cos, sin, mask, slot, kv, w: LayerWeights, n2, following,
     nh, nkv, hd, eps = const
     b = x.shape[0]
     qkv = F.linear(h, w.qkv, w.qkv_b).view(b, nh + 2 * nkv, hd)
-    qk = qkv[:, :nh + nkv]
-    qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)              # [b, nh + nkv, hd] rotated q and k
-    kv.index_copy_(3, slot, torch.stack([qk[:, nh:], qkv[:, nh + nkv:]])[:, :, :, None])   # one write, k and v
+    split = attention == "split"   # (the split-key kernel rotates q itself: only k is rotated here)
+    qk = qkv[:, nh if split else 0:nh + nkv]
+    qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)              # [b, (nh +) nkv, hd] rotated (q and) k
+    kv.index_copy_(3, slot, torch.stack([qk[:, -nkv:], qkv[:, nh + nkv:]])[:, :, :, None])   # one write, k and v
     k, v = kv[0], kv[1]
-    q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                        # a group's heads as query rows
-    if attention == "split":       # (here, not in _attend: compiled, the layer is two graphs around it)
-        y = _split_key_attention_outside_compile(q, k, v, mask[:, 0, 0])
+    if split:                      # (here, not in _attend: compiled, the layer is two graphs around it)
+        q = qkv[:, :nh].view(b, nkv, nh // nkv, hd)                      # not yet rotated
+        y = _split_key_attention_outside_compile(q, k, v, mask[:, 0, 0], cos[:, 0], sin[:, 0])
     else:
+        q = qk[:, :nh].reshape(b, nkv, nh // nkv, hd)                    # a group's heads as query rows
         y = _attend(q, k, v, mask, attention)
     x = add_linear(x, y.reshape(b, 1, nh * hd), w.o, w.o_b)
     gate, up = F.linear(F.rms_norm(x, x.shape[-1:], n2, eps), w.gate_up, w.gate_up_b).chunk(2, -1)
@@ -331,15 +333,20 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["span"])      # (one compilation for every key span)
-    def part(Q, K, V, Bias, Acc, M, L, span, scale, sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b,
-             NKV: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr,
-             BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    def part(Q, K, V, Bias, Cos, Sin, Acc, M, L, span, scale, sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+             sb_b, sc_b, NKV: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, HD: tl.constexpr,
+             SPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, ROTATE: tl.constexpr):
         bh, sp = tl.program_id(0), tl.program_id(1)
         b, h = bh // NKV, bh % NKV
         r, d = tl.arange(0, ROWS), tl.arange(0, HD)
-        q = tl.load(Q + b * sq_b + h * sq_h + r[:, None] * sq_r + d[None, :], mask=r[:, None] < REP,
+        at_q = Q + b * sq_b + h * sq_h + r[:, None] * sq_r
+        q = tl.load(at_q + d[None, :], mask=r[:, None] < REP,
                     other=0.0).to(tl.float32)    # (float32 tiles: TF32 dots hold bf16 values exactly;
                                                  #  a float32 model's dots run in full float32)
+        if ROTATE:                               # rotary embedding: q cos + q.roll(HD / 2) sin (sign folded in)
+            q_rolled = tl.load(at_q + ((d + HD // 2) % HD)[None, :], mask=r[:, None] < REP, other=0.0)
+            q = (q * tl.load(Cos + b * sc_b + d).to(tl.float32)[None, :]
+                 + q_rolled.to(tl.float32) * tl.load(Sin + b * sc_b + d).to(tl.float32)[None, :])
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HD], tl.float32)
@@ -393,9 +400,12 @@ def split_key_attention_fits(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0    # (a power of two: one tile per head)
 
 
-def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                        cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, nkv, rep, hd], k, v [b, nkv, span, hd] (any strides with a contiguous last dim: the cache's views),
-    bias [b, span] additive (0 or -inf; every row needs one real key) -> [b, nkv, rep, hd] in q's dtype."""
+    bias [b, span] additive (0 or -inf; every row needs one real key) -> [b, nkv, rep, hd] in q's dtype.
+    cos, sin [b, hd] (optional; sin with its first half negated, as decode_step makes it): q is rotated in the
+    kernel, q cos + q.roll(hd / 2) sin, so the step needs no kernel of its own for that."""
     part, merge = _triton_kernels()
     b, nkv, rep, hd = q.shape
     if not split_key_attention_fits(hd):
@@ -407,9 +417,15 @@ def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     m = torch.empty(b * nkv * splits * rows, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     out = torch.empty_like(q)
-    part[(b * nkv, splits)](q, k, v, bias, acc, m, l, span, hd ** -0.5, *q.stride()[:3], *k.stride()[:3],
-                            *v.stride()[:3], bias.stride(0), NKV=nkv, REP=rep, ROWS=rows, HD=hd, SPLIT=SPLIT,
-                            BLOCK=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    rotate = cos is not None
+    if rotate:
+        if not cos.shape == sin.shape == (b, hd):
+            raise ValueError(f"cos, sin must be [b, hd] = [{b}, {hd}], not {tuple(cos.shape)}, {tuple(sin.shape)}")
+        cos, sin = cos.contiguous(), sin.contiguous()
+    part[(b * nkv, splits)](q, k, v, bias, cos if rotate else q, sin if rotate else q, acc, m, l, span,
+                            hd ** -0.5, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], bias.stride(0),
+                            cos.stride(0) if rotate else 0, NKV=nkv, REP=rep, ROWS=rows, HD=hd, SPLIT=SPLIT,
+                            BLOCK=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROTATE=rotate)
     merge[(b * nkv,)](acc, m, l, out, splits, *out.stride()[:3], NKV=nkv, REP=rep, ROWS=rows, HD=hd)
     return out
 

@@ -315,10 +315,11 @@ def interpreted_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rep", [6, 1])
-def test_split_key_attention_matches_float64(interpreted_triton, dtype, rep):
+@pytest.mark.parametrize("rep,rotate", [(6, True), (1, False)])
+def test_split_key_attention_matches_float64(interpreted_triton, dtype, rep, rotate):
     # the Triton split-key kernel against float64 matmul attention: views of a longer cache, a span that is
-    # not a multiple of the split, left padding that masks a whole split of one row, a masked key mid-row
+    # not a multiple of the split, left padding that masks a whole split of one row, a masked key mid-row;
+    # rotate: q's rotary embedding applied inside the kernel (cos, sin per row, sin's first half negated)
     b, nkv, hd, S, span = 3, 2, 32, 700, 600
     g = torch.Generator().manual_seed(3)
     kc, vc = (torch.randn(b, nkv, S, hd, generator=g).to(dtype) for _ in range(2))
@@ -327,8 +328,17 @@ def test_split_key_attention_matches_float64(interpreted_triton, dtype, rep):
     bias = torch.zeros(b, S, dtype=dtype)
     bias[0, :300] = float("-inf")
     bias[1, 5:9] = float("-inf")
-    out = SM.split_key_attention(q, k, v, bias[:, :span])
-    ref = SM._attend(q.double(), k.double(), v.double(), bias[:, None, None, :span].double(), "matmul")
+    q64 = q.double()
+    if rotate:
+        angle = torch.rand(b, hd // 2, generator=g, dtype=torch.float64) * 6.3
+        cos, sin = (torch.cat([f(angle), f(angle)], -1).to(dtype) for f in (torch.cos, torch.sin))   # [b, hd]
+        half = torch.tensor([-1.0] * (hd // 2) + [1.0] * (hd // 2), dtype=dtype)
+        out = SM.split_key_attention(q, k, v, bias[:, :span], cos, sin * half)
+        cos, sin = cos.double()[:, None, None], sin.double()[:, None, None]
+        q64 = q64 * cos + torch.cat([-q64[..., hd // 2:], q64[..., :hd // 2]], -1) * sin   # HF's rotate_half
+    else:
+        out = SM.split_key_attention(q, k, v, bias[:, :span])
+    ref = SM._attend(q64, k.double(), v.double(), bias[:, None, None, :span].double(), "matmul")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert out.dtype == dtype and out.shape == q.shape
     assert (out.double() - ref).abs().max().item() < tol
