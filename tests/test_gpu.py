@@ -184,3 +184,13 @@ def test_lora_layer_bf16_autocast_matches_float32(dropout):
     assert rel(y, y32) < 2e-2
     for ours, ref in ((x.grad, x32.grad), (lay.lora_A.weight.grad, A.grad), (lay.lora_B.weight.grad, B.grad)):
         assert rel(ours, ref) < 3e-2
+
+
+def test_sae_top_k_on_cuda_selects_what_torch_topk_selects():
+    # sae.top_k at the bench's width (65,536 latents, k 32, groups of 32) in bf16 on the GPU, against torch.topk
+    import sae as S
+    pre = torch.randn(4096, 65536, device=CUDA, generator=torch.Generator(CUDA).manual_seed(0)).bfloat16()
+    vals, idx = S.top_k(pre, 32)
+    assert torch.equal(vals.sort(-1).values, pre.topk(32, -1).values.sort(-1).values)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
