@@ -27,8 +27,9 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             model's forward, ours and peft's (on transformers' model); without dropout, and with Tina's
             dropout 0.05 in train mode
   sae       SAE training step on layer L: our early-stopped forward + SAE vs a full forward + sparsify's
-            SparseCoder on the same activations: tokens/s and the ratio; and the latent selection alone
-            (torch.topk vs sae.top_k on the step's pre-activations)
+            SparseCoder on the same activations: tokens/s and the ratio; our step with the dense encoder
+            gradient; the latent selection alone (torch.topk vs sae.top_k on the step's pre-activations)
+            and the encoder's weight gradient alone, four ways (encoder_grad_variants)
   sae_tune  one SAE-Tuning step (teacher pass, student pass through the SAE, chunked KL, backward):
             tokens/s and peak memory
   decode_long  decode near 4,096 keys (24 rows, 3,584-token prompts, 512 new): ms per step of each attention
@@ -58,6 +59,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -450,6 +452,11 @@ def bench_sae(net, hf, cfg, args, device):
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
     profiled(ours, device, args, "sae: one training step")
+    S.SAE.SPARSE_ENCODER_GRAD = False                  # the same step with autograd's dense encoder gradient
+    try:
+        t_dense = timed(ours, device, args.warmup, args.repeat)
+    finally:
+        S.SAE.SPARSE_ENCODER_GRAD = True
     SparseCoder, SparseCoderConfig = baselines.sparsify_coder(device)
     sc = SparseCoder(d, SparseCoderConfig(num_latents=cfg["sae_latents"], k=cfg["sae_k"]), device=device)
     sopt = torch.optim.Adam(sc.parameters(), lr=1e-4)
@@ -462,12 +469,66 @@ def bench_sae(net, hf, cfg, args, device):
     t_sp = timed(theirs, device, args.warmup, args.repeat)
     # the latent selection alone, on this step's pre-activations [B*T, M]: torch.topk vs sae.top_k
     with torch.no_grad(), C.autocast(device):
-        pre = sae.encoder(net(ids, stop_after=Ly).reshape(-1, d).float() - sae.b_dec)
+        xc = (net(ids, stop_after=Ly).reshape(-1, d).float() - sae.b_dec).to(pre_dtype(device))    # [N, d]
+        pre = sae.encoder(xc)                                                                         # [N, M]
     sel = {name: 1000 * timed(lambda f=f: f(pre), device, args.warmup, args.repeat)
            for name, f in (("torch_topk_ms", lambda p: p.topk(cfg["sae_k"], sorted=False)),
                            ("top_k_ms", lambda p: S.top_k(p, cfg["sae_k"])))}
     return {"tokens_per_s": B * T / t_ours, "sparsify_tokens_per_s": B * T / t_sp, "vs_sparsify": t_sp / t_ours,
-            **sel}
+            "dense_encoder_grad_tokens_per_s": B * T / t_dense, **sel,
+            **encoder_grad_variants(pre, xc, cfg["sae_k"], device, args)}
+
+
+def pre_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def encoder_grad_variants(pre, xc, k, device, args) -> dict:
+    """The SAE encoder's weight gradient dL/dW_enc [M, d] = G^T xc alone, where G [N, M] holds the loss's
+    gradient at the k selected latents of each token and zeros elsewhere; ms of each way to form it: "dense"
+    is autograd's (G materialised, one [M, N] x [N, d] matmul; SAE.SPARSE_ENCODER_GRAD = False); "bag"
+    sums each latent's tokens with embedding_bag over the pairs sorted by latent (sae._SelectedLatents, the
+    default); "index_add" adds each selected (token, latent) pair's g * xc row into its latent's row
+    (sparsify's backward); "sparse_mm" multiplies a sparse G^T (CSR, latents as rows) by xc ("bag" and
+    "sparse_mm" include the sort). Each is checked against "dense" (rel_err)."""
+    n, m = pre.shape
+    with torch.no_grad():
+        _, idx = S.top_k(pre, k)                                                   # [N, k]
+        g = torch.randn(idx.shape, device=device, generator=torch.Generator(device).manual_seed(7)).to(xc.dtype)
+
+        def by_latent():          # the (token, latent) pairs sorted by latent: tokens, gradients, pairs per latent
+            lat, order = idx.flatten().sort()
+            return order // k, g.flatten()[order], torch.bincount(lat, minlength=m)
+
+        def dense():
+            return torch.zeros_like(pre).scatter_(1, idx, g).T @ xc
+
+        def index_add():
+            rows = (g[..., None] * xc[:, None, :]).flatten(0, 1)                    # [N*k, d]
+            return torch.zeros(m, xc.shape[1], dtype=xc.dtype, device=device).index_add_(0, idx.flatten(), rows)
+
+        def sparse_mm():
+            tok, gs, counts = by_latent()
+            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            with warnings.catch_warnings():                                         # ("support is in beta")
+                warnings.simplefilter("ignore")
+                return torch.sparse_csr_tensor(crow, tok, gs, (m, n)) @ xc
+
+        def bag():
+            tok, gs, counts = by_latent()
+            starts = counts.cumsum(0) - counts                                      # [M] each latent's first pair
+            return torch.nn.functional.embedding_bag(tok, xc, starts, per_sample_weights=gs, mode="sum")
+
+        want = dense().float()
+        out = {}
+        for name, f in (("dense", dense), ("index_add", index_add), ("sparse_mm", sparse_mm), ("bag", bag)):
+            try:
+                err = ((f().float() - want).abs().max() / want.abs().max()).item()
+                out[f"encoder_grad_{name}_ms"] = 1000 * timed(f, device, args.warmup, args.repeat)
+                out[f"encoder_grad_{name}_rel_err"] = err
+            except Exception as e:            # (a sparse kernel this torch build lacks, out of memory, ...)
+                out[f"encoder_grad_{name}_ms"] = f"{type(e).__name__}: {str(e)[:120]}"
+    return out
 
 
 def bench_sae_tune(net, cfg, args, device):

@@ -15,8 +15,9 @@ insert_sae() puts a frozen SAE into a model.py Transformer so that the residual 
 is replaced by its reconstruction (Resa's SAE-Tuning). grad="block" runs it under no_grad, as Resa's
 code does (LoRA in layers <= L then gets no gradient); grad="pass" lets gradients flow through it.
 
-Simplifications versus sparsify: no groupmax activation, no transcoders, no fused Triton kernels, and
-the encoder backward is plain autograd (dense over latents).
+Simplifications versus sparsify: no groupmax activation, no transcoders, no fused Triton kernels. The
+encoder's gradient comes from the k selected latents only (_SelectedLatents, read last; with AuxK or
+multi_topk, plain autograd through all M pre-activations).
 """
 from __future__ import annotations
 
@@ -77,14 +78,26 @@ class SAE(nn.Module):
 
     # --- the model -----------------------------------------------------------------------------
 
-    def encode(self, x):
-        """x [N, d] -> (top values [N, k], top indices [N, k], pre-activations [N, M] before the ReLU).
+    # the encoder's gradient only from the k selected latents of each token (_SelectedLatents), not through
+    # the dense [N, M] pre-activations; False: plain autograd (what AuxK and multi_topk always use)
+    SPARSE_ENCODER_GRAD = True
+
+    def encode(self, x, dense_grad: bool = False):
+        """x [N, d] -> (top values [N, k], top indices [N, k], pre-activations [N, M] before the ReLU; with
+        a gradient path only for dense_grad or without SPARSE_ENCODER_GRAD).
 
         relu(topk(pre)) == topk(relu(pre)): the ReLU runs on the k winners only, not on all M latents
         (one pass less over the [N, M] tensor, forward and backward)."""
-        pre = _pre_activations(x, self.encoder.weight, self.encoder.bias, self.b_dec)    # (x - b_dec) W^T + b_enc
-        vals, idx = top_k(pre, self.k)
-        return F.relu(vals), idx, pre
+        W, b_enc = self.encoder.weight, self.encoder.bias
+        if dense_grad or not self.SPARSE_ENCODER_GRAD or not torch.is_grad_enabled():
+            pre = _pre_activations(x, W, b_enc, self.b_dec)                   # (x - b_dec) W^T + b_enc
+            vals, idx = top_k(pre, self.k)
+            return F.relu(vals), idx, pre
+        xc = x - self.b_dec.detach()                                          # [N, d] (b_dec: see below)
+        with torch.no_grad():
+            pre = F.linear(xc, W, b_enc)                                      # [N, M], no gradient path
+        idx = top_k(pre, self.k)[1]
+        return F.relu(_SelectedLatents.apply(pre, idx, xc, W, b_enc, self.b_dec)), idx, pre
 
     def decode(self, acts, idx):
         """Sparse decode: sum_j acts_j W_dec[idx_j] + b_dec, [N, d]."""
@@ -103,7 +116,8 @@ class SAE(nn.Module):
     def forward(self, x, dead_mask: torch.Tensor | None = None) -> SAEOutput:
         """x [N, d]; dead_mask [M] bool marks latents for the AuxK loss."""
         x = x.to(self.W_dec.dtype)
-        acts, idx, pre = self.encode(x)
+        auxk_on = dead_mask is not None and bool(dead_mask.any())          # (AuxK's gradient needs pre's)
+        acts, idx, pre = self.encode(x, dense_grad=auxk_on or self.multi_topk)
         recon = self.decode(acts, idx)
         if self.W_skip is not None:
             recon = recon + x @ self.W_skip.T
@@ -111,7 +125,8 @@ class SAE(nn.Module):
         total_variance = (x - x.mean(0)).pow(2).sum()
         fvu = e.pow(2).sum() / total_variance
         auxk = recon.new_zeros(())
-        if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
+        if auxk_on:
+            num_dead = int(dead_mask.sum())
             k_aux = min(x.shape[-1] // 2, num_dead)                        # top half-width of dead latents
             scale = min(num_dead / (x.shape[-1] // 2), 1.0)
             aux_acts, aux_idx = top_k(torch.where(dead_mask[None], pre, -torch.inf), k_aux)
@@ -386,3 +401,45 @@ def _pre_activations(x, W, b_enc, b_dec):
         zero = b_dec - b_dec_value
         bias = bias - W.detach() @ zero                                                  # [M], == b_enc
     return F.linear(x - b_dec_value, W, bias)
+
+
+class _SelectedLatents(torch.autograd.Function):
+    """The pre-activations of the selected latents, pre[n, idx[n, j]] [N, k], with their gradient in sparse
+    form. pre [N, M] = xc W^T + b_enc was computed without a gradient path; with G [N, M] the loss's
+    gradient there (g at the selected entries, 0 elsewhere), autograd's dense backward would form G and
+    then G^T xc [M, d], G.sum(0) and, for b_dec, W^T G.sum(0): an [M, N] x [N, d] matmul over mostly zeros.
+    Here every (token, latent) pair is sorted by latent once, and each latent's row of the weight gradient is
+    the g-weighted sum of its tokens' xc rows (embedding_bag over the sorted tokens, no [N, M] tensor);
+    b_enc's is the sum of its g's; b_dec's, as in _pre_activations, -W^T of that (xc = x - b_dec without
+    b_dec's gradient); x's, for an SAE inserted with grad="pass", sum_j g_j W[idx_j] (embedding_bag).
+    Checked against float64 autograd: tests/test_sae.py::test_gradients_match_float64_reference."""
+
+    @staticmethod
+    def forward(ctx, pre, idx, xc, W, b_enc, b_dec):
+        ctx.save_for_backward(idx, xc, W)
+        ctx.dtype = pre.dtype                     # (bf16 under autocast: the matmul's input precision)
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, g):                         # g [N, k]
+        idx, xc, W = ctx.saved_tensors
+        need_xc, need_W, need_b, need_bdec = ctx.needs_input_grad[2:6]
+        grad_xc = grad_W = grad_b = grad_bdec = None
+        m, k = W.shape[0], idx.shape[1]
+        if need_W:
+            lat, order = idx.flatten().sort()                                       # pairs by latent [N*k]
+            counts = torch.bincount(lat, minlength=m)                               # [M] pairs per latent
+            starts = counts.cumsum(0) - counts                                      # [M] its first pair
+            gs = g.flatten()[order].to(ctx.dtype)
+            grad_W = F.embedding_bag(order // k, xc.to(ctx.dtype), starts, per_sample_weights=gs,
+                                     mode="sum").to(W.dtype)                        # [M, d]
+        if need_b or need_bdec:
+            col = torch.zeros(m, dtype=torch.float32, device=g.device).index_add_(
+                0, idx.flatten(), g.flatten().float())                              # [M] = G.sum(0)
+            grad_b = col.to(W.dtype) if need_b else None
+            grad_bdec = -(col.to(W.dtype) @ W) if need_bdec else None               # [d]
+        if need_xc:
+            grad_xc = F.embedding_bag(idx, W.to(ctx.dtype), per_sample_weights=g.to(ctx.dtype),
+                                      mode="sum").to(xc.dtype)                      # [N, d]
+        return None, None, grad_xc, grad_W, grad_b, grad_bdec
+

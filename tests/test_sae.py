@@ -89,17 +89,19 @@ def test_losses_and_decode_match_float64_reference():
     assert torch.allclose(sae.decode(out.acts, out.indices), dense @ sae.W_dec + sae.b_dec, atol=1e-5)
 
 
+@pytest.mark.parametrize("aux", [True, False])       # AuxK: autograd through pre; without: _SelectedLatents
 @pytest.mark.parametrize("m,k", [(64, 5), (256, 4)])     # torch.topk; top_k's grouped path (groups of 8)
-def test_gradients_match_float64_reference(m, k):
-    # every parameter's gradient of FVU + AuxK (and the input's, for SAEs inserted with grad="pass")
-    # against autograd through the plain formula in float64
+def test_gradients_match_float64_reference(m, k, aux):
+    # every parameter's gradient of FVU (+ AuxK) and the input's (for SAEs inserted with grad="pass")
+    # against autograd through the plain formula in float64; latents that no token selects (zero rows of the
+    # weight gradient) occur at these sizes
     sae = S.SAE(16, m, k)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.5)
         sae.encoder.bias.normal_(0, 0.1)
     x = torch.randn(40, 16, generator=torch.Generator().manual_seed(4)).requires_grad_()
     dead = torch.zeros(m, dtype=torch.bool)
-    dead[::3] = True
+    dead[::3] = aux
     out = sae(x, dead_mask=dead)
     (out.fvu + out.auxk_loss).backward()
     ref = {n: p.detach().double().requires_grad_() for n, p in sae.named_parameters()}
@@ -109,14 +111,35 @@ def test_gradients_match_float64_reference(m, k):
     z = torch.zeros_like(pre).scatter(-1, out.indices, pre.gather(-1, out.indices))
     recon = z @ Wd + bd
     e, tv = x64 - recon, (x64 - x64.mean(0)).pow(2).sum()
-    k_aux = min(8, int(dead.sum()))
-    aux_idx = torch.where(dead, pre.detach(), -torch.inf).topk(k_aux).indices
-    za = torch.zeros_like(pre).scatter(-1, aux_idx, pre.gather(-1, aux_idx))
-    aux = min(int(dead.sum()) / 8, 1.0) * (za @ Wd - e.detach()).pow(2).sum() / tv
-    (e.pow(2).sum() / tv + aux).backward()
+    loss = e.pow(2).sum() / tv
+    if aux:
+        k_aux = min(8, int(dead.sum()))
+        aux_idx = torch.where(dead, pre.detach(), -torch.inf).topk(k_aux).indices
+        za = torch.zeros_like(pre).scatter(-1, aux_idx, pre.gather(-1, aux_idx))
+        loss = loss + min(int(dead.sum()) / 8, 1.0) * (za @ Wd - e.detach()).pow(2).sum() / tv
+    else:
+        assert out.auxk_loss == 0
+        assert (torch.bincount(out.indices.flatten(), minlength=m) == 0).any()     # unselected latents occur
+    loss.backward()
     for n, p in sae.named_parameters():
         assert torch.allclose(p.grad.double(), ref[n].grad, atol=1e-5), n
     assert torch.allclose(x.grad.double(), x64.grad, atol=1e-5)
+
+
+def test_sparse_encoder_gradient_under_autocast_matches_the_dense_one():
+    # bf16 autocast (the GPU's training mode, here on a CPU): both encoder gradients in the same precision
+    sae = S.SAE(32, 512, 8)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for sparse in (True, False):
+        sae.zero_grad()
+        sae.SPARSE_ENCODER_GRAD = sparse
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x)
+        out.fvu.backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=0.02, atol=2e-3 * grads[1][n].abs().max()), n
 
 
 def test_training_helpers_match_sparsify():
