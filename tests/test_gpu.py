@@ -194,3 +194,22 @@ def test_sae_top_k_on_cuda_selects_what_torch_topk_selects():
     assert torch.equal(vals.sort(-1).values, pre.topk(32, -1).values.sort(-1).values)
     assert torch.equal(pre.gather(1, idx), vals)
     assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def test_sae_sparse_encoder_gradient_on_cuda_matches_the_dense_one():
+    # the SAE step's two encoder gradients (sae._SelectedLatents vs autograd's dense one) at the bench's width,
+    # under bf16 autocast as train_sae.py runs it
+    import sae as S
+    torch.manual_seed(0)
+    sae = S.SAE(1536, 65536, 32, device=CUDA)
+    x = torch.randn(4096, 1536, device=CUDA)
+    grads = []
+    for sparse in (True, False):
+        sae.zero_grad()
+        sae.SPARSE_ENCODER_GRAD = sparse
+        with C.autocast(CUDA):
+            out = sae(x)
+        out.fvu.backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    for n in grads[0]:
+        assert rel(grads[0][n], grads[1][n]) < 0.02, n
