@@ -452,11 +452,11 @@ def bench_sae(net, hf, cfg, args, device):
 
     t_ours = timed(ours, device, args.warmup, args.repeat)
     profiled(ours, device, args, "sae: one training step")
-    S.SAE.SPARSE_ENCODER_GRAD = False                  # the same step with autograd's dense encoder gradient
+    saved, S.SAE.SPARSE_ENCODER_GRAD = S.SAE.SPARSE_ENCODER_GRAD, False   # the step with autograd's dense one
     try:
         t_dense = timed(ours, device, args.warmup, args.repeat)
     finally:
-        S.SAE.SPARSE_ENCODER_GRAD = True
+        S.SAE.SPARSE_ENCODER_GRAD = saved
     SparseCoder, SparseCoderConfig = baselines.sparsify_coder(device)
     sc = SparseCoder(d, SparseCoderConfig(num_latents=cfg["sae_latents"], k=cfg["sae_k"]), device=device)
     sopt = torch.optim.Adam(sc.parameters(), lr=1e-4)
@@ -469,8 +469,9 @@ def bench_sae(net, hf, cfg, args, device):
     t_sp = timed(theirs, device, args.warmup, args.repeat)
     # the latent selection alone, on this step's pre-activations [B*T, M]: torch.topk vs sae.top_k
     with torch.no_grad(), C.autocast(device):
-        xc = (net(ids, stop_after=Ly).reshape(-1, d).float() - sae.b_dec).to(pre_dtype(device))    # [N, d]
-        pre = sae.encoder(xc)                                                                         # [N, M]
+        xc = net(ids, stop_after=Ly).reshape(-1, d).float() - sae.b_dec                 # [N, d]
+        pre = sae.encoder(xc)                                                             # [N, M]
+        xc = xc.to(pre.dtype)                                                             # (the matmul's precision)
     sel = {name: 1000 * timed(lambda f=f: f(pre), device, args.warmup, args.repeat)
            for name, f in (("torch_topk_ms", lambda p: p.topk(cfg["sae_k"], sorted=False)),
                            ("top_k_ms", lambda p: S.top_k(p, cfg["sae_k"])))}
@@ -479,16 +480,12 @@ def bench_sae(net, hf, cfg, args, device):
             **encoder_grad_variants(pre, xc, cfg["sae_k"], device, args)}
 
 
-def pre_dtype(device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def encoder_grad_variants(pre, xc, k, device, args) -> dict:
     """The SAE encoder's weight gradient dL/dW_enc [M, d] = G^T xc alone, where G [N, M] holds the loss's
     gradient at the k selected latents of each token and zeros elsewhere; ms of each way to form it: "dense"
     is autograd's (G materialised, one [M, N] x [N, d] matmul; SAE.SPARSE_ENCODER_GRAD = False); "bag"
-    sums each latent's tokens with embedding_bag over the pairs sorted by latent (sae._SelectedLatents, the
-    default); "index_add" adds each selected (token, latent) pair's g * xc row into its latent's row
+    sums each latent's tokens with embedding_bag over the pairs sorted by latent (sae._sparse_accumulate, what
+    _SelectedLatents runs); "index_add" adds each selected (token, latent) pair's g * xc row into its latent's row
     (sparsify's backward); "sparse_mm" multiplies a sparse G^T (CSR, latents as rows) by xc ("bag" and
     "sparse_mm" include the sort). Each is checked against "dense" (rel_err)."""
     n, m = pre.shape
@@ -496,9 +493,6 @@ def encoder_grad_variants(pre, xc, k, device, args) -> dict:
         _, idx = S.top_k(pre, k)                                                   # [N, k]
         g = torch.randn(idx.shape, device=device, generator=torch.Generator(device).manual_seed(7)).to(xc.dtype)
 
-        def by_latent():          # the (token, latent) pairs sorted by latent: tokens, gradients, pairs per latent
-            lat, order = idx.flatten().sort()
-            return order // k, g.flatten()[order], torch.bincount(lat, minlength=m)
 
         def dense():
             return torch.zeros_like(pre).scatter_(1, idx, g).T @ xc
@@ -507,17 +501,15 @@ def encoder_grad_variants(pre, xc, k, device, args) -> dict:
             rows = (g[..., None] * xc[:, None, :]).flatten(0, 1)                    # [N*k, d]
             return torch.zeros(m, xc.shape[1], dtype=xc.dtype, device=device).index_add_(0, idx.flatten(), rows)
 
-        def sparse_mm():
-            tok, gs, counts = by_latent()
-            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        def sparse_mm():                  # rows = latents, columns = tokens
+            lat, order = idx.flatten().sort()
+            crow = torch.cat([lat.new_zeros(1), torch.bincount(lat, minlength=m).cumsum(0)])
             with warnings.catch_warnings():                                         # ("support is in beta")
                 warnings.simplefilter("ignore")
-                return torch.sparse_csr_tensor(crow, tok, gs, (m, n)) @ xc
+                return torch.sparse_csr_tensor(crow, order // k, g.flatten()[order], (m, n)) @ xc
 
         def bag():
-            tok, gs, counts = by_latent()
-            starts = counts.cumsum(0) - counts                                      # [M] each latent's first pair
-            return torch.nn.functional.embedding_bag(tok, xc, starts, per_sample_weights=gs, mode="sum")
+            return S._sparse_accumulate(idx, g, xc, m)
 
         want = dense().float()
         out = {}

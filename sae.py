@@ -116,8 +116,8 @@ class SAE(nn.Module):
     def forward(self, x, dead_mask: torch.Tensor | None = None) -> SAEOutput:
         """x [N, d]; dead_mask [M] bool marks latents for the AuxK loss."""
         x = x.to(self.W_dec.dtype)
-        auxk_on = dead_mask is not None and bool(dead_mask.any())          # (AuxK's gradient needs pre's)
-        acts, idx, pre = self.encode(x, dense_grad=auxk_on or self.multi_topk)
+        num_dead = int(dead_mask.sum()) if dead_mask is not None else 0    # (AuxK's gradient needs pre's)
+        acts, idx, pre = self.encode(x, dense_grad=num_dead > 0 or self.multi_topk)
         recon = self.decode(acts, idx)
         if self.W_skip is not None:
             recon = recon + x @ self.W_skip.T
@@ -125,8 +125,7 @@ class SAE(nn.Module):
         total_variance = (x - x.mean(0)).pow(2).sum()
         fvu = e.pow(2).sum() / total_variance
         auxk = recon.new_zeros(())
-        if auxk_on:
-            num_dead = int(dead_mask.sum())
+        if num_dead > 0:
             k_aux = min(x.shape[-1] // 2, num_dead)                        # top half-width of dead latents
             scale = min(num_dead / (x.shape[-1] // 2), 1.0)
             aux_acts, aux_idx = top_k(torch.where(dead_mask[None], pre, -torch.inf), k_aux)
@@ -229,6 +228,17 @@ def top_k(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _sparse_decode(acts, idx, W_dec):
     """sum_j acts[n, j] * W_dec[idx[n, j]]: [N, k] x [M, d] -> [N, d], no dense [N, M] matrix."""
     return F.embedding_bag(idx, W_dec, per_sample_weights=acts.to(W_dec.dtype), mode="sum")
+
+
+def _sparse_accumulate(idx, weights, rows, m: int):
+    """The transpose of _sparse_decode: out[j] = sum of weights[n, i] * rows[n] over the pairs with
+    idx[n, i] == j; idx, weights [N, k], rows [N, d] -> [M, d], no dense [N, M] matrix. The (token, latent)
+    pairs are sorted by latent once, so each latent's row is one embedding_bag sum over its tokens."""
+    k = idx.shape[1]
+    lat, order = idx.flatten().sort()                                               # pairs by latent [N*k]
+    counts = torch.bincount(lat, minlength=m)                                       # [M] pairs per latent
+    return F.embedding_bag(order // k, rows, counts.cumsum(0) - counts,             # (each latent's first pair)
+                           per_sample_weights=weights.flatten()[order].to(rows.dtype), mode="sum")
 
 
 def load_sae(name: str, hookpoint: str | None = None, device="cpu", dtype=None) -> SAE:
@@ -425,21 +435,15 @@ class _SelectedLatents(torch.autograd.Function):
         idx, xc, W = ctx.saved_tensors
         need_xc, need_W, need_b, need_bdec = ctx.needs_input_grad[2:6]
         grad_xc = grad_W = grad_b = grad_bdec = None
-        m, k = W.shape[0], idx.shape[1]
+        m = W.shape[0]
         if need_W:
-            lat, order = idx.flatten().sort()                                       # pairs by latent [N*k]
-            counts = torch.bincount(lat, minlength=m)                               # [M] pairs per latent
-            starts = counts.cumsum(0) - counts                                      # [M] its first pair
-            gs = g.flatten()[order].to(ctx.dtype)
-            grad_W = F.embedding_bag(order // k, xc.to(ctx.dtype), starts, per_sample_weights=gs,
-                                     mode="sum").to(W.dtype)                        # [M, d]
+            grad_W = _sparse_accumulate(idx, g.to(ctx.dtype), xc.to(ctx.dtype), m).to(W.dtype)   # [M, d]
         if need_b or need_bdec:
             col = torch.zeros(m, dtype=torch.float32, device=g.device).index_add_(
                 0, idx.flatten(), g.flatten().float())                              # [M] = G.sum(0)
             grad_b = col.to(W.dtype) if need_b else None
             grad_bdec = -(col.to(W.dtype) @ W) if need_bdec else None               # [d]
         if need_xc:
-            grad_xc = F.embedding_bag(idx, W.to(ctx.dtype), per_sample_weights=g.to(ctx.dtype),
-                                      mode="sum").to(xc.dtype)                      # [N, d]
+            grad_xc = _sparse_decode(g, idx, W.to(ctx.dtype)).to(xc.dtype)         # [N, d]
         return None, None, grad_xc, grad_W, grad_b, grad_bdec
 
