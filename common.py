@@ -154,6 +154,14 @@ def setup_distributed(device_arg: str):
     return rank, world, device
 
 
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """The sum of t over all processes (t itself with one)."""
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
 def all_reduce_mean(tensors, world: int):
     if world > 1:
         flat = torch.cat([t.reshape(-1) for t in tensors])

@@ -119,6 +119,7 @@ def reward_repetition(completions, gold, n: int = 3, max_penalty: float = -1.0):
     return out
 
 
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 REWARDS = {"accuracy": reward_accuracy, "format": reward_format, "tag_count": reward_tag_count,
            "length": reward_length, "cosine": reward_cosine, "repetition": reward_repetition}
 
@@ -146,9 +147,12 @@ def group_advantages(rewards, group_size: int, scale: bool):
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, *, beta: float, epsilon: float, loss_type: str,
-              max_completion_len: int):
+              max_completion_len: int, step_tokens_per_micro_batch=None):
     """Per-token clipped objective with the k3 KL penalty. logp/old/ref/mask [N, C], adv [N].
-    Returns (loss, mean KL over completion tokens, clipped-token fraction)."""
+    dapo divides by step_tokens_per_micro_batch (the optimizer step's completion tokens, all micro-batches and
+    processes, / their number: update() passes it, so that the mean over micro-batches and ranks is the step's
+    token sum / its token count); bnpo (and dapo without it) by this micro-batch's own token count.
+    Returns (loss, mean KL over completion tokens, TRL's clip ratios: {"low", "high", "region"})."""
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
@@ -161,13 +165,19 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, *, beta: float, epsilon: floa
         loss = ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     elif loss_type == "dr_grpo":    # sum over tokens / (sequences x max completion length)
         loss = (tok * mask).sum() / (logp.shape[0] * max_completion_len)
-    elif loss_type == "dapo":       # sum over tokens / number of tokens
-        loss = (tok * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type in ("dapo", "bnpo"):   # sum over tokens / tokens (dapo: the step's; bnpo: this micro-batch's)
+        per_mb = step_tokens_per_micro_batch if loss_type == "dapo" else None
+        loss = (tok * mask).sum() / (mask.sum().clamp(min=1) if per_mb is None else per_mb)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     n = mask.sum().clamp(min=1)
-    was_clipped = ((ratio < 1 - epsilon) | (ratio > 1 + epsilon)).to(mask.dtype)
-    return loss, ((kl * mask).sum() / n).detach(), ((was_clipped * mask).sum() / n).detach()
+    # TRL's clip ratios: only a clip that zeroes the gradient counts (ratio below 1 - eps with A < 0, above
+    # 1 + eps with A > 0); region = either
+    low = (ratio < 1 - epsilon) & (adv[:, None] < 0)
+    high = (ratio > 1 + epsilon) & (adv[:, None] > 0)
+    clip = {name: ((c.to(mask.dtype) * mask).sum() / n).detach() for name, c in
+            (("low", low), ("high", high), ("region", low | high))}
+    return loss, ((kl * mask).sum() / n).detach(), clip
 
 
 def lr_factor(step: int, max_steps: int, warmup_ratio: float, min_lr_rate: float) -> float:
@@ -248,7 +258,7 @@ def check_args(args):
         raise SystemExit(f"--prompts_per_step ({args.prompts_per_step}) must be a multiple of --grad_accum "
                          f"({args.grad_accum}), and --grad_accum of the number of processes ({world}): each "
                          "micro-batch holds whole prompt groups and every process runs as many")
-    if args.loss_type not in ("grpo", "dr_grpo", "dapo"):
+    if args.loss_type not in LOSS_TYPES:
         raise SystemExit(f"unknown --loss_type {args.loss_type!r}")
     if args.rollout == "vllm" and args.model.startswith("random:"):
         raise SystemExit("--rollout vllm needs a model folder or hub id that vLLM can load, not random:")
@@ -355,6 +365,10 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
     over ranks). -> mean loss, KL and clip fraction over the micro-batches, and the gradient norm."""
     kls, clips, losses = [], [], []
     slices = micro_slices(len(batch.examples), args.num_generations, args)
+    per_mb = None
+    if args.loss_type == "dapo":          # the step's completion tokens (all ranks) per micro-batch (all ranks)
+        n_tok = C.all_reduce_sum(batch.ro.completion_mask.sum().to(torch.float32), world)
+        per_mb = n_tok.clamp(min=1) / (len(slices) * world)
     for j, sl in enumerate(slices):
         with C.autocast(net.device, net.dtype):
             logp = micro_logprobs(net, batch.ro, sl, args.logprob_temperature)
@@ -365,7 +379,7 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
         old = logp.detach() if batch.old is None else batch.old[j]
         loss, kl, clip = grpo_loss(logp, old, ref, batch.adv[sl], batch.ro.completion_mask[sl], beta=args.beta,
                                    epsilon=args.epsilon, loss_type=args.loss_type,
-                                   max_completion_len=args.max_completion_len)
+                                   max_completion_len=args.max_completion_len, step_tokens_per_micro_batch=per_mb)
         if not torch.isfinite(loss):
             raise SystemExit(f"loss is {loss.item()} (NaN/inf); lower --lr or check the data")
         (loss / len(slices)).backward()                # the mean over this process's micro-batches
@@ -375,11 +389,12 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
     C.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     return {"loss": torch.stack(losses).mean().item(), "kl": torch.stack(kls).mean().item(),
-            "clip_fraction": torch.stack(clips).mean().item(), "grad_norm": float(grad_norm)}
+            **{f"clip_ratio/{k}": torch.stack([c[k] for c in clips]).mean().item() for k in clips[0]},
+            "grad_norm": float(grad_norm)}
 
 
 def step_metrics(batch: Batch, stats: dict, args, world: int, device) -> dict:
-    """The step's metrics by name, averaged over ranks."""
+    """The step's metrics by name, averaged over ranks (completion_len_max: the maximum over ranks)."""
     ro, G = batch.ro, args.num_generations
     lens = ro.completion_mask.sum(1).float()
     spread = batch.rewards.view(-1, G).std(1)
@@ -393,6 +408,9 @@ def step_metrics(batch: Batch, stats: dict, args, world: int, device) -> dict:
         v = torch.tensor(list(row.values()), dtype=torch.float64, device=device)
         dist.all_reduce(v)
         row = dict(zip(row, (v / world).tolist()))
+        longest = torch.tensor(lens.max().item(), dtype=torch.float64, device=device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        row["completion_len_max"] = longest.item()        # the longest completion on any rank, not a mean
     return row
 
 
@@ -528,7 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference pass (%(default)s)")
     g.add_argument("--epsilon", type=float, default=0.2, help="ratio clip range (%(default)s)")
     g.add_argument("--num_iterations", type=int, default=1, help="optimizer steps per batch of rollouts (%(default)s)")
-    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dr_grpo", "dapo"], help="loss aggregation")
+    g.add_argument("--loss_type", default="grpo", choices=LOSS_TYPES,
+                   help="loss aggregation: grpo (per-sequence mean, then mean; Tina), dr_grpo (token sum / (sequences x "
+                   "max_completion_len)), dapo (token sum / the optimizer step's token count), bnpo (the same per "
+                   "micro-batch, TRL's bnpo) (%(default)s)")
     g.add_argument("--scale_rewards", dest="scale_rewards", action="store_true", default=True,
                    help="divide advantages by the group's reward std (default)")
     g.add_argument("--no_scale_rewards", dest="scale_rewards", action="store_false",

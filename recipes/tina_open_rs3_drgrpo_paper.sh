@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # open_rs3 with the Dr.GRPO paper's objective: advantages not divided by the group's reward std, token losses
 # summed and divided by (completions x max completion length). (Tina's own trainer, had the flag reached it,
-# would have divided by the number of completion tokens instead: --loss_type dapo.)
+# would have divided each micro-batch's token sum by that micro-batch's completion tokens, Tina's
+# tina/post_train_hf/grpo_trainer.py line 734: --loss_type bnpo, not dapo's per-step count.)
 # Extra flags are passed through, e.g. --rollout vllm, --out_dir, --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."

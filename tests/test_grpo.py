@@ -95,10 +95,11 @@ def reference_loss(logp, old, ref, rewards, mask, G_, beta, eps, loss_type, scal
         seq_means.append(s / n)
         total += s
         count += n
-    return {"grpo": sum(seq_means) / N, "dr_grpo": total / (N * Lmax), "dapo": total / count}[loss_type]
+    return {"grpo": sum(seq_means) / N, "dr_grpo": total / (N * Lmax), "dapo": total / count,
+            "bnpo": total / count}[loss_type]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
 @pytest.mark.parametrize("scale", [True, False])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_matches_float64_reference(loss_type, scale, beta):
@@ -116,7 +117,13 @@ def test_loss_matches_float64_reference(loss_type, scale, beta):
     want = reference_loss(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask.tolist(), G_, beta, 0.2,
                           loss_type, scale, 10)
     assert abs(got.item() - want) < 1e-10
-    assert 0 < clip < 1
+    # TRL's clip ratios: low = ratio < 1 - eps where A < 0, high = ratio > 1 + eps where A > 0, over masked tokens
+    r, a, m = (logp - old).exp().tolist(), adv.tolist(), mask.tolist()
+    toks = [(r[i][t], a[i]) for i in range(N) for t in range(C) if m[i][t]]
+    low = sum(x < 0.8 and y < 0 for x, y in toks) / len(toks)
+    high = sum(x > 1.2 and y > 0 for x, y in toks) / len(toks)
+    assert (clip["low"].item(), clip["high"].item()) == pytest.approx((low, high), abs=1e-12)
+    assert clip["region"].item() == pytest.approx(low + high, abs=1e-12) and low > 0 and high > 0
 
 
 def test_advantages_are_per_group_and_gradient_sign():
@@ -348,6 +355,84 @@ def test_update_matches_a_direct_computation(char_model_dir):
     assert (ratio.detach() - 1).abs().max() > 0.05                # the old log-probs matter here
     for a, b in zip(ours, (p.grad for p in params)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def grad_batch(char_model_dir, P=4, Gn=2, seed=0):
+    """A net with a trained-looking adapter and a P x Gn batch of rollouts of varied lengths (shared by the
+    loss-normalisation tests, in this process and in torchrun's)."""
+    import lora as L
+    net = M.load_model(str(char_model_dir))
+    torch.manual_seed(seed)
+    L.attach_lora(net, 4, 8, 0.0)
+    randomize_B(net, seed, 0.05)
+    g = torch.Generator().manual_seed(seed)
+    N, Tp, Cn = P * Gn, 4, 7
+    pids, pmask = torch.randint(3, 60, (N, Tp), generator=g), torch.ones(N, Tp, dtype=torch.long)
+    lengths = torch.tensor([7, 1, 2, 3, 7, 6, 1, 2][:N])          # micro-batches with very different token counts
+    cmask = (torch.arange(Cn)[None] < lengths[:, None]).long()
+    cids = torch.randint(3, 60, (N, Cn), generator=g).masked_fill(~cmask.bool(), 0)
+    adv = torch.randn(N, generator=g)
+    ro = G.Rollouts(pids, pmask, cids, cmask, [""] * N, torch.ones(N, dtype=torch.bool))
+    return net, ro, adv
+
+
+def step_grads(net, ro, adv, rows, loss_type, grad_accum, world, P=4, Gn=2):
+    """The LoRA gradient update() leaves for this process's rows, with P prompts per step over `world`."""
+    from types import SimpleNamespace
+    import lora as L
+    args = SimpleNamespace(num_generations=Gn, prompts_per_step=P, grad_accum=grad_accum, logprob_temperature=1.0,
+                           beta=0.04, epsilon=0.2, loss_type=loss_type, max_completion_len=ro.completion_ids.shape[1],
+                           max_grad_norm=1e9)
+    sub = G.Rollouts(*(t[rows] for t in (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)),
+                     [""] * len(range(*rows.indices(len(ro.texts)))), ro.finished[rows])
+    n_prompts = len(sub.texts) // Gn
+    batch = G.Batch([None] * n_prompts, [], sub, adv[rows], adv[None, rows], adv[rows], None, 0.0, 0.0)
+    params = L.lora_parameters(net)
+    net.zero_grad(set_to_none=True)
+    G.update(net, batch, args, params, world=world)
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+LOSS_INVARIANT = ("grpo", "dr_grpo", "dapo")
+
+
+def test_loss_types_are_invariant_to_grad_accum_and_processes(char_model_dir, tmp_path):
+    # the optimizer step's gradient must not depend on how the step is split: grad_accum 1, 2, 4 here, and
+    # 2 processes (torchrun, gloo) with grad_accum 2, each rank holding half the prompts. bnpo (TRL's
+    # per-micro-batch normalisation, the old "dapo") is the one that does depend on it.
+    net, ro, adv = grad_batch(char_model_dir)
+    net.eval()                                                     # (no dropout: the same function each call)
+    full = {}
+    for lt in (*LOSS_INVARIANT, "bnpo"):
+        gs = [step_grads(net, ro, adv, slice(None), lt, ga, 1) for ga in (1, 2, 4)]
+        full[lt] = gs[0]
+        if lt == "bnpo":
+            assert (gs[1] - gs[0]).norm() > 0.05 * gs[0].norm()  # micro-batch token counts differ: so does bnpo
+        else:
+            for g in gs[1:]:
+                assert (g - gs[0]).norm() < 1e-5 * gs[0].norm(), lt
+    script = tmp_path / "two.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "from safetensors.torch import save_file\n"
+        "import test_grpo as T\n"
+        "dist.init_process_group('gloo')\n"
+        "r = dist.get_rank()\n"
+        f"net, ro, adv = T.grad_batch({str(char_model_dir)!r})\n"
+        "net.eval()\n"
+        "rows = slice(4 * r, 4 * r + 4)                # rank r: prompts 2r, 2r + 1 (2 completions each)\n"
+        "out = {lt: T.step_grads(net, ro, adv, rows, lt, 2, 2) for lt in T.LOSS_INVARIANT}\n"
+        f"if r == 0: save_file(out, {str(tmp_path / 'grads.safetensors')!r})\n"
+        "dist.destroy_process_group()\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    from safetensors.torch import load_file
+    two = load_file(str(tmp_path / "grads.safetensors"))
+    for lt in LOSS_INVARIANT:
+        assert (two[lt] - full[lt]).norm() < 1e-5 * full[lt].norm(), lt
 
 
 def test_rollout_completion_mask_ends_at_the_first_eos(char_model_dir):
