@@ -406,22 +406,58 @@ def pad_rows(tok, pieces: list[tuple[str, str]], ctx_len: int):
     return ids, amask, valid
 
 
-def pack_chunks(tok, pieces: list[tuple[str, str]], ctx_len: int):
-    """Tokenise (prefix, assistant) pairs, join the texts with EOS and cut the stream into ctx_len chunks
-    (as sparsify's chunk_and_tokenize; the last partial chunk is dropped unless it is the only one).
-    -> ids [N, ctx_len] long, assistant_mask [N, ctx_len] bool (True on assistant tokens)."""
+def special_tokens_around(tok) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds around a text with add_special_tokens (R1-Distill: [BOS] before, none after)."""
+    plain, full = tok("a", add_special_tokens=False).input_ids, tok("a").input_ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i], full[i + len(plain):]
+    return [], []
+
+
+def encode_piece(tok, prefix: str, assistant: str) -> tuple[list[int], list[bool]]:
+    """prefix + assistant tokenised as one text (as the originals did), no special tokens. -> ids, and a mask
+    True on the tokens that begin inside the assistant part (by character offsets; a slow tokenizer, without
+    offsets, tokenises the two parts apart)."""
+    if not getattr(tok, "is_fast", False):
+        p, a = (tok(t, add_special_tokens=False).input_ids for t in (prefix, assistant))
+        return p + a, [False] * len(p) + [True] * len(a)
+    enc = tok(prefix + assistant, add_special_tokens=False, return_offsets_mapping=True)
+    return enc.input_ids, [start >= len(prefix) and end > start for start, end in enc.offset_mapping]
+
+
+def pack_chunks(tok, pieces: list[tuple[str, str]], ctx_len: int, texts_per_stream: int = 2048):
+    """(prefix, assistant) texts -> fixed ctx_len chunks exactly as sparsify's chunk_and_tokenize (Resa's SAE
+    training and SAE-Tuning data, resa/sae/sparsify/sparsify/data.py): every texts_per_stream texts (its map's
+    batch of 2048) form one stream, EOS + text + EOS + text ... (the stream starts with EOS); the stream is cut
+    into pieces of ctx_len minus the tokenizer's special tokens, and each chunk gets them back (R1-Distill: a
+    BOS first in every chunk, the attention sink); the last piece of every stream is dropped, full or not. A set
+    too small for one chunk gives one short chunk. -> ids [N, ctx_len] long, assistant_mask [N, ctx_len] bool."""
     if tok.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to join texts with")
-    ids, mask = [], []
-    for prefix, assistant in pieces:
-        p = tok(prefix, add_special_tokens=False).input_ids
-        a = tok(assistant, add_special_tokens=False).input_ids
-        ids += p + a + [tok.eos_token_id]
-        mask += [False] * len(p) + [True] * len(a) + [False]
-    n = max(1, len(ids) // ctx_len)
-    if len(ids) < ctx_len:   # a tiny set: one short chunk
-        return torch.tensor([ids]), torch.tensor([mask])
-    return torch.tensor(ids[:n * ctx_len]).view(n, ctx_len), torch.tensor(mask[:n * ctx_len]).view(n, ctx_len)
+    before, after = special_tokens_around(tok)
+    body = ctx_len - len(before) - len(after)
+    if body < 1:
+        raise ValueError(f"--ctx_len {ctx_len} leaves no room beside the tokenizer's {len(before) + len(after)} "
+                         "special tokens")
+    rows, masks, first = [], [], None
+    for s in range(0, len(pieces), texts_per_stream):
+        ids, mask = [], []
+        for prefix, assistant in pieces[s:s + texts_per_stream]:
+            i, m = encode_piece(tok, prefix, assistant)
+            ids += [tok.eos_token_id] + i
+            mask += [False] + m
+        first = first or (ids, mask)
+        for c in range(0, len(ids) - body, body):                # every full piece but the stream's last
+            rows.append(before + ids[c:c + body] + after)
+            masks.append([False] * len(before) + mask[c:c + body] + [False] * len(after))
+    if not rows:                                                  # a tiny set: one short chunk
+        if first is None:
+            raise ValueError("no text to chunk")
+        ids, mask = first
+        return (torch.tensor([before + ids[:body] + after]),
+                torch.tensor([[False] * len(before) + mask[:body] + [False] * len(after)]))
+    return torch.tensor(rows), torch.tensor(masks)
 
 
 # -----------------------------------------------------------------------------------------------

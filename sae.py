@@ -257,19 +257,23 @@ def load_sae(name: str, hookpoint: str | None = None, device="cpu", dtype=None) 
 
 
 def train_step(sae, opt, x, dead_mask=None, auxk_alpha: float = 0.0):
-    """One update on activations x [N, d], sparsify's way: FVU (+ auxk_alpha x AuxK) backward, the gradient
-    parallel to each decoder row removed, optimiser step, decoder rows renormalised. Returns the forward
-    output. Works as well for sparsify's own SparseCoder (the same method names), which bench.py uses."""
+    """One update on activations x [N, d], sparsify's way (its trainer.py, as Resa vendored it): decoder rows
+    renormalised before the forward (so an SAE loaded with --init_from starts from unit rows too), FVU +
+    auxk_alpha x AuxK + multi-TopK FVU / 8 (0 unless multi_topk) backward, the gradient parallel to each
+    decoder row removed, optimiser step. Returns the forward output. Works as well for sparsify's own
+    SparseCoder (the same method names), which bench.py uses."""
+    cfg = getattr(sae, "cfg", None)
+    if getattr(cfg, "normalize_decoder", getattr(sae, "normalize_decoder", True)):   # (sparsify: sae.cfg.*)
+        sae.set_decoder_norm_to_unit_norm()
     with autocast(x.device):
         out = sae(x, dead_mask=dead_mask)
-    loss = out.fvu + auxk_alpha * out.auxk_loss
+    loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
     if not torch.isfinite(loss):
         raise FloatingPointError(f"SAE loss is {loss.item()}; lower the learning rate")
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    sae.set_decoder_norm_to_unit_norm()
     return out
 
 

@@ -22,8 +22,9 @@ The result is an ordinary PEFT adapter: use it without the SAE (evaluate.py --ad
 --sae_grad block (default, as Resa's code) runs the SAE under no_grad, so LoRA in layers <= L gets no
 gradient and stays at its initialisation; --sae_grad pass lets gradients flow through the frozen SAE.
 
-Simplifications versus Resa's code: the text is packed exactly as for train_sae.py (Resa used sparsify's
-chunk_and_tokenize for both); no gradient accumulation (Resa used batch 1 without accumulation either).
+The text is chunked as for train_sae.py, by data.pack_chunks, which reproduces sparsify's chunk_and_tokenize
+(Resa's, for both stages: EOS-joined streams of 2,048 texts, a BOS opening every chunk, tested against it).
+Simplifications versus Resa's code: no gradient accumulation (Resa used batch 1 without accumulation either).
 """
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ sparsify's hookpoint layers.L) trains its own SAE, all from that single pass. Ea
 out_dir/layers.L/ in sparsify's format (cfg.json + sae.safetensors) with our keys layer, source_model,
 adapter added.
 
-Per step and layer: FVU (+ auxk_alpha x AuxK on latents dead for --dead_tokens tokens) backward, the
-gradient parallel to each decoder row removed, an optimizer step (--optimizer adam, or signum: sparsify's
-default, Resa's), decoder rows renormalised (sparsify semantics). b_dec is set to the first batch's mean at
+Per step and layer (sparsify's trainer): decoder rows renormalised, FVU (+ auxk_alpha x AuxK on latents dead
+for --dead_tokens tokens, + multi-TopK FVU / 8 with --multi_topk on) backward, the gradient parallel to each
+decoder row removed, an optimizer step (--optimizer adam, or signum: sparsify's default, Resa's). b_dec is set to the first batch's mean at
 step 0, also when starting from another SAE (--init_from), as sparsify's trainer does.
 
 Simplifications versus Resa / sparsify: Adam runs at a constant lr after an optional linear warm-up
@@ -137,11 +137,19 @@ def make_saes(args, d_in: int, n_layers: int) -> dict[int, S.SAE]:
             sae = load_start(args.init_from, layer)
             if sae.d_in != d_in:
                 raise SystemExit(f"--init_from: SAE d_in={sae.d_in} does not fit the model's hidden size {d_in}")
+            m = args.num_latents or (d_in * args.expansion_factor if args.expansion_factor else None)
+            if m is not None and m != sae.num_latents:
+                raise SystemExit(f"--init_from {args.init_from}: its layer {layer} SAE has {sae.num_latents} latents, "
+                                 f"not the {m} asked for; drop --num_latents / --expansion_factor or start elsewhere")
+            # k and multi_topk as asked (Resa's finetune.py builds the SAE from its own SaeConfig, k 32 and
+            # multi_topk False, and loads only the weights), else the file's
+            sae.k = args.k if args.k is not None else sae.k
+            sae.multi_topk = {"on": True, "off": False}.get(args.multi_topk, sae.multi_topk)
             sae.meta.update(meta, init_from=args.init_from)
         else:
             torch.manual_seed(args.seed + layer)          # each layer's init independent of the others
             m = args.num_latents or (d_in * args.expansion_factor if args.expansion_factor else 65536)
-            sae = S.SAE(d_in, m, args.k, **meta)
+            sae = S.SAE(d_in, m, args.k or 32, multi_topk=args.multi_topk == "on", **meta)
         saes[layer] = sae.float()
     return saes
 
@@ -181,7 +189,9 @@ def train(args) -> dict[int, S.SAE]:
     opts = {layer: make_optimizer(sae, args.optimizer, lr) for layer, sae in saes.items()}
     dead_tokens = args.dead_tokens or dead_window(ids.numel())
     trackers = {layer: S.DeadLatentTracker(sae.num_latents, dead_tokens, device) for layer, sae in saes.items()}
-    log.write_run(data=data_stats, chunks=int(ids.shape[0]), ctx_len=int(ids.shape[1]), lr=lr, dead_tokens=dead_tokens)
+    log.write_run(data=data_stats, chunks=int(ids.shape[0]), ctx_len=int(ids.shape[1]), lr=lr, dead_tokens=dead_tokens,
+                  saes={layer: {"num_latents": sae.num_latents, "k": sae.k, "multi_topk": sae.multi_topk}
+                        for layer, sae in saes.items()})
 
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(ids.shape[0], generator=g) if args.shuffle else torch.arange(ids.shape[0])
@@ -207,6 +217,7 @@ def train(args) -> dict[int, S.SAE]:
             trackers[layer].update(out.indices, out.acts)
             row.update({f"fvu/{layer}": out.fvu.item(), f"auxk/{layer}": out.auxk_loss.item(),
                         f"dead_fraction/{layer}": trackers[layer].dead_fraction(),
+                        **({f"multi_topk_fvu/{layer}": out.multi_topk_fvu.item()} if sae.multi_topk else {}),
                         f"l0/{layer}": (out.acts > 0).sum(-1).float().mean().item()})
         row["tokens_per_s"] = batch.numel() / (time.time() - t0)
         log.metrics(row)
@@ -240,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=C.csv_list(int), default=[12], help="comma-separated layer indices (%(default)s)")
     g.add_argument("--num_latents", type=int, default=None, help="latents per SAE (Resa: 65536, the default)")
     g.add_argument("--expansion_factor", type=int, default=None, help="or num_latents = d_in x this")
-    g.add_argument("--k", type=int, default=32, help="active latents per token (%(default)s)")
+    g.add_argument("--k", type=int, default=None, help="active latents per token (default: 32, or the --init_from SAE's)")
+    g.add_argument("--multi_topk", default=None, choices=["on", "off"],
+                   help="add sparsify's multi-TopK term (the FVU with 4k latents, / 8) to the loss (default: off, or "
+                   "the --init_from SAE's cfg.json; Resa: off)")
     g.add_argument("--init_from", default=None, help="start from this SAE (folder of layers.N folders, ours or sparsify's)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=16,

@@ -69,11 +69,14 @@ def test_sae_training_lowers_fvu_and_layers_train_independently(model3, arith_fi
     b = load_file(str(tmp_path / "only2" / "layers.2" / "sae.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # --init_from starts from the given weights: with lr 0 they come back unchanged, except b_dec, which is
-    # set to the first batch's mean as sparsify's trainer (and so Resa) does
+    # set to the first batch's mean, and W_dec's rows, set to unit norm before the first forward, as sparsify's
+    # trainer (and so Resa) does
     T.main(sae_args(model3, arith_file, tmp_path / "ft", "--layers", "2", "--init_from", str(tmp_path / "both"),
                     "--lr", "0", "--max_tokens", "256"))
     c = load_file(str(tmp_path / "ft" / "layers.2" / "sae.safetensors"))
-    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a if k != "b_dec")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a if k not in ("b_dec", "W_dec"))
+    assert (a["W_dec"].norm(dim=1) - 1).abs().max() > 1e-5                  # the last step left rows off unit norm
+    assert torch.allclose(c["W_dec"], a["W_dec"] / a["W_dec"].norm(dim=1, keepdim=True), atol=1e-6)
     net = M.load_model(str(model3))
     first = T.trigger_chunks(T.build_parser().parse_args(sae_args(model3, arith_file, tmp_path / "z", "--layers", "2",
                                                                    "--max_tokens", "256")), M.load_tokenizer(str(model3)))[0]
@@ -81,6 +84,22 @@ def test_sae_training_lowers_fvu_and_layers_train_independently(model3, arith_fi
     acts = T.collect_residuals(net, first[order[:4]], [2])[2].reshape(-1, 64)
     assert torch.allclose(c["b_dec"], acts.mean(0), atol=1e-5)
     assert json.loads((tmp_path / "ft" / "layers.2" / "cfg.json").read_text())["init_from"] == str(tmp_path / "both")
+    # the start's multi_topk is trained on (its term in the loss), unless --multi_topk off; --k replaces its k,
+    # as Resa's finetune.py (its own SaeConfig: k 32, multi_topk off, the file's weights); other sizes refused
+    import shutil
+    shutil.copytree(tmp_path / "both" / "layers.2", tmp_path / "mt" / "layers.2")
+    cfg_file = tmp_path / "mt" / "layers.2" / "cfg.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "multi_topk": True}))
+    for extra, want in (([], {"k": 8, "multi_topk": True}), (["--multi_topk", "off", "--k", "3"], {"k": 3, "multi_topk": False})):
+        out = tmp_path / f"mt_run{len(extra)}"
+        T.main(sae_args(model3, arith_file, out, "--layers", "2", "--init_from", str(tmp_path / "mt"), "--max_tokens",
+                        "256", *extra))
+        run = json.loads((out / "run.json").read_text())
+        assert {k: run["saes"]["2"][k] for k in want} == want
+        assert ("multi_topk_fvu/2" in metrics(out)[0]) == want["multi_topk"]
+    with pytest.raises(SystemExit, match="has 256 latents, not the 128"):
+        T.main(sae_args(model3, arith_file, tmp_path / "mt_bad", "--layers", "2", "--init_from", str(tmp_path / "mt"),
+                        "--expansion_factor", "2"))
 
 
 def test_kl_loss_matches_float64_reference_and_is_zero_when_perfect(model3):
@@ -237,9 +256,34 @@ def test_pack_chunks_marks_exactly_the_assistant_tokens():
     ids, mask = D.pack_chunks(tok, [("ab", "XY"), ("cd", "Z")], ctx_len=64)      # one short chunk
     text = [tok.convert_ids_to_tokens(int(i)) for i in ids[0]]
     assert "".join(t for t, m in zip(text, mask[0]) if m) == "XYZ"
-    assert "".join(t for t, m in zip(text, mask[0]) if not m) == "ab" + tok.eos_token + "cd" + tok.eos_token
+    assert "".join(t for t, m in zip(text, mask[0]) if not m) == tok.eos_token + "ab" + tok.eos_token + "cd"
     ids, mask = D.pack_chunks(tok, [("ab", "XY")] * 10, ctx_len=8)             # 50 tokens -> 6 full chunks
-    assert ids.shape == (6, 8) and mask.sum().item() == sum(1 for i in range(48) if i % 5 in (2, 3))
+    assert ids.shape == (6, 8) and mask.sum().item() == sum(1 for i in range(48) if i % 5 in (3, 4))
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_pack_chunks_equals_sparsify_chunk_and_tokenize(bos):
+    # Resa chunked its SAE and SAE-Tuning text with sparsify's chunk_and_tokenize: a stream per 2,048 texts that
+    # starts with EOS, texts joined by EOS, every chunk opened by the tokenizer's BOS when it adds one, the last
+    # piece of each stream dropped. 2,100 texts: two streams.
+    import datasets
+    from sparsify.data import chunk_and_tokenize
+    from tokenizers.processors import TemplateProcessing
+    from toy.chars import build_char_tokenizer
+    import data as D
+    tok = build_char_tokenizer()
+    if bos:                                                        # as R1-Distill's: BOS before every text
+        tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    assert (tok("a").input_ids[0] == 2) == bos
+    pieces = [(f"Q{i % 7}:", f" {i * 37 % 1000}!") for i in range(2100)]
+    ids, mask = D.pack_chunks(tok, pieces, ctx_len=64)
+    ref = chunk_and_tokenize(datasets.Dataset.from_dict({"text": [p + a for p, a in pieces]}), tok, max_seq_len=64,
+                             num_proc=1, load_from_cache_file=False)
+    ref = torch.stack([torch.as_tensor(r["input_ids"]) for r in ref])
+    assert ids.shape == ref.shape and torch.equal(ids, ref)
+    assert (ids[:, 0] == 2).all() == bos and (ids[0, int(bos)] == tok.eos_token_id)
+    text = "".join(tok.convert_ids_to_tokens(int(i)) for i, m in zip(ids.flatten(), mask.flatten()) if m)
+    assert set(text) <= set(" 0123456789!") and "!" in text       # the mask covers exactly the assistant parts
 
 
 def test_sft_loss_is_the_mean_assistant_token_nll(model3):
