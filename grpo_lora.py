@@ -120,6 +120,7 @@ def reward_repetition(completions, gold, n: int = 3, max_penalty: float = -1.0):
 
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+GOLD_REWARDS = ("accuracy", "length", "cosine")          # the rewards that grade against the gold answer
 REWARDS = {"accuracy": reward_accuracy, "format": reward_format, "tag_count": reward_tag_count,
            "length": reward_length, "cosine": reward_cosine, "repetition": reward_repetition}
 
@@ -418,14 +419,27 @@ def step_metrics(batch: Batch, stats: dict, args, world: int, device) -> dict:
 # Training
 
 
+def select_prompts(examples, rewards, name: str = "dataset"):
+    """Prompts whose gold math-verify cannot parse: dropped only when every reward grades against the gold (no
+    reward could train on them); otherwise kept, as Tina did, their gold-free rewards still training (the
+    others score None: left out, counted). -> (usable examples, number with an unparseable gold)."""
+    needs_gold = [r in GOLD_REWARDS for r in rewards]
+    bad = {e.index for e in examples if not D.gold_parses(e.answer, "reward")} if any(needs_gold) else set()
+    usable = [e for e in examples if e.index not in bad] if all(needs_gold) else examples
+    if bad and all(needs_gold):
+        print(f"{name}: dropped {len(bad)} of {len(examples)} prompts whose gold answer math-verify cannot parse "
+              "(every reward needs it)")
+    elif bad:
+        print(f"{name}: {len(bad)} of {len(examples)} gold answers math-verify cannot parse: kept for "
+              f"{', '.join(r for r, n in zip(rewards, needs_gold) if not n)}; the other rewards score them None")
+    return usable, len(bad)
+
+
 def setup(args, rank: int, device):
     """Data, model, tokenizer, LoRA, optimizer and schedule; everything checked before the first step."""
     examples, data_stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
-    usable = [e for e in examples if D.gold_parses(e.answer, "reward")] if "accuracy" in args.rewards else examples
-    data_stats["unparseable_gold"] = len(examples) - len(usable)
-    if data_stats["unparseable_gold"]:                        # counted in run.json too, never scored as correct
-        print(f"{args.dataset}: dropped {data_stats['unparseable_gold']} of {len(examples)} prompts whose gold answer "
-              "math-verify cannot parse")
+    usable, data_stats["unparseable_gold"] = select_prompts(examples, args.rewards, args.dataset)
+    data_stats["dropped_prompts"] = len(examples) - len(usable)
     if not usable:
         raise SystemExit(f"{args.dataset}: no example has a gold answer math-verify can parse")
     net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)

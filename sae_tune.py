@@ -139,6 +139,10 @@ def setup(args, device):
     else:                                                         # one example per row, right-padded
         ids, amask, valid = D.pad_rows(tok, pieces, args.ctx_len)
     lmask = valid if args.loss_on == "all" else amask             # what the CE loss counts
+    if args.mask_pad_labels:                                      # trl's collator: no loss on pad-token labels
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        data_stats["pad_labels_masked"] = int((lmask & (ids == pad)).sum())
+        lmask = lmask & (ids != pad)
     sae, layer = load_sae_arg(args)
     net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
     if sae is not None:
@@ -169,8 +173,8 @@ def check_args(args):
                                    "max_grad_norm"),
                    nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout", "warmup_ratio"))
     loss = args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl")
-    if loss == "kl" and (not args.packing or args.loss_on == "all"):
-        raise SystemExit("--no_packing and --loss_on all are for the SFT baselines (--sae none --loss ce): the KL runs "
+    if loss == "kl" and (not args.packing or args.loss_on == "all" or args.mask_pad_labels):
+        raise SystemExit("--no_packing, --loss_on all and --mask_pad_labels are for the SFT baselines (--sae none --loss ce): the KL runs "
                          "on packed chunks without padding")
 
 
@@ -260,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_packing", dest="packing", action="store_false",
                    help="one example per row, cut at --ctx_len and padded (SFTTrainer without packing); default: "
                    "the texts joined and cut into --ctx_len chunks")
+    g.add_argument("--mask_pad_labels", action="store_true",
+                   help="no loss on tokens equal to the tokenizer's pad token (or EOS without one), as transformers' "
+                   "DataCollatorForLanguageModeling under Resa's SFTTrainer: R1-Distill's pad is its EOS, so Resa's "
+                   "SFT baseline never trained on the reply's closing EOS (CE only)")
     g.add_argument("--loss_on", default="assistant", choices=["assistant", "all"],
                    help="what the CE loss counts: the assistant part (default) or every token (SFTTrainer's default)")
     L.add_lora_args(p)

@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source recipes/resa_common.sh
 EXTRACT_BASE=${EXTRACT_BASE:-Qwen/Qwen2.5-Math-1.5B}
-ADAPTER=${RESA_ADAPTER:-$RESA_OUT/tuned_on_$(basename "$EXTRACT_BASE")/final}
+# the tuned target's checkpoint-500, as Resa's merge script (resa/sae/merge_sae_tuned_models.py, --target_model_ckpt)
+ADAPTER=${RESA_ADAPTER:-$RESA_OUT/tuned_on_$(basename "$EXTRACT_BASE")/step_000500}
 if [ -z "${RESA_ADAPTER:-}" ]; then
   python sae_tune.py --model "$EXTRACT_BASE" --sae "${RESA_SAE:-$RESA_OUT/sae/layers.$RESA_LAYER}" --dataset "$RESA_DATA" \
     --loss kl --sae_grad block --lora_r 32 --lora_alpha 128 --lora_dropout 0.05 --lr 1e-6 --epochs 2 --batch_size 2 \

@@ -96,13 +96,19 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     import evaluate as E
     import sae_tune as ST
     import train_sae as T
-    (call,) = recipe_calls("resa_train_sae.sh", {"TINA_ADAPTER": "ckpt", "RESA_LAYERS": "2,6,10"})
-    a = dry_run(T, call)
-    # sparsify TrainConfig in train_from_scratch.py: batch_size 16 per process, 2 processes, in order; 65k latents
-    assert (a["adapter"], a["layers"], a["num_latents_resolved"], a["k"], a["ctx_len"]) == ("ckpt", [2, 6, 10], 65536,
-                                                                                           32, 2048)
-    assert (a["sequences_per_step"], a["shuffle"], a["dataset"], a["system_prompt"]) == (32, False, "still", "resa")
-    assert (a["optimizer"], a["lr_resolved"]) == ("signum", 2.5e-3)     # sparsify's default optimizer and lr rule
+    for name in ("resa_train_sae.sh", "resa_train_sae_scratch.sh"):
+        (call,) = recipe_calls(name, {"TINA_ADAPTER": "ckpt", "RESA_LAYERS": "2,6,10"})
+        a = dry_run(T, call)
+        # sparsify TrainConfig in train_from_scratch.py / finetune.py: batch_size 16 per process, 2 processes, in
+        # order; 65k latents, k 32
+        assert (a["adapter"], a["layers"], a["num_latents_resolved"], a["k"], a["ctx_len"]) == ("ckpt", [2, 6, 10],
+                                                                                               65536, 32, 2048)
+        assert (a["sequences_per_step"], a["shuffle"], a["dataset"], a["system_prompt"]) == (32, False, "still", "resa")
+        assert (a["optimizer"], a["lr_resolved"]) == ("signum", 2.5e-3)     # sparsify's default optimizer and lr rule
+        # the SAE route: Resa's default SAE_TYPE="finetuned" (sae_tuning_model.sh) starts from EleutherAI's 65k SAE
+        # (finetune.py: its SaeConfig's k 32 and multi_topk False, the file's weights); the other from scratch
+        start = "EleutherAI/sae-DeepSeek-R1-Distill-Qwen-1.5B-65k" if name == "resa_train_sae.sh" else None
+        assert (a["init_from"], a["multi_topk"] in (None, "off")) == (start, True)
     (call,) = recipe_calls("resa_sae_tune.sh")
     b = dry_run(ST, call)
     # sae_tuning.yaml: lr 1e-6, 2 epochs, batch_size 1 per GPU on 2 GPUs, seed 42, save_steps 500; sae_tuning.py:
@@ -121,6 +127,7 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     r = dry_run(ST, call)
     assert (r["sae"], r["loss_resolved"], r["text_format"], r["packing"], r["loss_on"]) == ("none", "ce", "resa_sft",
                                                                                          False, "all")
+    assert r["mask_pad_labels"] and not b["mask_pad_labels"]   # trl's collator masks pad = R1's EOS (sft.py)
     assert (r["lr"], r["lr_schedule"], r["warmup_ratio"], r["weight_decay"], r["epochs"]) == (1e-5, "linear", 0.05,
                                                                                             0.0, 3)
     assert (r["sequences_per_step"], r["shuffle"], r["ctx_len"], r["max_grad_norm"], r["seed"]) == (32, True, 2048,
@@ -134,7 +141,15 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     cfgs = [dry_run(E, x) for x in evals]
     capsys.readouterr()
     assert [x["model"] for x in cfgs] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-1.5B"]
-    assert all(x["adapters"] == ["base", "out/resa/tuned_on_Qwen2.5-Math-1.5B/final"] for x in cfgs)
+    # the tuned target's checkpoint-500: merge_sae_tuned_models.py's --target_model_ckpt default
+    assert all(x["adapters"] == ["base", "out/resa/tuned_on_Qwen2.5-Math-1.5B/step_000500"] for x in cfgs)
+    assert t["save_every"] == 500
+    (call,) = recipe_calls("resa_eval.sh")                 # eval_sae_tuning.sh: six tasks, n 1, T 0.6, top_p 0.95
+    e = dry_run(E, call)
+    capsys.readouterr()
+    assert e["adapters"] == ["base", "out/resa/tuned/step_000500"]
+    assert (e["benchmarks"], e["n"], e["temperature"], e["top_p"], e["max_new_tokens"]) == (
+        ["aime24", "aime25", "amc23", "math_500", "minerva", "gpqa_diamond"], 1, 0.6, 0.95, 32768)
 
 
 def test_a_recipe_dry_run_prints_one_json_object_and_loads_nothing(tmp_path):

@@ -340,6 +340,18 @@ def test_resa_sft_text_rows_and_full_sequence_loss(model3, arith_file, tmp_path)
     assert rows[-1]["lr"] == pytest.approx(1e-2 * 1 / 3) and rows[-1]["ce"] < rows[1]["ce"]
     with pytest.raises(SystemExit, match="for the SFT baselines"):
         ST.main(["--model", str(model3), "--sae", str(tmp_path / "x"), "--no_packing", "--dataset", str(arith_file)])
+    # --mask_pad_labels (Resa's SFTTrainer collator): a tokenizer whose pad is its EOS, as R1-Distill's, never
+    # trains on the reply's closing EOS; without the flag it does
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(str(tmp_path / "tok_pad_eos"))
+    sft = ["--model", str(model3), "--tokenizer", str(tmp_path / "tok_pad_eos"), "--sae", "none", "--loss", "ce",
+           "--dataset", str(arith_file), "--text_format", "resa_sft", "--no_packing", "--loss_on", "all",
+           "--ctx_len", "64", "--device", "cpu"]
+    for flag in (False, True):
+        ids, lmask, stats, *_ = ST.setup(ST.build_parser().parse_args(sft + ["--mask_pad_labels"] * flag),
+                                         torch.device("cpu"))
+        eos_targets = int((lmask & (ids == tok.eos_token_id)).sum())
+        assert (eos_targets == 0) == flag and (stats.get("pad_labels_masked", 0) == ids.shape[0]) == flag
 
 
 def test_teacher_adapter_upper_bound_and_evaluation_with_an_sae(model3, arith_file, tmp_path):
