@@ -477,8 +477,11 @@ def _wrap_gold(gold: str) -> str:
 @lru_cache(maxsize=1 << 16)
 def _parse_gold(gold: str, mode: str):
     text = _wrap_gold(gold)
-    if mode == "reward":                      # Tina: default targets, first match
+    if mode == "reward":                      # Tina's accuracy reward: default targets, first match
         parsed = parse(text, extraction_mode="first_match")
+        return parsed if _usable(parsed) else []
+    if mode == "reward_length":               # Tina's length and cosine rewards: LaTeX only, first match
+        parsed = parse(text, extraction_config=[LatexExtractionConfig()], extraction_mode="first_match")
         return parsed if _usable(parsed) else []
     cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
     parsed = parse(text, extraction_config=cfg, extraction_mode="first_match")
@@ -494,10 +497,11 @@ def _usable(parsed) -> bool:
 
 @lru_cache(maxsize=None)
 def _pred_config(mode: str) -> tuple:
-    if mode == "reward":   # Tina's accuracy reward, verbatim settings
+    if mode in ("reward", "reward_length"):   # Tina's accuracy reward (boxed "all"), length / cosine (boxed True)
         return (LatexExtractionConfig(
             normalization_config=NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True,
-                                                     equations=True, boxed="all", units=True),
+                                                     equations=True, boxed="all" if mode == "reward" else True,
+                                                     units=True),
             boxed_match_priority=0, try_extract_without_anchor=False),)
     return (ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0))   # lighteval
 
@@ -510,10 +514,16 @@ def gold_parses(gold: str, mode: str = "eval") -> bool:
     return bool(_parse_gold(gold, mode))
 
 
+GRADE_MODES = ("reward", "reward_length", "eval")
+
+
 def grade(completion: str, gold: str, mode: str = "reward") -> float | None:
-    """1.0 if the completion's final answer equals gold, 0.0 if not, None if gold cannot be parsed."""
-    if mode not in ("reward", "eval"):
-        raise ValueError(f"grading mode must be 'reward' or 'eval', not {mode!r}")
+    """1.0 if the completion's final answer equals gold, 0.0 if not, None if gold cannot be parsed.
+    reward: Tina's accuracy reward (tina/post_train_hf/rewards.py accuracy_reward); reward_length: the
+    correctness inside its len_reward and cosine_scaled_reward (LaTeX-only gold, boxed=True, verify(answer,
+    gold) in that order); eval: our evaluation's lighteval-style extraction."""
+    if mode not in GRADE_MODES:
+        raise ValueError(f"grading mode must be one of {', '.join(GRADE_MODES)}, not {mode!r}")
     g = _parse_gold(gold, mode)
     if not g:
         return None
@@ -521,9 +531,45 @@ def grade(completion: str, gold: str, mode: str = "reward") -> float | None:
     if not p:
         return 0.0
     try:
+        if mode == "reward_length":
+            return float(verify(p, g))
         return float(verify(g, p, float_rounding=5 if mode == "eval" else 6))
     except Exception:  # math-verify raises on pathological sympy input: the completion is wrong
         return 0.0
+
+
+# lighteval as Tina and Resa ran it (ed084813 + their scripts/eval/run_eval_custom_tasks.py): the gold text and
+# its extraction target per task; MATH-500 and Minerva are graded against the full reference `solution`
+LIGHTEVAL_GOLD = {"math_500": ("solution", "latex"), "minerva": ("solution", "latex"),
+                  "olympiadbench": ("answer", "latex"), "aime24": ("answer", "expr"), "aime25": ("answer", "expr"),
+                  "amc23": ("answer", "expr")}
+
+
+def lighteval_gold_text(benchmark: str, example: "Example") -> tuple[str, str]:
+    """(gold text, "latex" | "expr") as lighteval's task took it; other sets: our gold, expression target."""
+    column, kind = LIGHTEVAL_GOLD.get(benchmark, (None, "expr"))
+    raw = example.raw.get(column) if column else None
+    return (gold_text(raw) if raw not in (None, "") else example.answer), kind
+
+
+def grade_lighteval(completion: str, gold: str, kind: str) -> tuple[str, float]:
+    """lighteval's multilingual_extractive_match_metric as the papers configured it: gold parsed with the LaTeX
+    (MATH-500, Minerva, OlympiadBench) or the expression target, the prediction with expression then boxed-first
+    LaTeX, both with extraction_mode any_match (a later match is tried when one fails to parse) and fallback
+    first_match; a gold nothing is extracted from is compared as its raw string (never left out); precision 5.
+    -> (extracted answer, 1.0 or 0.0)."""
+    gold_cfg = [LatexExtractionConfig()] if kind == "latex" else [ExprExtractionConfig()]
+    golds = _lighteval_parse(gold, tuple(gold_cfg)) or [gold]
+    preds = _lighteval_parse(completion, (ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0)))
+    try:
+        ok = bool(preds) and verify(golds, preds, float_rounding=5)
+    except Exception:  # math-verify raises on pathological sympy input: the completion is wrong
+        ok = False
+    return (str(preds[0]) if preds else ""), float(ok)
+
+
+def _lighteval_parse(text: str, cfg: tuple):
+    return parse(text, extraction_config=list(cfg), fallback_mode="first_match", extraction_mode="any_match")
 
 
 def extract_letter(completion: str) -> str:

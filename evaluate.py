@@ -23,8 +23,13 @@ the exact prompt text, completion, extracted answer, correct, tokens, finished),
 also printed). Re-running into the same folder skips samples already recorded: each batch of samples
 is seeded from (seed, benchmark, batch index), so a resumed run gives the same numbers as one run.
 
-Simplifications versus lighteval: one answer-extraction implementation (math-verify) for every math
-benchmark; the interval is a normal approximation.
+--scorer lighteval grades as the papers' lighteval did (data.grade_lighteval: MATH-500 and Minerva against the
+`solution` column with a LaTeX-only gold, AIME/AMC with an expression-only gold, any_match extraction, an
+unextractable gold compared as a raw string); recorded samples are regraded, not resampled, when only the
+scorer changes. --max_model_len 32768 counts the prompt inside the budget, as lighteval's vLLM run did.
+
+Simplifications versus lighteval: math-verify's extraction stands in for lighteval's own copy of it (the same
+code, moved into math-verify); the interval is a normal approximation.
 """
 from __future__ import annotations
 
@@ -72,22 +77,26 @@ def summarize(rows: list[dict], n: int, ks: list[int]) -> dict:
     return out
 
 
-def grade_sample(benchmark: str, completion: str, gold: str):
+def grade_sample(benchmark: str, completion: str, example: D.Example, scorer: str = "ours"):
+    """-> (extracted answer, 1.0 / 0.0, or None for a gold ours cannot parse). --scorer lighteval: the papers'
+    lighteval grading (data.grade_lighteval: its gold columns, any_match, raw-string gold, never None)."""
     if benchmark == "gpqa_diamond":
         letter = D.extract_letter(completion)
-        return letter, float(letter == gold)
-    return D.extract_answer(completion, "eval"), D.grade(completion, gold, mode="eval")
+        return letter, float(letter == example.answer)
+    if scorer == "lighteval":
+        return D.grade_lighteval(completion, *D.lighteval_gold_text(benchmark, example))
+    return D.extract_answer(completion, "eval"), D.grade(completion, example.answer, mode="eval")
 
 
 def new_token_budget(net, prompt_len: int, args) -> int:
     """--max_new_tokens, capped so that prompt + completion stay within the model's trained context (Tina's
     evaluation capped Qwen2.5-Math-1.5B, 4,096 positions, the same way); said once per run."""
-    cap = net.cfg.max_position_embeddings - prompt_len
+    cap = min(net.cfg.max_position_embeddings, args.max_model_len or math.inf) - prompt_len
     if args.max_new_tokens > cap and not _CAPPED:
         print(f"note: --max_new_tokens {args.max_new_tokens} capped at {cap} for prompts of {prompt_len} tokens: the "
               f"model was trained on {net.cfg.max_position_embeddings} positions")
         _CAPPED.append(cap)
-    return max(1, min(args.max_new_tokens, cap))
+    return max(1, int(min(args.max_new_tokens, cap)))
 
 
 _CAPPED: list[int] = []      # the note above is printed once per process
@@ -148,7 +157,7 @@ def check_args(args):
 def sample_settings(args, sets) -> dict:
     """Everything that determines the recorded samples: a re-run may reuse them only if all of it matches."""
     keys = ("model", "tokenizer", "dtype", "template", "system_prompt", "temperature", "top_p", "max_new_tokens",
-            "batch_size", "seed", "backend", "sae")
+            "batch_size", "seed", "backend", "sae", "max_model_len")
     return {**{k: getattr(args, k) for k in keys},
             "questions": {b: zlib.crc32(json.dumps([[e.index, e.question, e.answer] for e in ex]).encode())
                           for b, ex in sets.items()}}
@@ -209,13 +218,21 @@ def prepare(args):
     return sets, stats, tok, net, M.eos_token_ids(tok, args.model, net.cfg), engine
 
 
-def sample_row(adapter, bench, ex, j, prompt, gen) -> dict:
+def sample_row(adapter, bench, ex, j, prompt, gen, scorer: str = "ours") -> dict:
     """One sample's record: the exact prompt, the completion, what was extracted and whether it is right."""
     text, ntok, finished = gen
-    extracted, correct = grade_sample(bench, text, ex.answer)
+    extracted, correct = grade_sample(bench, text, ex, scorer)
     return {"adapter": adapter, "benchmark": bench, "index": ex.index, "sample": j, "question": ex.question,
             "prompt": prompt, "gold": ex.answer, "completion": text, "extracted": extracted, "correct": correct,
-            "tokens": ntok, "finished": finished}
+            "tokens": ntok, "finished": finished, "scorer": scorer}
+
+
+def regraded(row: dict, bench: str, ex: D.Example, scorer: str) -> dict:
+    """A recorded sample graded by `scorer` (samples are reused across scorers; only the grade changes)."""
+    if row.get("scorer", "ours") == scorer:
+        return row
+    extracted, correct = grade_sample(bench, row["completion"], ex, scorer)
+    return {**row, "extracted": extracted, "correct": correct, "scorer": scorer}
 
 
 def markdown_table(results: dict, ks: list[int]) -> str:
@@ -267,12 +284,14 @@ def evaluate(args) -> dict:
                     gens = generate_vllm(engine, tok, texts, args, seeds, eos_ids, adapter)
                 else:
                     gens = generate_hf(net, tok, texts, args, seed, eos_ids)
-                rows = [sample_row(adapter, bench, examples[i], j, prompts[i], g) for (i, j), g in zip(batch, gens)
+                rows = [sample_row(adapter, bench, examples[i], j, prompts[i], g, args.scorer)
+                        for (i, j), g in zip(batch, gens)
                         if (adapter, bench, examples[i].index, j) not in done]
                 log.samples(rows)
                 done.update({(r["adapter"], r["benchmark"], r["index"], r["sample"]): r for r in rows})
                 bar.update(len(rows))
-            rows = [done[(adapter, bench, e.index, j)] for e in examples for j in range(args.n)]
+            rows = [regraded(done[(adapter, bench, e.index, j)], bench, e, args.scorer) for e in examples
+                    for j in range(args.n)]
             results[adapter][bench] = summarize(rows, args.n, args.k)
         if adapter != "base" and engine is None:
             L.unload_lora(net)
@@ -310,8 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.6, help="(%(default)s; 0 = greedy)")
     g.add_argument("--top_p", type=float, default=0.95, help="(%(default)s)")
     g.add_argument("--max_new_tokens", type=int, default=32768, help="(%(default)s)")
+    g.add_argument("--max_model_len", type=int, default=None,
+                   help="cap on prompt + completion tokens, as lighteval's max_model_length (the papers: 32768, the "
+                   "prompt counted inside the budget); default: only --max_new_tokens and the model's context")
     g.add_argument("--batch_size", type=int, default=16, help="sequences generated together (%(default)s)")
     g.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="built-in sampler or vLLM")
+    g.add_argument("--scorer", default="ours", choices=["ours", "lighteval"],
+                   help="ours: math-verify on the answer column, a gold it cannot parse left out and counted (default); "
+                   "lighteval: as the papers scored (MATH-500 / Minerva against the solution column, any_match, an "
+                   "unextractable gold compared as a raw string), for numbers comparable with theirs")
     return p
 
 

@@ -30,7 +30,8 @@ Simplifications versus the paper's TRL 0.15 setup, all deliberate:
   * Log-probs are computed at --logprob_temperature, by default the sampling temperature (logits / T) as
     later TRL versions do; trl 0.15.2, which Tina ran, used 1.0, and the Tina recipes set that.
   * --rollout vllm runs vLLM in-process and syncs the policy by saving the adapter every step (no server).
-  * The reward functions all grade correctness with data.grade(mode="reward"), Tina's accuracy settings.
+  * Correctness is graded with Tina's settings: the accuracy reward's (data.grade mode "reward") and, inside the
+    length and cosine rewards, theirs (mode "reward_length": LaTeX-only gold, boxed=True, verify(answer, gold)).
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ RESUME_MAY_CHANGE = ("max_steps", "stop_step", "save_every", "log_every", "resum
 
 
 @lru_cache(maxsize=1 << 14)
-def correct(completion: str, gold: str) -> float | None:
-    return D.grade(completion, gold, mode="reward")
+def correct(completion: str, gold: str, mode: str = "reward") -> float | None:
+    """Tina's accuracy grading ("reward"), or the one inside its length and cosine rewards ("reward_length")."""
+    return D.grade(completion, gold, mode=mode)
 
 
 def reward_accuracy(completions, gold):
@@ -86,7 +88,7 @@ def reward_length(completions, gold):
         return [0.0] * len(completions)
     out = []
     for c, n in zip(completions, lens):
-        ok, lam = correct(c, gold), 0.5 - (n - lo) / (hi - lo)
+        ok, lam = correct(c, gold, "reward_length"), 0.5 - (n - lo) / (hi - lo)
         out.append(None if ok is None else (lam if ok else min(0.0, lam)))
     return out
 
@@ -96,7 +98,7 @@ def reward_cosine(completions, gold, max_len: int = 1000, correct_range=(0.5, 1.
     As in Tina, progress = len / max_len is not clamped, so the cosine wraps past max_len."""
     out = []
     for c in completions:
-        ok = correct(c, gold)
+        ok = correct(c, gold, "reward_length")
         if ok is None:
             out.append(None)
             continue
@@ -120,7 +122,7 @@ def reward_repetition(completions, gold, n: int = 3, max_penalty: float = -1.0):
 
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
-GOLD_REWARDS = ("accuracy", "length", "cosine")          # the rewards that grade against the gold answer
+GOLD_REWARDS = {"accuracy": "reward", "length": "reward_length", "cosine": "reward_length"}   # reward -> grade mode
 REWARDS = {"accuracy": reward_accuracy, "format": reward_format, "tag_count": reward_tag_count,
            "length": reward_length, "cosine": reward_cosine, "repetition": reward_repetition}
 
@@ -424,8 +426,13 @@ def select_prompts(examples, rewards, name: str = "dataset"):
     reward could train on them); otherwise kept, as Tina did, their gold-free rewards still training (the
     others score None: left out, counted). -> (usable examples, number with an unparseable gold)."""
     needs_gold = [r in GOLD_REWARDS for r in rewards]
-    bad = {e.index for e in examples if not D.gold_parses(e.answer, "reward")} if any(needs_gold) else set()
-    usable = [e for e in examples if e.index not in bad] if all(needs_gold) else examples
+    modes = {GOLD_REWARDS[r] for r in rewards if r in GOLD_REWARDS}
+    fails = {e.index: [m for m in modes if not D.gold_parses(e.answer, m)] for e in examples}
+    bad = {i for i, f in fails.items() if f}
+    if all(needs_gold):             # dropped when no reward can grade it
+        usable = [e for e in examples if len(fails[e.index]) < len(modes)]
+    else:
+        usable = examples
     if bad and all(needs_gold):
         print(f"{name}: dropped {len(bad)} of {len(examples)} prompts whose gold answer math-verify cannot parse "
               "(every reward needs it)")

@@ -46,9 +46,9 @@ def test_gpqa_choices_are_shuffled_and_graded_by_letter(tmp_path):
     assert len({e.answer for e in ex}) > 1
     for e in ex:
         assert f"{e.answer}) right" in e.question
-        assert E.grade_sample("gpqa_diamond", f"... Answer: {e.answer}", e.answer)[1] == 1.0
+        assert E.grade_sample("gpqa_diamond", f"... Answer: {e.answer}", e)[1] == 1.0
         wrong = "ABCD".replace(e.answer, "")[0]
-        assert E.grade_sample("gpqa_diamond", f"Answer: {wrong}", e.answer)[1] == 0.0
+        assert E.grade_sample("gpqa_diamond", f"Answer: {wrong}", e)[1] == 0.0
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 2, 1), (5, 2, 2), (6, 1, 3), (4, 0, 2), (4, 4, 3), (7, 3, 5),

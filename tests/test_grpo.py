@@ -58,6 +58,35 @@ def test_prompts_with_an_unparseable_gold_are_dropped_only_when_every_reward_nee
     assert total.tolist() == [1.0, 0.0] and torch.isnan(per[1]).all()   # accuracy left out, format kept
 
 
+def tina_length_correct(content, sol):
+    """Tina's correctness inside len_reward / cosine_scaled_reward (tina/post_train_hf/rewards.py), transcribed;
+    sol as its wrap_in_math left it ($...$), None where Tina scored an unparseable gold as correct."""
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import LatexExtractionConfig, parse, verify
+    gold = parse(f"${sol}$", extraction_mode="first_match", extraction_config=[LatexExtractionConfig()])
+    if len(gold) == 0:
+        return None
+    answer = parse(content, extraction_config=[LatexExtractionConfig(
+        normalization_config=NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True, equations=True,
+                                                 boxed=True, units=True),
+        boxed_match_priority=0, try_extract_without_anchor=False)], extraction_mode="first_match")
+    return float(verify(answer, gold))
+
+
+def test_length_and_cosine_rewards_grade_as_tinas():
+    cases = [("so \\boxed{1} or \\boxed{2}", "2"), ("\\boxed{1}, \\boxed{2}", "1,2"), ("the answer is $x = 3$", "3"),
+             ("\\boxed{3}", "x=3"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{10\\%}", "10"), ("\\boxed{(1,2]}", "(1,2]"),
+             ("\\boxed{2 \\text{ cm}}", "2"), ("no answer", "7"), ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}")]
+    got = [G.correct(c, g, "reward_length") for c, g in cases]
+    assert got == [tina_length_correct(c, g) for c, g in cases]
+    assert 0.0 in got and 1.0 in got
+    comps = [c for c, _ in cases[:4]]
+    lens = [len(c) for c in comps]
+    lam = [0.5 - (n - min(lens)) / (max(lens) - min(lens)) for n in lens]
+    ok = [tina_length_correct(c, "3") for c in comps]
+    assert G.reward_length(comps, "3") == pytest.approx([x if o else min(0.0, x) for x, o in zip(lam, ok)])
+
+
 def test_cosine_reward_on_an_unparseable_gold_is_none():
     assert G.reward_cosine(["so \\boxed{1}", "x" * 50], "}{") == [None, None]      # never scored as correct
 
@@ -366,7 +395,7 @@ def test_update_matches_a_direct_computation(char_model_dir):
     ((tok * m).sum(1) / m.sum(1)).mean().backward()
     assert (ratio.detach() - 1).abs().max() > 0.05                # the old log-probs matter here
     for a, b in zip(ours, (p.grad for p in params)):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        assert (a - b).norm() < 1e-5 * b.norm() and torch.allclose(a, b, rtol=1e-3, atol=1e-6)
 
 
 def grad_batch(char_model_dir, P=4, Gn=2, seed=0):
