@@ -18,6 +18,7 @@ solution is reduced to its last \\boxed{...}, and a GSM8K answer to the number a
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import random
@@ -467,6 +468,14 @@ for _name in ("math_verify", "latex2sympy2_extended"):   # both log a warning pe
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 
+# math-verify renamed verify's precision to float_rounding after 0.5.2 (what Tina and Resa pinned); either works
+_ROUNDING = "float_rounding" if "float_rounding" in inspect.signature(verify).parameters else "precision"
+
+
+def _verify(gold, pred, rounding: int = 6) -> bool:
+    return verify(gold, pred, **{_ROUNDING: rounding})
+
+
 def _wrap_gold(gold: str) -> str:
     g = gold.strip().replace("\\$", "")          # "\$36" -> "36": escaped dollars are currency, not math
     if "$" in g or "\\boxed" in g or "\\(" in g or "\\[" in g:
@@ -532,8 +541,8 @@ def grade(completion: str, gold: str, mode: str = "reward") -> float | None:
         return 0.0
     try:
         if mode == "reward_length":
-            return float(verify(p, g))
-        return float(verify(g, p, float_rounding=5 if mode == "eval" else 6))
+            return float(_verify(p, g))
+        return float(_verify(g, p, 5 if mode == "eval" else 6))
     except Exception:  # math-verify raises on pathological sympy input: the completion is wrong
         return 0.0
 
@@ -562,14 +571,17 @@ def grade_lighteval(completion: str, gold: str, kind: str) -> tuple[str, float]:
     golds = _lighteval_parse(gold, tuple(gold_cfg)) or [gold]
     preds = _lighteval_parse(completion, (ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0)))
     try:
-        ok = bool(preds) and verify(golds, preds, float_rounding=5)
+        ok = bool(preds) and _verify(golds, preds, 5)
     except Exception:  # math-verify raises on pathological sympy input: the completion is wrong
         ok = False
-    return (str(preds[0]) if preds else ""), float(ok)
+    return (str(preds[-1]) if preds else ""), float(ok)      # (the last element is the matched text)
 
 
 def _lighteval_parse(text: str, cfg: tuple):
-    return parse(text, extraction_config=list(cfg), fallback_mode="first_match", extraction_mode="any_match")
+    try:
+        return parse(text, extraction_config=list(cfg), fallback_mode="first_match", extraction_mode="any_match")
+    except Exception:     # sympy can recurse without end on odd input (RecursionError): nothing extracted
+        return []
 
 
 def extract_letter(completion: str) -> str:

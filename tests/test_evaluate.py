@@ -192,3 +192,21 @@ def test_generation_stays_within_the_trained_context(char_model_dir, small_set, 
     assert "capped at" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(tmp_path / "cap" / "samples.jsonl")]
     assert all(len(r["prompt"]) + r["tokens"] <= 512 for r in rows)      # characters = tokens here
+
+
+def test_lighteval_scorer_follows_the_papers_tasks():
+    # run_eval_custom_tasks.py (Tina, Resa): MATH-500 and Minerva graded against the `solution` column with a
+    # LaTeX gold target, AIME/AMC against `answer` with an expression target; the prediction with expression then
+    # boxed-first LaTeX, any_match; a gold nothing is extracted from is compared as its raw string, not left out
+    import data as D
+    ex = D.Example("q", "\\frac{1}{2}", 0, {"solution": "Halve it: $\\boxed{\\frac{1}{2}}$", "answer": "\\frac{1}{2}"})
+    assert D.lighteval_gold_text("math_500", ex) == ("Halve it: $\\boxed{\\frac{1}{2}}$", "latex")
+    assert D.lighteval_gold_text("aime24", ex) == ("\\frac{1}{2}", "expr")
+    assert E.grade_sample("math_500", "so $\\boxed{0.5}$", ex, "lighteval")[1] == 1.0
+    assert E.grade_sample("math_500", "so $\\boxed{2}$", ex, "lighteval")[1] == 0.0
+    # any_match: the first boxed fails to parse, a later one is tried (our first_match gives up)
+    two = "\\boxed{\\frac{1}{} and \\boxed{\\frac{1}{2}}"
+    assert E.grade_sample("math_500", two, ex, "lighteval")[1] == 1.0
+    odd = D.Example("q", "}{", 1, {"answer": "}{"})
+    assert E.grade_sample("aime24", "}{", odd, "ours")[1] is None          # ours: unparseable gold, left out
+    assert E.grade_sample("aime24", "}{", odd, "lighteval")[1] in (0.0, 1.0)   # lighteval: scored, never None
