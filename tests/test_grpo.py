@@ -46,18 +46,6 @@ def test_length_reward():
     assert G.reward_length(["\\boxed{5}", "x\\boxed{5}"], "}{") == [None, None]
 
 
-def test_prompts_with_an_unparseable_gold_are_dropped_only_when_every_reward_needs_it():
-    # Tina kept them (tina/post_train_hf/grpo.py filters nothing): their format reward still trains
-    import data as D
-    ex = [D.Example("1+1", "2", 0), D.Example("draw it", "}{", 1)]
-    for rewards, kept, bad in ((["format", "accuracy"], 2, 1), (["length", "accuracy"], 1, 1),
-                               (["accuracy", "cosine"], 1, 1), (["format", "tag_count"], 2, 0)):
-        usable, n_bad = G.select_prompts(ex, rewards)
-        assert (len(usable), n_bad) == (kept, bad), rewards
-    total, per = G.score(["\n</think>\n\\boxed{3}", "no tag"], "}{", ["format", "accuracy"], [1.0, 2.0])
-    assert total.tolist() == [1.0, 0.0] and torch.isnan(per[1]).all()   # accuracy left out, format kept
-
-
 def tina_length_correct(content, sol):
     """Tina's correctness inside len_reward / cosine_scaled_reward (tina/post_train_hf/rewards.py), transcribed;
     sol as its wrap_in_math left it ($...$), None where Tina scored an unparseable gold as correct."""

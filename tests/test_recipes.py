@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import grpo_lora as G
 
@@ -159,3 +160,43 @@ def test_a_recipe_dry_run_prints_one_json_object_and_loads_nothing(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads(r.stdout)
     assert cfg["completions_per_step"] == 48 and cfg["total_steps"] == 850 and not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------- run-time behaviour, against the originals
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_pack_chunks_equals_sparsify_chunk_and_tokenize(bos):
+    # Resa chunked its SAE and SAE-Tuning text with sparsify's chunk_and_tokenize (scripts/train/finetune.py,
+    # sae_tuning.py line 421; resa/sae/sparsify/sparsify/data.py, the same as eai-sparsify 1.3.3's): a stream per 2,048 texts that
+    # starts with EOS, texts joined by EOS, every chunk opened by the tokenizer's BOS when it adds one, the last
+    # piece of each stream dropped. 2,100 texts: two streams.
+    import datasets
+    from sparsify.data import chunk_and_tokenize
+    from tokenizers.processors import TemplateProcessing
+    from toy.chars import build_char_tokenizer
+    import data as D
+    tok = build_char_tokenizer()
+    if bos:                                                        # as R1-Distill's: BOS before every text
+        tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    assert (tok("a").input_ids[0] == 2) == bos
+    pieces = [(f"Q{i % 7}:", f" {i * 37 % 1000}!") for i in range(2100)]
+    ids, mask = D.pack_chunks(tok, pieces, ctx_len=64)
+    ref = chunk_and_tokenize(datasets.Dataset.from_dict({"text": [p + a for p, a in pieces]}), tok, max_seq_len=64,
+                             num_proc=1, load_from_cache_file=False)
+    ref = torch.stack([torch.as_tensor(r["input_ids"]) for r in ref])
+    assert ids.shape == ref.shape and torch.equal(ids, ref)
+    assert (ids[:, 0] == 2).all() == bos and (ids[0, int(bos)] == tok.eos_token_id)
+    text = "".join(tok.convert_ids_to_tokens(int(i)) for i, m in zip(ids.flatten(), mask.flatten()) if m)
+    assert set(text) <= set(" 0123456789!") and "!" in text       # the mask covers exactly the assistant parts
+
+
+def test_prompts_with_an_unparseable_gold_are_dropped_only_when_every_reward_needs_it():
+    # Tina kept them (tina/post_train_hf/grpo.py lines 100-170 map the data and filter nothing): their format reward still trains
+    import data as D
+    ex = [D.Example("1+1", "2", 0), D.Example("draw it", "}{", 1)]
+    for rewards, kept, bad in ((["format", "accuracy"], 2, 1), (["length", "accuracy"], 1, 1),
+                               (["accuracy", "cosine"], 1, 1), (["format", "tag_count"], 2, 0)):
+        usable, n_bad = G.select_prompts(ex, rewards)
+        assert (len(usable), n_bad) == (kept, bad), rewards
+    total, per = G.score(["\n</think>\n\\boxed{3}", "no tag"], "}{", ["format", "accuracy"], [1.0, 2.0])
+    assert total.tolist() == [1.0, 0.0] and torch.isnan(per[1]).all()   # accuracy left out, format kept

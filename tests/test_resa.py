@@ -261,31 +261,6 @@ def test_pack_chunks_marks_exactly_the_assistant_tokens():
     assert ids.shape == (6, 8) and mask.sum().item() == sum(1 for i in range(48) if i % 5 in (3, 4))
 
 
-@pytest.mark.parametrize("bos", [False, True])
-def test_pack_chunks_equals_sparsify_chunk_and_tokenize(bos):
-    # Resa chunked its SAE and SAE-Tuning text with sparsify's chunk_and_tokenize: a stream per 2,048 texts that
-    # starts with EOS, texts joined by EOS, every chunk opened by the tokenizer's BOS when it adds one, the last
-    # piece of each stream dropped. 2,100 texts: two streams.
-    import datasets
-    from sparsify.data import chunk_and_tokenize
-    from tokenizers.processors import TemplateProcessing
-    from toy.chars import build_char_tokenizer
-    import data as D
-    tok = build_char_tokenizer()
-    if bos:                                                        # as R1-Distill's: BOS before every text
-        tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    assert (tok("a").input_ids[0] == 2) == bos
-    pieces = [(f"Q{i % 7}:", f" {i * 37 % 1000}!") for i in range(2100)]
-    ids, mask = D.pack_chunks(tok, pieces, ctx_len=64)
-    ref = chunk_and_tokenize(datasets.Dataset.from_dict({"text": [p + a for p, a in pieces]}), tok, max_seq_len=64,
-                             num_proc=1, load_from_cache_file=False)
-    ref = torch.stack([torch.as_tensor(r["input_ids"]) for r in ref])
-    assert ids.shape == ref.shape and torch.equal(ids, ref)
-    assert (ids[:, 0] == 2).all() == bos and (ids[0, int(bos)] == tok.eos_token_id)
-    text = "".join(tok.convert_ids_to_tokens(int(i)) for i, m in zip(ids.flatten(), mask.flatten()) if m)
-    assert set(text) <= set(" 0123456789!") and "!" in text       # the mask covers exactly the assistant parts
-
-
 def test_sft_loss_is_the_mean_assistant_token_nll(model3):
     net = M.load_model(str(model3))
     g = torch.Generator().manual_seed(0)
