@@ -152,6 +152,21 @@ def test_rerun_with_other_settings_is_refused_or_overwritten(char_model_dir, sma
     rows = [json.loads(x) for x in open(tmp_path / "ev" / "samples.jsonl")]
     assert len(rows) == 2 * 5 and (tmp_path / "ev" / "samples.jsonl").read_text() != first
     assert json.loads((tmp_path / "ev" / "run.json").read_text())["finished"] is True
+    # --scorer changes only the grades: the recorded samples are reused and regraded, nothing resampled
+    before = (tmp_path / "ev" / "samples.jsonl").read_text()
+    res = E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common[:-2], "--seed", "4", "--scorer",
+                           "lighteval"))
+    assert (tmp_path / "ev" / "samples.jsonl").read_text() == before
+    import data as D
+    want = [D.grade_lighteval(r["completion"], r["gold"], "expr")[1] for r in rows]    # a local file: answer, expr
+    got = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]["base"][small_set.stem]
+    assert got["pass@1"] == pytest.approx(sum(want) / len(want)) and got["unparseable_gold"] == 0
+    # --max_model_len caps prompt + completion (lighteval's max_model_length): a different sample setting
+    with pytest.raises(SystemExit, match="max_model_len"):
+        E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common[:-2], "--seed", "4", "--max_model_len",
+                         "40"))
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "ml", *common, "--max_model_len", "40"))
+    assert all(len(r["prompt"]) + r["tokens"] <= 40 for r in map(json.loads, open(tmp_path / "ml" / "samples.jsonl")))
 
 
 def test_adapter_sweep_and_bad_input(small_set, tmp_path):
