@@ -135,6 +135,11 @@ def csv_list(kind=str):
 # Multi-process training (torchrun): shared by the stages
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 without)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def world_size() -> int:
     """Processes in this run: torchrun's WORLD_SIZE, else 1 (readable before any process group exists)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

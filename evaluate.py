@@ -114,11 +114,14 @@ def generate_hf(net, tok, prompts: list[str], args, seed: int, eos_ids):
             for t, n, f in zip(out.tokens, out.lengths.tolist(), out.finished.tolist())]
 
 
-def generate_vllm(engine: SM.VLLMEngine, tok, prompts: list[str], args, seeds: list[int], eos_ids, adapter):
-    """The same prompts as token ids through vLLM, one seed per sample. -> (text, tokens, finished) each."""
-    outs = engine.generate(SM.prompt_token_ids(tok, prompts), seeds, temperature=args.temperature, top_p=args.top_p,
-                           max_tokens=args.max_new_tokens, stop_ids=eos_ids,
-                           adapter=None if adapter == "base" else (adapter, 0))
+def generate_vllm(engine: SM.VLLMEngine, net, tok, prompts: list[str], args, seeds: list[int], eos_ids, adapter):
+    """The same prompts as token ids through vLLM, one seed per sample, each with the hf path's token budget
+    (new_token_budget: within the model's context and --max_model_len). -> (text, tokens, finished) each."""
+    ids = SM.prompt_token_ids(tok, prompts)
+    vllm_cap = engine.settings["max_model_len"]
+    caps = [max(1, min(new_token_budget(net, len(p), args), vllm_cap - len(p))) for p in ids]
+    outs = engine.generate(ids, seeds, temperature=args.temperature, top_p=args.top_p, max_tokens=caps,
+                           stop_ids=eos_ids, adapter=None if adapter == "base" else (adapter, 0))
     return [(tok.decode(t, skip_special_tokens=True), len(t), f) for t, f in outs]
 
 
@@ -144,6 +147,9 @@ def check_args(args):
         raise SystemExit("--n, --batch_size and --max_new_tokens must be at least 1")
     if args.temperature < 0:
         raise SystemExit(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if args.backend == "vllm" and 0 < args.temperature < 0.01:
+        raise SystemExit(f"--temperature {args.temperature}: vLLM raises temperatures below 0.01 to 0.01; use 0 "
+                         "(greedy) or at least 0.01")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.k and max(args.k) > args.n:
@@ -191,7 +197,13 @@ def prepare(args):
     tok = M.load_tokenizer(args.tokenizer or args.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
+    dtype = C.pick_dtype(args.dtype, device)
+    if args.backend == "vllm":    # vLLM holds the weights: ours only on the meta device, for the config and checks
+        if args.model.startswith("random:"):
+            raise SystemExit("--backend vllm needs a model folder or hub id that vLLM can load, not random:")
+        net = M.load_model(args.model, "meta", dtype)
+    else:
+        net = M.load_model(args.model, device, dtype, seed=args.seed)
     for a in args.adapter:
         if a != "base":
             try:
@@ -214,7 +226,8 @@ def prepare(args):
     if args.backend == "vllm":
         ranks = [C.read_json(Path(a) / "adapter_config.json")["r"] for a in args.adapter if a != "base"]
         engine = SM.VLLMEngine(M.resolve_model_dir(args.model), max_lora_rank=max(ranks, default=0), seed=args.seed,
-                               max_model_len=min(args.max_new_tokens + 2048, net.cfg.max_position_embeddings))
+                               max_model_len=min(args.max_model_len or args.max_new_tokens + 2048,
+                                                 net.cfg.max_position_embeddings), dtype=dtype)
     return sets, stats, tok, net, M.eos_token_ids(tok, args.model, net.cfg), engine
 
 
@@ -259,7 +272,7 @@ def evaluate(args) -> dict:
     done = recorded_samples(out_dir, sample_settings(args, sets), args.overwrite)
     log = C.RunLog(out_dir, vars(args), "evaluate", n_gpus=int(net.device.type == "cuda"),
                    gpu_hour_usd=args.gpu_hour_usd, resume=True)
-    log.write_run(data=stats)
+    log.write_run(data=stats, **({"vllm": engine.settings} if engine is not None else {}))
     system_prompt = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
     adapters = args.adapter or ["base"]
     total = len(adapters) * sum(len(v) for v in sets.values()) * args.n
@@ -281,7 +294,7 @@ def evaluate(args) -> dict:
                 texts = [prompts[i] for i, _ in batch]
                 if engine is not None:
                     seeds = [zlib.crc32(f"{args.seed}/{bench}/{examples[i].index}/{j}".encode()) for i, j in batch]
-                    gens = generate_vllm(engine, tok, texts, args, seeds, eos_ids, adapter)
+                    gens = generate_vllm(engine, net, tok, texts, args, seeds, eos_ids, adapter)
                 else:
                     gens = generate_hf(net, tok, texts, args, seed, eos_ids)
                 rows = [sample_row(adapter, bench, examples[i], j, prompts[i], g, args.scorer)
@@ -296,6 +309,8 @@ def evaluate(args) -> dict:
         if adapter != "base" and engine is None:
             L.unload_lora(net)
     bar.close()
+    if engine is not None:
+        engine.close()
     report = {"results": results, "data": stats, "args": {k: v for k, v in vars(args).items()}}
     C.atomic_write(out_dir / "results.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     table = markdown_table(results, args.k)

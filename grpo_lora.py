@@ -39,6 +39,7 @@ import argparse
 import importlib.util
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -219,15 +220,17 @@ def rollout_hf(net, tok, prompts, args, eos_ids, generator) -> Rollouts:
     return Rollouts(ids, mask, out.tokens, cmask, texts, out.finished)
 
 
-def rollout_vllm(engine: SM.VLLMEngine, net, tok, prompts, args, eos_ids, step) -> Rollouts:
-    """The same rollouts through vLLM: the current adapter is saved and sent as a new LoRA version."""
-    adapter_dir = Path(args.out_dir) / "_rollout_adapter"
+def rollout_vllm(engine: SM.VLLMEngine, net, tok, prompts, args, eos_ids, step, rank: int = 0) -> Rollouts:
+    """The same rollouts through vLLM: the current adapter is saved (one folder per rank) and sent as a new LoRA
+    version; vLLM's KV cache is freed again afterwards where it shares the GPU with the trainer (sleep mode)."""
+    adapter_dir = Path(args.out_dir) / f"_rollout_adapter_rank{rank}"
     L.save_adapter(net, adapter_dir, base_model=args.model)
     G = args.num_generations
     enc = [e for e in SM.prompt_token_ids(tok, prompts, args.max_prompt_len) for _ in range(G)]
-    seeds = [args.seed * 1_000_003 + step * 1009 + i for i in range(len(enc))]     # one seed per completion
+    seeds = [zlib.crc32(f"{args.seed}/{rank}/{step}/{i}".encode()) for i in range(len(enc))]   # per completion
     outs = engine.generate(enc, seeds, temperature=args.temperature, top_p=args.top_p,
                            max_tokens=args.max_completion_len, stop_ids=eos_ids, adapter=(adapter_dir, step))
+    engine.sleep()
     C, dev = args.max_completion_len, net.device
     cids = torch.full((len(outs), C), tok.pad_token_id, dtype=torch.long)
     for i, (toks, _) in enumerate(outs):
@@ -267,6 +270,8 @@ def check_args(args):
         raise SystemExit("--rollout vllm needs a model folder or hub id that vLLM can load, not random:")
     if args.num_iterations < 1 or args.max_steps < 1:
         raise SystemExit("--num_iterations and --max_steps must be >= 1")
+    if args.rollout == "vllm" and args.temperature < 0.01:
+        raise SystemExit(f"--temperature {args.temperature}: vLLM raises temperatures below 0.01 to 0.01")
     if not args.temperature > 0:
         raise SystemExit(f"--temperature {args.temperature}: GRPO needs sampling (> 0); the log-probs are taken "
                          "at that temperature, and groups of identical greedy completions carry no advantage")
@@ -332,7 +337,7 @@ def sample_and_score(net, tok, examples, system_prompt, args, eos_ids, generator
     t0 = time.time()
     prompts = [D.format_prompt(tok, e.question, system_prompt, args.chat_template) for e in examples]
     if engine is not None:
-        ro = rollout_vllm(engine, net, tok, prompts, args, eos_ids, step)
+        ro = rollout_vllm(engine, net, tok, prompts, args, eos_ids, step, C.rank())
     else:
         ro = rollout_hf(net, tok, prompts, args, eos_ids, generator)
     t1 = time.time()
@@ -470,9 +475,10 @@ def setup(args, rank: int, device):
         opt, lambda s: lr_factor(s, args.max_steps, args.warmup_ratio, args.min_lr_rate))
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     engine = None
-    if args.rollout == "vllm":
-        engine = SM.VLLMEngine(args.model_dir, max_lora_rank=args.lora_r, seed=args.seed,
-                               max_model_len=args.max_prompt_len + args.max_completion_len, gpu_memory_utilization=0.4)
+    if args.rollout == "vllm":        # beside the trainer on one GPU: at most 0.4 of it, and only what is free
+        engine = SM.VLLMEngine(args.model_dir, max_lora_rank=args.lora_r, seed=args.seed + rank, dtype=net.dtype,
+                               max_model_len=args.max_prompt_len + args.max_completion_len,
+                               gpu_memory_utilization=SM.vllm_memory_share(cap=0.4), sleep_mode=True)
     return usable, data_stats, net, tok, eos_ids, params, opt, sched, generator, engine
 
 
@@ -496,7 +502,8 @@ def train(args) -> dict:
         for _ in range(step):
             sched.step()
         log.resume(step)
-    log.write_run(data=data_stats, trainable_params=sum(p.numel() for p in params), eos_ids=eos_ids)
+    log.write_run(data=data_stats, trainable_params=sum(p.numel() for p in params), eos_ids=eos_ids,
+                  **({"vllm": engine.settings} if engine is not None else {}))
     P, batch = args.prompts_per_step // world, None            # this process's share of the step's prompts
     bar = tqdm(total=stop, initial=step, desc="grpo", disable=rank != 0, dynamic_ncols=True)
     while step < stop:
@@ -535,6 +542,8 @@ def train(args) -> dict:
             L.save_checkpoint(net, opt, out_dir, step, {"epoch": stream.epoch, "pos": stream.pos}, generator,
                               args.model, log, vars(args), rank, world)
     bar.close()
+    if engine is not None:            # before save_final closes torchrun's process group, which vLLM uses
+        engine.close()
     L.save_final(net, out_dir, step, args.model, log, rank, world)
     return {"step": step, "out_dir": str(out_dir)}
 

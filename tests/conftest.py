@@ -73,14 +73,15 @@ def left_padded_batch(vocab: int, lengths, seed: int = 0, pad: int = 0):
     return ids, mask
 
 
-def make_char_model(d, seed: int = 0, layers: int = 2, embed_scale: float = 5.0):
-    """A tiny random Qwen2 saved in Hugging Face layout with the toy character tokenizer."""
+def make_char_model(d, seed: int = 0, layers: int = 2, embed_scale: float = 5.0, hidden: int = 64, tied: bool = True):
+    """A tiny random Qwen2 saved in Hugging Face layout with the toy character tokenizer (hidden 128, untied:
+    a shape vLLM's CPU attention takes, head_dim 32)."""
     import model as M
     from toy.chars import build_char_tokenizer
     tok = build_char_tokenizer()
-    cfg = M.ModelConfig(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+    cfg = M.ModelConfig(model_type="qwen2", vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                        tie_word_embeddings=tied, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                         max_position_embeddings=512)
     net = M.Transformer(cfg).init_weights(seed=seed)
     with torch.no_grad():   # larger embeddings: the final RMSNorm otherwise caps how peaked logits can get
