@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -52,6 +54,9 @@ def read_json(path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+WRITTEN: set[Path] = set()      # every file this process wrote: what a run record lists as its outputs
+
+
 def atomic_write(path, write: Callable[[Path], None]):
     """write(tmp) then fsync + rename over path, so a crash never leaves a half-written file."""
     path = Path(path)
@@ -60,6 +65,7 @@ def atomic_write(path, write: Callable[[Path], None]):
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    WRITTEN.add(path.resolve())
 
 
 def add_run_args(parser, default_model: str, default_out: str):
@@ -183,8 +189,12 @@ def all_reduce_mean(tensors, world: int):
 # samples.jsonl (sampled completions). Only rank 0 writes. The resume rules live here, for every stage.
 
 PROCESS_START = time.time()      # the cost meter counts the whole process, model loading included
-OWN_OUTPUTS = ("run.json", "metrics.jsonl", "samples.jsonl", "resume", "final", "step_*", "layers.*",
-               "results.json", "results.md")
+# what a run record written before run.json listed its outputs may have written: exact names, and inside the
+# folders only the file names our writers use (a user's step_by_step_plan.md or final/thesis.tex is not ours)
+LEGACY_OUTPUTS = re.compile(r"(run\.json|metrics\.jsonl|samples\.jsonl|samples_settings\.json|results\.(json|md)|"
+                            r"(resume|final|step_\d{6}|_rollout_adapter\w*|layers\.\d+)/(adapter_model\.safetensors|"
+                            r"adapter_config\.json|state\.json|optim-\w+\.safetensors|cfg\.json|sae\.safetensors))")
+LOCK_NAME = ".nanoreason.lock"
 
 
 def _git_commit() -> str | None:
@@ -215,14 +225,20 @@ def read_jsonl(path) -> list[dict]:
     return rows
 
 
+_HELD_LOCKS: dict = {}           # out_dir -> its lock file, held by this process (released when it exits)
+
+
 class RunLog:
     """The run record of one stage in out_dir.
 
-    A fresh run refuses an out_dir that already holds this project's outputs unless overwrite (those
-    outputs are then removed first); a resumed run keeps them. Nothing is written until the stage calls
-    write_run, which it does after its resume state has loaded, so a failed --resume loses nothing.
-    resume(step) trims metrics.jsonl and samples.jsonl to the saved step (rows logged after the last
-    checkpoint would otherwise repeat) and continues the cost meter from the recorded wall seconds."""
+    Rank 0 holds a lock on out_dir for the whole run (a second run into it is refused, naming the holder). A
+    folder whose run.json names another stage is refused whatever the flags. A fresh run refuses a folder that
+    holds this stage's outputs unless overwrite; then exactly the files the old run.json lists as its outputs
+    (nothing matched by a pattern) are removed, and only when the new run writes its first file (write_run),
+    after every input has been checked, so a typo loses nothing. A resumed run keeps them. Nothing is written
+    until the stage calls write_run, which it does after its resume state has loaded, so a failed --resume
+    loses nothing. resume(step) trims metrics.jsonl and samples.jsonl to the saved step (rows logged after the
+    last checkpoint would otherwise repeat) and continues the cost meter from the recorded wall seconds."""
 
     def __init__(self, out_dir, args: dict, stage: str, enabled: bool = True, n_gpus: int = 0,
                  gpu_hour_usd: float = 0.0, resume: bool = False, overwrite: bool = False):
@@ -232,16 +248,76 @@ class RunLog:
         self.info = {"stage": stage, "args": args, "torch": torch.__version__,
                      "transformers": transformers.__version__, "git_commit": _git_commit(),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "n_gpus": n_gpus}
-        old = [p for pat in OWN_OUTPUTS for p in self.dir.glob(pat)] if self.dir.is_dir() else []
+        if self.dir.exists() and not self.dir.is_dir():
+            raise SystemExit(f"--out_dir {self.dir} is a file, not a folder: choose another --out_dir")
+        if enabled:
+            self._lock()
+        prev = self._previous()
+        if prev and prev.get("stage") != stage:
+            raise SystemExit(f"--out_dir {self.dir} holds a {prev.get('stage')} run (its run.json): {stage} never writes "
+                             "into another stage's folder, with or without --overwrite; choose another --out_dir")
+        self.outputs = set(prev.get("outputs", [])) if prev else set()   # relative paths this run record owns
+        old = self._old_outputs(prev)
+        self.pending_removal: list[Path] = []
         if old and not resume:
             if not overwrite:
-                raise SystemExit(f"--out_dir {self.dir} already holds a run ({', '.join(sorted(p.name for p in old)[:4])}"
+                raise SystemExit(f"--out_dir {self.dir} already holds a run ({', '.join(sorted(str(p.relative_to(self.dir)) for p in old)[:4])}"
                                  f"{', ...' if len(old) > 4 else ''}): pass --resume to continue it, --overwrite to "
                                  "replace it, or choose another --out_dir")
-            if enabled:
-                import shutil
-                for p in old:
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            self.pending_removal, self.outputs = old, set()
+
+    def _lock(self):
+        """An exclusive lock on out_dir/.nanoreason.lock for this process's life (released if it dies)."""
+        import fcntl
+        key = self.dir.resolve()
+        if key in _HELD_LOCKS:             # this process holds it already (a stage called again, as in the tests)
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.dir / LOCK_NAME, "a+")
+        except OSError as e:
+            raise SystemExit(f"--out_dir {self.dir}: cannot write there ({e.strerror}); choose another --out_dir") from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise SystemExit(f"--out_dir {self.dir} is in use by {holder}: wait for it, or choose another --out_dir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{self.info['stage']} (pid {os.getpid()} on {socket.gethostname()}, since {self.info['started']})\n")
+        fh.flush()
+        _HELD_LOCKS[key] = fh
+
+    def _previous(self) -> dict:
+        f = self.dir / "run.json"
+        if not f.exists():
+            return {}
+        try:
+            return read_json(f)
+        except ValueError as e:
+            raise SystemExit(f"--out_dir {self.dir}: {e}; move the folder aside or choose another --out_dir") from None
+
+    def _old_outputs(self, prev: dict) -> list[Path]:
+        """The files of an earlier run here: those its run.json lists, else (older records) the legacy names."""
+        if not self.dir.is_dir():
+            return []
+        if "outputs" in prev:
+            files = [self.dir / r for r in prev["outputs"]]
+        else:
+            files = [p for p in self.dir.rglob("*") if p.is_file()
+                     and LEGACY_OUTPUTS.fullmatch(p.relative_to(self.dir).as_posix())]
+        return sorted(p for p in files if p.is_file())
+
+    def _remove_pending(self):
+        """The old run's files, removed now that the new run writes (folders left empty go too)."""
+        for p in self.pending_removal:
+            p.unlink(missing_ok=True)
+            WRITTEN.discard(p.resolve())
+        for d in sorted({p.parent for p in self.pending_removal}, key=lambda d: -len(d.parts)):
+            if d != self.dir and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        self.pending_removal = []
 
     def resume(self, step: int):
         """Continue a run from its checkpoint at `step`: logs trimmed to it, the cost meter carried on."""
@@ -256,6 +332,8 @@ class RunLog:
                                  lambda p, rows=rows: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
     def write_run(self, **extra):
+        if self.enabled and self.pending_removal:
+            self._remove_pending()
         wall = self.wall_before + time.time() - PROCESS_START
         if torch.cuda.is_available() and torch.cuda.is_initialized():   # this process's peak, for the cost table
             extra["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -263,15 +341,26 @@ class RunLog:
                          dollars=round(wall * self.n_gpus / 3600 * self.usd, 4))
         if self.enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
+            here = self.dir.resolve()
+            self.outputs |= {p.relative_to(here).as_posix() for p in WRITTEN if p.is_relative_to(here) and p.exists()}
+            self.outputs.add("run.json")
+            self.info["outputs"] = sorted(self.outputs)                  # what --overwrite may remove, exactly
             atomic_write(self.dir / "run.json", lambda p: Path(p).write_text(json.dumps(self.info, indent=2)))
+            if extra.get("finished") and self.dir.resolve() in _HELD_LOCKS:   # the run is over: the folder is free
+                _HELD_LOCKS.pop(self.dir.resolve()).close()
 
     def _append(self, name: str, rows):
         if self.enabled:
+            if self.pending_removal:
+                self._remove_pending()
             self.dir.mkdir(parents=True, exist_ok=True)
+            WRITTEN.add((self.dir / name).resolve())
             with open(self.dir / name, "a") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
                 f.flush()
+            if name not in self.outputs:          # in the run record from its first row (a crash keeps it owned)
+                self.write_run()
 
     def metrics(self, row: dict):
         self._append("metrics.jsonl", [row])

@@ -269,9 +269,9 @@ def evaluate(args) -> dict:
         return C.print_config({**vars(args), "adapters": args.adapter or ["base"], "world_size": 1})
     out_dir = Path(args.out_dir)
     sets, stats, tok, net, eos_ids, engine = prepare(args)
-    done = recorded_samples(out_dir, sample_settings(args, sets), args.overwrite)
-    log = C.RunLog(out_dir, vars(args), "evaluate", n_gpus=int(net.device.type == "cuda"),
+    log = C.RunLog(out_dir, vars(args), "evaluate", n_gpus=int(net.device.type == "cuda"),   # lock, ownership
                    gpu_hour_usd=args.gpu_hour_usd, resume=True)
+    done = recorded_samples(out_dir, sample_settings(args, sets), args.overwrite)
     log.write_run(data=stats, **({"vllm": engine.settings} if engine is not None else {}))
     system_prompt = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
     adapters = args.adapter or ["base"]
