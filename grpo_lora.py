@@ -54,8 +54,10 @@ import lora as L
 import model as M
 import sampling as SM
 
-# what --resume accepts changed from the saved run (everything else must match, or the run is refused)
-RESUME_MAY_CHANGE = ("max_steps", "stop_step", "save_every", "log_every", "resume", "overwrite", "wandb",
+# what --resume accepts changed from the saved run (everything else must match, or the run is refused; not
+# --max_steps: it defines the warm-up and the cosine, so a run continues on its recorded schedule, --stop_step
+# moves where it ends)
+RESUME_MAY_CHANGE = ("stop_step", "save_every", "log_every", "resume", "overwrite", "wandb",
                      "device", "gpu_hour_usd", "model_dir", "rollout")
 
 # -----------------------------------------------------------------------------------------------
@@ -270,6 +272,9 @@ def check_args(args):
         raise SystemExit("--rollout vllm needs a model folder or hub id that vLLM can load, not random:")
     if args.num_iterations < 1 or args.max_steps < 1:
         raise SystemExit("--num_iterations and --max_steps must be >= 1")
+    if args.save_every % args.num_iterations:     # a checkpoint inside a reused batch could not resume exactly
+        raise SystemExit(f"--save_every {args.save_every} must be a multiple of --num_iterations {args.num_iterations}: "
+                         "a batch of rollouts feeds that many steps, and a resume starts with fresh rollouts")
     if args.rollout == "vllm" and args.temperature < 0.01:
         raise SystemExit(f"--temperature {args.temperature}: vLLM raises temperatures below 0.01 to 0.01")
     if not args.temperature > 0:
@@ -538,7 +543,7 @@ def train(args) -> dict:
             log.samples([{"step": step, "prompt": batch.prompts[0], "gold": batch.examples[0].answer,
                           "completion": ro.texts[k], "reward": float(batch.rewards[k])}
                          for k in range(args.num_generations)])
-        if step % args.save_every == 0 or step == stop:
+        if step % args.save_every == 0 or (step == stop and step % args.num_iterations == 0):
             L.save_checkpoint(net, opt, out_dir, step, {"epoch": stream.epoch, "pos": stream.pos}, generator,
                               args.model, log, vars(args), rank, world)
     bar.close()

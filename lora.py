@@ -396,8 +396,17 @@ def load_training_state(out_dir: Path, net, opt, generator: torch.Generator, run
 
     weights = read(d / state["adapter"] / "adapter_model.safetensors")
     layers = lora_layers(net)
+    want = {f"base_model.model.{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    missing = sorted(want - set(weights))
+    if missing:                          # those layers would silently restart from their initialisation
+        raise SystemExit(f"--resume: {d / state['adapter']} lacks {len(missing)} of this run's LoRA tensors "
+                         f"({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''}): the resume state is "
+                         "incomplete; restore it, or start a new run")
     for key, t in weights.items():
-        name, ab = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key).groups()
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        if m is None:
+            raise SystemExit(f"--resume: {d / state['adapter']} holds {key}, which is not a LoRA tensor")
+        name, ab = m.groups()
         if name not in layers:
             raise ValueError(f"--resume: saved adapter has {name}, which this run's LoRA does not "
                              "(different --lora_targets or model?)")

@@ -104,7 +104,8 @@ def check_fit(sae: S.SAE, layer: int, net, grad: str = "block"):
                          "it was trained on another architecture")
 
 
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "save_every", "resume", "overwrite", "device", "gpu_hour_usd")
+# (not --max_steps or --epochs: they set the lr schedule's length, which a resumed run keeps)
+RESUME_MAY_CHANGE = ("save_every", "resume", "overwrite", "device", "gpu_hour_usd")
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup_ratio: float) -> float:

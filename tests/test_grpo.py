@@ -318,7 +318,21 @@ def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, e
     out = tmp_path / "r"
     G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "2", "--stop_step", "2", "--save_every", "2"))
     with pytest.raises(SystemExit, match="--lora_r was 8, now 4"):     # refused before any shape is read
-        G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "4", "--resume", "--lora_r", "4"))
+        G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "2", "--resume", "--lora_r", "4"))
+    # --max_steps sets the warm-up and the cosine: a resumed run keeps its schedule (--stop_step may move)
+    with pytest.raises(SystemExit, match="--max_steps was 2, now 4"):
+        G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "4", "--stop_step", "4", "--resume"))
+    # a resume adapter missing LoRA tensors would restart those layers from scratch: refused
+    from safetensors.torch import load_file, save_file
+    state = json.loads((out / "resume" / "state.json").read_text())
+    f = out / "resume" / state["adapter"] / "adapter_model.safetensors"
+    w = load_file(str(f))
+    save_file({k: v for k, v in w.items() if "layers.1." not in k}, str(f))
+    with pytest.raises(SystemExit, match="lacks 14 of this run's LoRA tensors"):
+        G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "2", "--stop_step", "2", "--resume"))
+    # with reused batches (--num_iterations 2) a checkpoint must fall between batches
+    with pytest.raises(SystemExit, match="multiple of --num_iterations"):
+        G.main(run_args(char_model_dir, arith_file, tmp_path / "it", "--num_iterations", "2", "--save_every", "3"))
 
 
 def test_gradient_checkpointing_flag():
