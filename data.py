@@ -273,7 +273,9 @@ def question_text(q) -> str:
     if isinstance(q, list):   # chat messages: the first user turn
         users = [m.get("content", "") for m in q if isinstance(m, dict) and m.get("role", "user") == "user"]
         q = users[0] if users else ""
-    q = str(q).strip() if q is not None else ""
+    if q is None or isinstance(q, (bool, dict, list)):   # not a text: skipped and counted, never its Python repr
+        return ""
+    q = str(q).strip()
     for suffix in _QUESTION_SUFFIXES:
         q = q[:-len(suffix)].rstrip() if q.endswith(suffix) else q
     return q
@@ -297,12 +299,14 @@ def last_boxed(text: str) -> str | None:
 
 def gold_text(a) -> str:
     """Normalise a gold answer field to a short answer string (before $-wrapping)."""
-    if a is None:
+    if a is None or isinstance(a, bool):    # True is no answer (math-verify would read E*r*t*u): skipped
         return ""
     if isinstance(a, list):          # Minerva / OlympiadBench keep answers in lists: use the first
-        a = a[0] if a else ""
+        return gold_text(a[0]) if a else ""
     if isinstance(a, dict):
-        a = a.get("value", a.get("answer", ""))
+        return gold_text(a.get("value", a.get("answer")))
+    if not isinstance(a, (str, int, float)):
+        return ""
     if isinstance(a, float) and a.is_integer():
         a = int(a)                   # AMC stores 27.0
     a = str(a).strip()

@@ -152,6 +152,13 @@ def check_args(args):
                          "(greedy) or at least 0.01")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f"--top_p {args.top_p}: must be in (0, 1]")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit {args.limit}: must be at least 1 (leave it out to evaluate every problem)")
+    if any(k < 1 for k in args.k):
+        raise SystemExit(f"--k {','.join(map(str, args.k))}: every k must be at least 1")
+    if args.data and Path(args.data).stem in args.benchmarks:     # results are keyed by set name
+        raise SystemExit(f"--data {args.data} and --benchmarks {Path(args.data).stem} would share the name "
+                         f"{Path(args.data).stem!r}: rename the file")
     if args.k and max(args.k) > args.n:
         raise SystemExit(f"--n {args.n} is smaller than the largest k in --k ({max(args.k)}): pass@k needs n >= k")
     for a in [] if args.dry_run else args.adapter:       # a dry run describes a run whose adapters may not exist yet

@@ -273,9 +273,22 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
                 weights.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(key)
     except (OSError, RuntimeError, SafetensorError) as e:   # a truncated or corrupt file
         raise ValueError(f"{w_file} is not a readable safetensors file: {e}") from None
+    targets = cfg.get("target_modules")
+    if targets and targets != "all-linear":    # as peft: only the modules target_modules names get their tensors
+        def targeted(name):
+            if isinstance(targets, str):
+                return re.fullmatch(targets, name) is not None
+            return any(name == t or name.endswith("." + t) for t in targets)
+        dropped = sorted(n for n in weights if not targeted(n))
+        if dropped:
+            print(f"warning: {w_file} holds tensors for {len(dropped)} modules its target_modules {targets!r} does not "
+                  f"name (e.g. {dropped[0]}): left out, as peft does")
+            weights = {n: ab for n, ab in weights.items() if targeted(n)}
     for name, ab in weights.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{w_file}: {name} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        if not all(torch.isfinite(t).all() for t in ab.values()):
+            raise ValueError(f"{w_file}: {name} holds NaN or inf values: the adapter is corrupt")
         if ab["A"].shape[0] != cfg["r"] or ab["B"].shape[1] != cfg["r"]:
             raise ValueError(f"{w_file}: {name} has rank {ab['A'].shape[0]}, config says r={cfg['r']}")
     if not weights:

@@ -514,6 +514,8 @@ def load_model(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed
                 if t.shape != params[key].shape:
                     raise ValueError(f"{f.name}: {key} has shape {tuple(t.shape)}, config expects "
                                      f"{tuple(params[key].shape)}")
+                if not torch.isfinite(t).all():      # else a greedy evaluation reports a real-looking 0%
+                    raise ValueError(f"{f}: {key} holds NaN or inf values: the checkpoint is corrupt")
                 with torch.no_grad():
                     params[key].copy_(t)
                 seen.add(key)

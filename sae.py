@@ -193,6 +193,9 @@ class SAE(nn.Module):
             sae = cls(d_in, num_latents, cfg.get("k", 32), normalize_decoder=cfg.get("normalize_decoder", True),
                       multi_topk=cfg.get("multi_topk", False), skip_connection=cfg.get("skip_connection", False),
                       **meta)
+        bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{w_file}: {', '.join(bad)} hold NaN or inf values: the SAE is corrupt")
         want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in sd.items()}
         if want != got:

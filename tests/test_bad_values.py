@@ -51,6 +51,9 @@ def test_train_sae_refuses(extra, flag):
 @pytest.mark.parametrize("extra, flag", [
     (["--n", "0"], "--n"), (["--n", "-3"], "--n"), (["--temperature", "-1"], "--temperature -1.0"),
     (["--top_p", "1.5"], "--top_p 1.5"), (["--batch_size", "0"], "--batch_size"),
+    (["--limit", "0"], "--limit 0"), (["--limit", "-1"], "--limit -1"), (["--n", "4", "--k", "0,-1"], "--k 0,-1"),
+    (["--data", "x/aime24.jsonl", "--benchmarks", "aime24"], "share the name .aime24."),
+    (["--backend", "vllm", "--temperature", "0.005"], "random:"),
 ])
 def test_evaluate_refuses(extra, flag):
     with pytest.raises(SystemExit, match=flag):
@@ -138,3 +141,47 @@ def test_cost_meter_counts_the_whole_process_across_resumes(tmp_path):
     again.write_run()
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["wall_seconds"] >= 1000.0 and run["dollars"] == pytest.approx(run["wall_seconds"], rel=1e-3)
+
+
+def test_non_text_fields_are_skipped_not_parsed(tmp_path, capsys):
+    # True would reach math-verify as E*r*t*u (and \\boxed{urTe} score 1.0); a dict question its Python repr
+    import data as D
+    f = tmp_path / "odd.jsonl"
+    rows = [{"problem": "1+1", "answer": True}, {"problem": {"text": "2+2"}, "answer": "4"}, {"problem": "3+3", "answer": 6},
+            {"problem": "4+4", "answer": {"value": False}}, {"problem": "5+5", "answer": ["10"]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex, stats = D.load_examples(str(f))
+    assert [(e.question, e.answer) for e in ex] == [("3+3", "6"), ("5+5", "10")] and stats["skipped"] == 3
+
+
+def test_nan_weights_are_refused_at_load(tmp_path):
+    net = M.load_model("random:tiny-qwen2")
+    with torch.no_grad():
+        net.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    M.save_model(net, tmp_path / "m")
+    with pytest.raises(ValueError, match="up_proj.weight holds NaN or inf"):
+        M.load_model(str(tmp_path / "m"))
+    net = M.load_model("random:tiny-qwen2")
+    L.attach_lora(net, 4, 8, 0.0)
+    with torch.no_grad():
+        next(iter(L.lora_layers(net).values())).lora_B.weight[0, 0] = float("inf")
+    L.save_adapter(net, tmp_path / "a", base_model="random:tiny-qwen2")
+    with pytest.raises(ValueError, match="NaN or inf values: the adapter is corrupt"):
+        L.read_adapter(tmp_path / "a")
+    sae = S.SAE(8, 16, 2)
+    with torch.no_grad():
+        sae.b_dec[0] = float("nan")
+    sae.save(tmp_path / "s")
+    with pytest.raises(ValueError, match="b_dec hold NaN"):
+        S.SAE.load(tmp_path / "s")
+
+
+def test_adapter_tensors_outside_target_modules_are_left_out_as_peft_does(tmp_path, capsys):
+    net = M.load_model("random:tiny-qwen2")
+    L.attach_lora(net, 4, 8, 0.0, ["q_proj", "v_proj"])
+    L.save_adapter(net, tmp_path / "a", base_model="random:tiny-qwen2")
+    cfg_file = tmp_path / "a" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "target_modules": ["q_proj"]}))
+    _, weights = L.read_adapter(tmp_path / "a")
+    assert weights and all(n.endswith("q_proj") for n in weights)
+    assert "target_modules ['q_proj'] does not name" in capsys.readouterr().out
