@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import time
 import zlib
@@ -457,6 +458,8 @@ def setup(args, rank: int, device):
     examples, data_stats = D.load_examples(args.dataset, args.question_field, args.answer_field)
     usable, data_stats["unparseable_gold"] = select_prompts(examples, args.rewards, args.dataset)
     data_stats["dropped_prompts"] = len(examples) - len(usable)
+    # the data's identity, in the run's arguments: a --resume on edited data is refused (load_training_state)
+    args.data_checksum = zlib.crc32(json.dumps([[e.question, e.answer] for e in usable]).encode())
     if not usable:
         raise SystemExit(f"{args.dataset}: no example has a gold answer math-verify can parse")
     net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)

@@ -394,8 +394,9 @@ def load_training_state(out_dir: Path, net, opt, generator: torch.Generator, run
     if run_args is not None and "args" in state:
         changed = [k for k, v in state["args"].items() if k not in may_change and k in run_args and run_args[k] != v]
         if changed:
-            raise SystemExit("--resume: " + "; ".join(f"--{k} was {state['args'][k]!r}, now {run_args[k]!r}"
-                                                      for k in changed)
+            raise SystemExit("--resume: " + "; ".join(
+                "the training data changed since the run started (its checksum differs)" if k == "data_checksum"
+                else f"--{k} was {state['args'][k]!r}, now {run_args[k]!r}" for k in changed)
                              + ". Resume with the saved values (only " + ", ".join(
                                  f"--{k}" for k in may_change if k not in ("resume", "overwrite", "out_dir", "model_dir"))
                              + " may change), or start a new run")

@@ -538,8 +538,14 @@ def load_tokenizer(name: str):
     if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
         # a generic tokenizer.json (the toy world's): transformers 5 would otherwise pick the tokenizer class
         # of config.json's model_type (Qwen2's) and replace its pre-tokenizer
-        return PreTrainedTokenizerFast.from_pretrained(str(d))
-    return AutoTokenizer.from_pretrained(str(d))
+        tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(d))
+    probe = tok("Q: 12 + 3 = 15", add_special_tokens=False).input_ids
+    if len(tok) < 3 or not probe or all(i == tok.unk_token_id for i in probe):
+        raise SystemExit(f"{d}: its tokenizer ({len(tok)} tokens) cannot encode text: the folder lacks tokenizer "
+                         "files (tokenizer.json / vocab files)? Pass --tokenizer with a folder that has them")
+    return tok
 
 
 def eos_token_ids(tokenizer, model_name: str, cfg: ModelConfig) -> list[int]:

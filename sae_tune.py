@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -139,6 +140,7 @@ def setup(args, device):
         valid = torch.ones_like(amask)
     else:                                                         # one example per row, right-padded
         ids, amask, valid = D.pad_rows(tok, pieces, args.ctx_len)
+    args.data_checksum = zlib.crc32(ids.numpy().tobytes())       # the text's identity: --resume refuses a change
     lmask = valid if args.loss_on == "all" else amask             # what the CE loss counts
     if args.mask_pad_labels:                                      # trl's collator: no loss on pad-token labels
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

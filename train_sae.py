@@ -117,6 +117,9 @@ def load_start(init_from: str, layer: int) -> S.SAE:
             sae = S.load_sae(init_from, hookpoint=hook)
         except FileNotFoundError:                         # not this hookpoint's folder
             continue
+        if sae.layer is not None and sae.layer != layer:
+            raise SystemExit(f"--init_from {init_from}: the SAE found for layer {layer} says it was trained at layer "
+                             f"{sae.layer} (its cfg.json); pass the folder of layer {layer}'s SAE")
         if hook.endswith(".mlp"):
             print(f"warning: --init_from {init_from}: {hook} was trained on the output of layer {layer}'s MLP, not "
                   f"on the residual stream after layer {layer}; it is only a starting point here (as in Resa)")

@@ -185,3 +185,18 @@ def test_adapter_tensors_outside_target_modules_are_left_out_as_peft_does(tmp_pa
     _, weights = L.read_adapter(tmp_path / "a")
     assert weights and all(n.endswith("q_proj") for n in weights)
     assert "target_modules ['q_proj'] does not name" in capsys.readouterr().out
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    # transformers gives a 1-token tokenizer: the stages trained on EOS only and reported success
+    M.save_model(M.load_model("random:tiny-qwen2"), tmp_path / "m")
+    with pytest.raises(SystemExit, match="cannot encode text.*--tokenizer"):
+        M.load_tokenizer(str(tmp_path / "m"))
+
+
+def test_init_from_an_sae_of_another_layer_is_refused(tmp_path):
+    sae = S.SAE(8, 16, 2, layer=2)
+    sae.save(tmp_path / "layers.2")
+    with pytest.raises(SystemExit, match="trained at layer 2"):
+        T.load_start(str(tmp_path / "layers.2"), 4)
+    assert T.load_start(str(tmp_path), 2).layer == 2

@@ -322,6 +322,8 @@ def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, e
     # --max_steps sets the warm-up and the cosine: a resumed run keeps its schedule (--stop_step may move)
     with pytest.raises(SystemExit, match="--max_steps was 2, now 4"):
         G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "4", "--stop_step", "4", "--resume"))
+    import shutil
+    shutil.copytree(out, tmp_path / "r2")                          # (intact, for the data check below)
     # a resume adapter missing LoRA tensors would restart those layers from scratch: refused
     from safetensors.torch import load_file, save_file
     state = json.loads((out / "resume" / "state.json").read_text())
@@ -330,6 +332,12 @@ def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, e
     save_file({k: v for k, v in w.items() if "layers.1." not in k}, str(f))
     with pytest.raises(SystemExit, match="lacks 14 of this run's LoRA tensors"):
         G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "2", "--stop_step", "2", "--resume"))
+    # the training data edited between a run and its resume: refused (the data's checksum is part of the run)
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(arith_file.read_text().replace('"answer": "1', '"answer": "2', 1))
+    ok = run_args(char_model_dir, arith_file, tmp_path / "r2", "--max_steps", "2", "--stop_step", "2", "--resume")
+    with pytest.raises(SystemExit, match="the training data changed"):
+        G.main([str(edited) if a == str(arith_file) else a for a in map(str, ok)])
     # with reused batches (--num_iterations 2) a checkpoint must fall between batches
     with pytest.raises(SystemExit, match="multiple of --num_iterations"):
         G.main(run_args(char_model_dir, arith_file, tmp_path / "it", "--num_iterations", "2", "--save_every", "3"))
