@@ -34,6 +34,7 @@ code, moved into math-verify); the interval is a normal approximation.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import zlib
@@ -167,11 +168,40 @@ def check_args(args):
                              "adapter_model.safetensors)")
 
 
+def file_fingerprint(path: Path, whole_below: int = 1 << 28) -> str:
+    """A content hash of a weight file: all of it up to 256 MiB (adapters, SAEs), else its size and its first and
+    last 16 MiB (a base model's shards: a retrained or replaced checkpoint changes them)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= whole_below:
+            h.update(f.read())
+        else:
+            h.update(str(size).encode() + f.read(1 << 24))
+            f.seek(-(1 << 24), 2)
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def weights_identity(args) -> dict:
+    """What the samples were drawn from, by content: each adapter's, the SAE's and the model's weight files."""
+    def of(folder, pattern="*.safetensors"):
+        files = sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []
+        return {f.name: file_fingerprint(f) for f in files}
+    out = {a: of(a) for a in args.adapter if a != "base"}
+    if args.sae:
+        out["sae"] = of(args.sae)
+    if not args.model.startswith("random:"):
+        out["model"] = of(M.resolve_model_dir(args.model))
+    return out
+
+
 def sample_settings(args, sets) -> dict:
-    """Everything that determines the recorded samples: a re-run may reuse them only if all of it matches."""
+    """Everything that determines the recorded samples: a re-run may reuse them only if all of it matches
+    (the settings that shape the batches, --n among them, and the weights by content, not by path)."""
     keys = ("model", "tokenizer", "dtype", "template", "system_prompt", "temperature", "top_p", "max_new_tokens",
-            "batch_size", "seed", "backend", "sae", "max_model_len")
-    return {**{k: getattr(args, k) for k in keys},
+            "batch_size", "seed", "backend", "sae", "max_model_len", "n")
+    return {**{k: getattr(args, k) for k in keys}, "weights": weights_identity(args),
             "questions": {b: zlib.crc32(json.dumps([[e.index, e.question, e.answer] for e in ex]).encode())
                           for b, ex in sets.items()}}
 
@@ -185,7 +215,9 @@ def recorded_samples(out_dir: Path, settings: dict, overwrite: bool) -> dict:
     path = out_dir / "samples.jsonl"
     if path.exists():
         old = C.read_json(out_dir / "samples_settings.json") if files[1].exists() else {}
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        changed = sorted(k for k in set(old) | set(settings) if k != "weights" and old.get(k) != settings.get(k))
+        ow, nw = old.get("weights", {}), settings["weights"]          # an adapter added to a sweep is fine
+        changed += [f"the weights of {k}" for k in sorted(set(ow) & set(nw)) if ow[k] != nw[k]]
         if changed:
             raise SystemExit(f"--out_dir {out_dir} holds samples made with other settings ({', '.join(changed)}): "
                              "pass --overwrite to sample anew, or choose another --out_dir")

@@ -139,7 +139,7 @@ def test_rerun_with_other_settings_is_refused_or_overwritten(char_model_dir, sma
     common = ["--temperature", "1.0", "--n", "2", "--batch_size", "6", "--seed", "3"]
     E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common))
     first = (tmp_path / "ev" / "samples.jsonl").read_text()
-    for change in (["--temperature", "0.5"], ["--max_new_tokens", "7"], ["--seed", "4"]):
+    for change in (["--temperature", "0.5"], ["--max_new_tokens", "7"], ["--seed", "4"], ["--n", "3"]):
         with pytest.raises(SystemExit, match="other settings"):
             E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common, *change))
     other = tmp_path / "other" / small_set.name             # another file of the same name
@@ -225,3 +225,17 @@ def test_lighteval_scorer_follows_the_papers_tasks():
     odd = D.Example("q", "}{", 1, {"answer": "}{"})
     assert E.grade_sample("aime24", "}{", odd, "ours")[1] is None          # ours: unparseable gold, left out
     assert E.grade_sample("aime24", "}{", odd, "lighteval")[1] in (0.0, 1.0)   # lighteval: scored, never None
+
+
+def test_recorded_samples_are_not_reused_when_the_weights_at_a_path_changed(char_model_dir, small_set, tmp_path):
+    net = M.load_model(str(char_model_dir))
+    L.attach_lora(net, r=4, alpha=8)
+    randomize_B(net, 0, 0.05)
+    L.save_adapter(net, tmp_path / "ad", base_model=str(char_model_dir))
+    common = ["--temperature", "1.0", "--n", "1", "--adapter", f"base,{tmp_path / 'ad'}"]
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common))
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common))              # same weights: reused
+    randomize_B(net, 1, 0.05)
+    L.save_adapter(net, tmp_path / "ad", base_model=str(char_model_dir))               # retrained in place
+    with pytest.raises(SystemExit, match=f"the weights of {tmp_path / 'ad'}"):
+        E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common))
