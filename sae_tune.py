@@ -140,12 +140,21 @@ def setup(args, device):
         valid = torch.ones_like(amask)
     else:                                                         # one example per row, right-padded
         ids, amask, valid = D.pad_rows(tok, pieces, args.ctx_len)
-    args.data_checksum = zlib.crc32(ids.numpy().tobytes())       # the text's identity: --resume refuses a change
     lmask = valid if args.loss_on == "all" else amask             # what the CE loss counts
     if args.mask_pad_labels:                                      # trl's collator: no loss on pad-token labels
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         data_stats["pad_labels_masked"] = int((lmask & (ids == pad)).sum())
         lmask = lmask & (ids != pad)
+    if args.loss == "ce":             # rows with no target token would log ce 0 and still step AdamW: left out
+        keep = lmask[:, 1:].any(1)
+        data_stats["rows_without_loss_tokens"] = int((~keep).sum())
+        if not keep.any():
+            raise SystemExit(f"no chunk of {args.ctx_len} tokens holds a token the CE loss counts (--loss_on "
+                             f"{args.loss_on}): raise --ctx_len")
+        if not keep.all():
+            print(f"{args.dataset}: left out {int((~keep).sum())} of {len(keep)} rows with no token to train on")
+            ids, lmask = ids[keep], lmask[keep]
+    args.data_checksum = zlib.crc32(ids.numpy().tobytes())       # the text's identity: --resume refuses a change
     sae, layer = load_sae_arg(args)
     net = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
     if sae is not None:
@@ -221,7 +230,9 @@ def train(args) -> dict:
             else:                                                 # the SFT baseline
                 loss, mse = ce_loss(net, batch, bmask), None
         if not torch.isfinite(loss):
-            raise SystemExit(f"step {step + 1}: loss is {loss.item()} (NaN/inf); lower --lr")
+            raise SystemExit(f"step {step + 1}: loss is {loss.item()} (NaN/inf); " + (
+                "at the first step nothing has trained yet: the model, SAE or adapter produce it (check their weights, "
+                "or try --dtype fp32)" if step == 0 else "lower --lr"))
         loss.backward()
         C.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

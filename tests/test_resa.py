@@ -315,6 +315,11 @@ def test_resa_sft_text_rows_and_full_sequence_loss(model3, arith_file, tmp_path)
     assert rows[-1]["lr"] == pytest.approx(1e-2 * 1 / 3) and rows[-1]["ce"] < rows[1]["ce"]
     with pytest.raises(SystemExit, match="for the SFT baselines"):
         ST.main(["--model", str(model3), "--sae", str(tmp_path / "x"), "--no_packing", "--dataset", str(arith_file)])
+    # SFT rows without a token to train on (short chunks of the prompt only) are left out and counted
+    short = ["--model", str(model3), "--sae", "none", "--loss", "ce", "--dataset", str(arith_file), "--ctx_len", "8",
+             "--system_prompt", "resa", "--device", "cpu"]
+    ids, lmask, stats, *_ = ST.setup(ST.build_parser().parse_args(short), torch.device("cpu"))
+    assert stats["rows_without_loss_tokens"] > 0 and lmask[:, 1:].any(1).all()
     # --mask_pad_labels (Resa's SFTTrainer collator): a tokenizer whose pad is its EOS, as R1-Distill's, never
     # trains on the reply's closing EOS; without the flag it does
     tok.pad_token = tok.eos_token
