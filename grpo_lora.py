@@ -475,6 +475,7 @@ def setup(args, rank: int, device):
         raise SystemExit("the tokenizer and model config name no EOS token: completions could never end")
     torch.manual_seed(args.seed)                 # identical LoRA init on every rank
     L.attach_lora(net, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    torch.manual_seed(args.seed + 1 + rank)      # then each rank's own stream (dropout differs across ranks)
     net.gradient_checkpointing = C.use_checkpointing(args.gradient_checkpointing,
                                                      args.max_prompt_len + args.max_completion_len)
     params = L.lora_parameters(net)
@@ -505,7 +506,8 @@ def train(args) -> dict:
     stop = min(args.stop_step or args.max_steps, args.max_steps)
     step, stream = 0, PromptStream(usable, args.seed)
     if args.resume:
-        state = L.load_training_state(out_dir, net, opt, generator, run_args=vars(args), may_change=RESUME_MAY_CHANGE)
+        state = L.load_training_state(out_dir, net, opt, generator, run_args=vars(args), may_change=RESUME_MAY_CHANGE,
+                                      rank=rank)
         step, stream = state["step"], PromptStream(usable, args.seed, state["epoch"], state["pos"])
         for _ in range(step):
             sched.step()

@@ -348,7 +348,27 @@ def add_lora_args(parser, r: int = 32, alpha: float = 128, dropout: float = 0.05
 # Every file is written atomically and the previous state is deleted only after state.json points at the new one.
 
 
-def save_training_state(out_dir: Path, net, opt, step: int, data_state: dict, generator: torch.Generator):
+def rng_tensors(generator: torch.Generator, world: int = 1) -> dict[str, torch.Tensor]:
+    """This process's RNG states (torch's CPU and CUDA generators, the sampler's) as uint8 tensors; with several
+    processes every rank's, gathered (collective: every rank calls it), under rng/<name>/rank<r> beside rank 0's
+    plain names, so each rank resumes from its own stream."""
+    mine = {"rng/torch_cpu": torch.get_rng_state(), "rng/sampler": generator.get_state().cpu()}
+    if torch.cuda.is_available():
+        mine["rng/torch_cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    out = {}
+    for k, v in mine.items():
+        parts = [torch.empty_like(v, device=dev) for _ in range(world)]
+        dist.all_gather(parts, v.to(dev))
+        out.update({f"{k}/rank{r}": p.cpu() for r, p in enumerate(parts)})
+    return {**out, **mine}
+
+
+def save_training_state(out_dir: Path, net, opt, step: int, data_state: dict, generator: torch.Generator,
+                        rng: dict | None = None):
     d = out_dir / "resume"
     d.mkdir(parents=True, exist_ok=True)
     names = {id(p): n for n, p in net.named_parameters()}
@@ -359,10 +379,7 @@ def save_training_state(out_dir: Path, net, opt, step: int, data_state: dict, ge
             tensors[f"exp_avg/{names[id(p)]}"] = st["exp_avg"].detach().cpu()
             tensors[f"exp_avg_sq/{names[id(p)]}"] = st["exp_avg_sq"].detach().cpu()
             tensors[f"step/{names[id(p)]}"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1).cpu()
-    tensors["rng/torch_cpu"] = torch.get_rng_state()
-    tensors["rng/sampler"] = generator.get_state().cpu()
-    if torch.cuda.is_available():
-        tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
+    tensors.update(rng if rng is not None else rng_tensors(generator))
     tag = f"{step:06d}"
     save_adapter(net, d / f"adapter-{tag}")
     atomic_write(d / f"optim-{tag}.safetensors", lambda p: save_file(tensors, str(p)))
@@ -379,7 +396,7 @@ def save_training_state(out_dir: Path, net, opt, step: int, data_state: dict, ge
 
 
 def load_training_state(out_dir: Path, net, opt, generator: torch.Generator, run_args: dict | None = None,
-                        may_change=()) -> dict:
+                        may_change=(), rank: int = 0) -> dict:
     """Restore LoRA weights, optimizer moments and RNG states from out_dir/resume. With run_args, the saved
     run's arguments must equal these except the keys in may_change (a changed lr, dataset or schedule would
     silently make another run). Every problem names its file."""
@@ -438,11 +455,18 @@ def load_training_state(out_dir: Path, net, opt, generator: torch.Generator, run
             opt.state[p] = {"step": tensors[f"step/{n}"].reshape(()).to(torch.float32),
                             "exp_avg": tensors[f"exp_avg/{n}"].to(p.device),
                             "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device)}
-    torch.set_rng_state(tensors["rng/torch_cpu"])
-    generator.set_state(tensors["rng/sampler"].to(generator.device) if generator.device.type != "cpu"
-                        else tensors["rng/sampler"])
-    if "rng/torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/torch_cuda"])
+    def rng(name):                    # this rank's own state where the checkpoint has one per rank
+        key = f"rng/{name}/rank{rank}"
+        if rank > 0 and key not in tensors and f"rng/{name}" in tensors:
+            raise SystemExit(f"--resume: {d / state['optim']} has no RNG state for rank {rank}: it was saved by a "
+                             "run with fewer processes; resume with as many as it had")
+        return tensors.get(key, tensors.get(f"rng/{name}"))
+    if rng("torch_cpu") is None or rng("sampler") is None:
+        raise SystemExit(f"--resume: {d / state['optim']} lacks the RNG states; restore it, or start a new run")
+    torch.set_rng_state(rng("torch_cpu"))
+    generator.set_state(rng("sampler").to(generator.device) if generator.device.type != "cpu" else rng("sampler"))
+    if rng("torch_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng("torch_cuda"))
     return state
 
 
@@ -460,9 +484,10 @@ def save_checkpoint(net, opt, out_dir: Path, step: int, data_state: dict, genera
                     base_model: str, log, run_args: dict | None = None, rank: int = 0, world: int = 1):
     """Every training stage's checkpoint: the adapter in out_dir/step_NNNNNN (PEFT format), the resume
     state and run.json's last_step (written by rank 0; other ranks wait at a barrier)."""
+    rng = rng_tensors(generator, world)          # (every rank takes part in gathering the RNG states)
     if rank == 0:
         save_adapter(net, out_dir / f"step_{step:06d}", base_model=base_model)
-        save_training_state(out_dir, net, opt, step, {**data_state, "args": run_args or {}}, generator)
+        save_training_state(out_dir, net, opt, step, {**data_state, "args": run_args or {}}, generator, rng)
         log.write_run(last_step=step)
     if world > 1:
         import torch.distributed as dist

@@ -211,7 +211,7 @@ def train(args) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, args.lr_schedule, args.warmup_ratio))
     step = 0
     if args.resume:
-        step = L.load_training_state(out_dir, net, opt, generator, vars(args), RESUME_MAY_CHANGE)["step"]
+        step = L.load_training_state(out_dir, net, opt, generator, vars(args), RESUME_MAY_CHANGE, rank=rank)["step"]
         for _ in range(step):
             sched.step()
         log.resume(step)

@@ -275,6 +275,31 @@ def test_two_processes_with_gloo(char_model_dir, arith_file, tmp_path):
     assert (out / "final" / "adapter_model.safetensors").exists()
 
 
+def test_two_process_resume_matches_the_uninterrupted_run(char_model_dir, arith_file, tmp_path):
+    # each rank has its own RNG stream (dropout, sampling) and resumes from its own saved state
+    script = tmp_path / "entry.py"
+    script.write_text(f"{EASY_REWARD}; import sys; G.main(sys.argv[1:])\n")
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *run_args(char_model_dir, arith_file, out, "--prompts_per_step", "4", "--grad_accum", "2", "--device",
+                         "cpu", "--save_every", "2", "--lora_dropout", "0.1", "--max_steps", "4", *extra)]
+        r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(tmp_path / "full", "--stop_step", "4")
+    torchrun(tmp_path / "cut", "--stop_step", "2")
+    torchrun(tmp_path / "cut", "--stop_step", "4", "--resume")
+    from safetensors.torch import load_file
+    state = load_file(str(next((tmp_path / "cut" / "resume").glob("optim-*.safetensors"))))
+    assert not torch.equal(state["rng/torch_cpu/rank0"], state["rng/torch_cpu/rank1"])    # two streams
+    wa = load_file(str(tmp_path / "full" / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "final" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    ma, mb = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["reward"] for r in ma] == [r["reward"] for r in mb] and len(ma) == 4
+
+
 def test_all_reduce_keeps_ranks_identical(tmp_path):
     # the gradient averaging used by multi-process training, checked across two gloo processes
     script = tmp_path / "ar.py"
