@@ -27,7 +27,16 @@ import torch.distributed as dist
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device "
+                         "cpu, or install the CUDA build of torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (0..)")
+    return dev
 
 
 def pick_dtype(name: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
@@ -128,6 +137,9 @@ def cli(main):
         if os.environ.get("NANOREASON_TRACEBACK"):
             raise
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the training stages continue from their last checkpoint with the same command "
+                         "plus --resume; evaluate.py with the same command (recorded samples are kept)") from None
 
 
 def csv_list(kind=str):
@@ -241,7 +253,7 @@ class RunLog:
     last checkpoint would otherwise repeat) and continues the cost meter from the recorded wall seconds."""
 
     def __init__(self, out_dir, args: dict, stage: str, enabled: bool = True, n_gpus: int = 0,
-                 gpu_hour_usd: float = 0.0, resume: bool = False, overwrite: bool = False):
+                 gpu_hour_usd: float = 0.0, resume: bool = False, overwrite: bool = False, can_resume: bool = True):
         import transformers
         self.dir, self.enabled = Path(out_dir), enabled
         self.n_gpus, self.usd, self.wall_before = n_gpus, gpu_hour_usd, 0.0
@@ -262,8 +274,9 @@ class RunLog:
         if old and not resume:
             if not overwrite:
                 raise SystemExit(f"--out_dir {self.dir} already holds a run ({', '.join(sorted(str(p.relative_to(self.dir)) for p in old)[:4])}"
-                                 f"{', ...' if len(old) > 4 else ''}): pass --resume to continue it, --overwrite to "
-                                 "replace it, or choose another --out_dir")
+                                 f"{', ...' if len(old) > 4 else ''}): "
+                                 + ("pass --resume to continue it, " if can_resume else "")
+                                 + "--overwrite to replace it, or choose another --out_dir")
             self.pending_removal, self.outputs = old, set()
 
     def _lock(self):

@@ -133,16 +133,30 @@ def _read_local(path: Path) -> list[dict]:
     suffix = "".join(path.suffixes[-1:]).lower()
     if suffix == ".jsonl":
         rows = []
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{n} is not UTF-8 text ({e.reason} at byte {e.start}): re-save the file "
+                                     "as UTF-8") from None
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}:{n} is a JSON {type(row).__name__}, not one record per line "
+                                         "({\"problem\": ..., \"answer\": ...}); a JSON list belongs in a .json file")
+                    rows.append(row)
         return rows
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): re-save it as UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
         if isinstance(data, dict):   # {"data": [...]} or a dict of columns
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):

@@ -40,6 +40,7 @@ import importlib.util
 import json
 import math
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -467,9 +468,9 @@ def setup(args, rank: int, device):
     tok = M.load_tokenizer(args.tokenizer or args.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    if args.max_completion_len >= net.cfg.max_position_embeddings:   # (a long prompt + completion: generate refuses)
-        raise SystemExit(f"--max_completion_len {args.max_completion_len} does not fit the model's trained context "
-                         f"({net.cfg.max_position_embeddings} positions)")
+    if args.max_prompt_len + args.max_completion_len > net.cfg.max_position_embeddings:   # found now, not at step 40
+        raise SystemExit(f"--max_prompt_len {args.max_prompt_len} + --max_completion_len {args.max_completion_len} do "
+                         f"not fit the model's trained context ({net.cfg.max_position_embeddings} positions)")
     eos_ids = M.eos_token_ids(tok, args.model, net.cfg)
     if not eos_ids:
         raise SystemExit("the tokenizer and model config name no EOS token: completions could never end")
@@ -509,8 +510,10 @@ def train(args) -> dict:
         state = L.load_training_state(out_dir, net, opt, generator, run_args=vars(args), may_change=RESUME_MAY_CHANGE,
                                       rank=rank)
         step, stream = state["step"], PromptStream(usable, args.seed, state["epoch"], state["pos"])
-        for _ in range(step):
-            sched.step()
+        with warnings.catch_warnings():               # (stepping the schedule to the saved step, no optimizer step)
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                sched.step()
         log.resume(step)
     log.write_run(data=data_stats, trainable_params=sum(p.numel() for p in params), eos_ids=eos_ids,
                   **({"vllm": engine.settings} if engine is not None else {}))

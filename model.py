@@ -469,8 +469,12 @@ def resolve_model_dir(name: str) -> Path:
     if p.exists() or name.startswith((".", "/")) or name.count("/") != 1:
         raise FileNotFoundError(f"model {name!r} is neither a local folder nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                        "*.jinja", "tokenizer*"]))
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                            "*.jinja", "tokenizer*"]))
+    except Exception as e:           # offline, a typo, a gated repo: say what was tried
+        raise FileNotFoundError(f"model {name!r}: no local folder {Path(name).resolve()}, and the hub gave "
+                                f"{type(e).__name__}: {str(e).splitlines()[0][:200]} (offline? a typo in the path?)") from None
 
 
 def _safetensors_files(d: Path) -> list[Path]:
@@ -494,7 +498,12 @@ def load_model(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed
         model.name_or_path = name
         return model.eval()
     d = resolve_model_dir(name)
-    cfg = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{d} has no config.json: not a Hugging Face model folder")
+    try:
+        cfg = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{d / 'config.json'} is not valid JSON: {e}") from None
     model = Transformer.empty(cfg, device, dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     seen = set()

@@ -181,6 +181,8 @@ class SAE(nn.Module):
             raise ValueError(f"{path}: activation {cfg['activation']!r} is not supported (only topk)")
         if cfg.get("transcode"):
             raise ValueError(f"{path}: a transcoder, not an autoencoder; not supported")
+        if "d_in" not in cfg:
+            raise ValueError(f"{cfg_file} has no d_in (the SAE's input width): not a sparsify SAE config")
         d_in = cfg["d_in"]
         num_latents = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
         meta = {k: v for k, v in cfg.items() if k not in SPARSIFY_KEYS and k != "d_in"}

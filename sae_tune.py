@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -181,6 +182,8 @@ def check_args(args):
     if args.batch_size % world:
         raise SystemExit(f"--batch_size {args.batch_size} (all processes together) must be a multiple of the "
                          f"number of processes ({world})")
+    if args.ctx_len < 2:
+        raise SystemExit(f"--ctx_len {args.ctx_len}: a chunk needs at least 2 tokens (one predicts the next)")
     C.check_ranges(args, positive=("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "ctx_len",
                                    "max_grad_norm"),
                    nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout", "warmup_ratio"))
@@ -212,8 +215,10 @@ def train(args) -> dict:
     step = 0
     if args.resume:
         step = L.load_training_state(out_dir, net, opt, generator, vars(args), RESUME_MAY_CHANGE, rank=rank)["step"]
-        for _ in range(step):
-            sched.step()
+        with warnings.catch_warnings():               # (stepping the schedule to the saved step, no optimizer step)
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                sched.step()
         log.resume(step)
     log.write_run(sae=args.sae, sae_layer=layer, sae_grad=args.sae_grad if sae else None, loss=args.loss, sae_source_model=sae.meta.get("source_model") if sae else None,
                   sae_adapter=sae.meta.get("adapter") if sae else None, data=data_stats, chunks=int(ids.shape[0]),

@@ -160,6 +160,8 @@ def make_saes(args, d_in: int, n_layers: int) -> dict[int, S.SAE]:
 def check_args(args):
     if args.num_latents is not None and args.expansion_factor is not None:
         raise SystemExit("give --num_latents or --expansion_factor, not both")
+    if args.ctx_len < 2:
+        raise SystemExit(f"--ctx_len {args.ctx_len}: a chunk needs at least 2 tokens")
     C.check_ranges(args, positive=("num_latents", "expansion_factor", "k", "batch_size", "ctx_len", "dead_tokens"),
                    nonnegative=("lr", "max_tokens", "warmup_steps", "auxk_alpha", "save_every"))
 
@@ -180,7 +182,8 @@ def train(args) -> dict[int, S.SAE]:
     out_dir = Path(args.out_dir)
     if args.init_from and not Path(args.init_from).exists() and args.init_from.count("/") != 1:
         raise SystemExit(f"--init_from {args.init_from!r}: no such SAE folder")
-    log = C.RunLog(out_dir, vars(args), "train_sae", n_gpus=int(device.type == "cuda"), gpu_hour_usd=args.gpu_hour_usd,
+    log = C.RunLog(out_dir, vars(args), "train_sae", can_resume=False, n_gpus=int(device.type == "cuda"),
+                   gpu_hour_usd=args.gpu_hour_usd,
                    overwrite=args.overwrite)
     tok = M.load_tokenizer(args.tokenizer or args.model)
     ids, data_stats = trigger_chunks(args, tok)

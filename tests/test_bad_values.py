@@ -32,6 +32,7 @@ def test_grpo_refuses(extra, flag):
 @pytest.mark.parametrize("extra, flag", [
     (["--epochs", "0"], "--epochs 0"), (["--batch_size", "0"], "--batch_size 0"), (["--kl_chunk", "0"], "--kl_chunk 0"),
     (["--lora_r", "0"], "--lora_r 0"), (["--lr", "-1"], "--lr -1.0"), (["--max_steps", "-2"], "--max_steps -2"),
+    (["--ctx_len", "1"], "--ctx_len 1"),
 ])
 def test_sae_tune_refuses(extra, flag):
     with pytest.raises(SystemExit, match=flag):
@@ -41,7 +42,7 @@ def test_sae_tune_refuses(extra, flag):
 @pytest.mark.parametrize("extra, flag", [
     (["--num_latents", "0"], "--num_latents 0"), (["--k", "0"], "--k 0"), (["--batch_size", "0"], "--batch_size 0"),
     (["--expansion_factor", "0"], "--expansion_factor 0"), (["--lr", "-1"], "--lr -1.0"),
-    (["--num_latents", "64", "--expansion_factor", "2"], "not both"),
+    (["--num_latents", "64", "--expansion_factor", "2"], "not both"), (["--ctx_len", "1"], "--ctx_len 1"),
 ])
 def test_train_sae_refuses(extra, flag):
     with pytest.raises(SystemExit, match=flag):
@@ -200,3 +201,33 @@ def test_init_from_an_sae_of_another_layer_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="trained at layer 2"):
         T.load_start(str(tmp_path / "layers.2"), 4)
     assert T.load_start(str(tmp_path), 2).layer == 2
+
+
+def test_loud_one_line_errors_for_common_mistakes(tmp_path):
+    import common as C
+    import data as D
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        if torch.cuda.is_available():
+            raise SystemExit("no CUDA device (skipped on a GPU machine)")
+        C.pick_device("cuda")
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text(json.dumps([{"problem": "1", "answer": "1"}]) + "\n")
+    with pytest.raises(ValueError, match="arr.jsonl:1 is a JSON list, not one record per line"):
+        D.load_examples(str(arr))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"problem": "x", "answer": "1"}).encode() + b"\n" + b'{"problem": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="latin.jsonl:2 is not UTF-8"):
+        D.load_examples(str(latin))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        M.load_model(str(tmp_path / "m"))
+    sae = S.SAE(8, 16, 2)
+    sae.save(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    del cfg["d_in"]
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="has no d_in"):
+        S.SAE.load(tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match="no local folder .* a typo in the path"):
+        M.resolve_model_dir("ourmodels/typo")              # one slash: tried as a hub id, offline in the tests

@@ -183,7 +183,7 @@ def test_lr_schedule_matches_transformers():
 def run_args(model_dir, data, out, *extra):
     return ["--model", str(model_dir), "--dataset", str(data), "--out_dir", str(out), "--rewards", "not_newline",
             "--reward_weights", "1", "--num_generations", "8", "--prompts_per_step", "4", "--grad_accum", "2",
-            "--max_completion_len", "4", "--lr", "1e-2", "--lora_r", "8", "--lora_alpha", "16",
+            "--max_prompt_len", "64", "--max_completion_len", "4", "--lr", "1e-2", "--lora_r", "8", "--lora_alpha", "16",
             "--warmup_ratio", "0", "--system_prompt", "none", "--seed", "0", *extra]
 
 

@@ -84,6 +84,7 @@ def test_overwrite_with_a_bad_input_loses_nothing(char_model_dir, arith_file, tm
     out = tmp_path / "g"
     base = ["--model", str(char_model_dir), "--out_dir", str(out), "--rewards", "not_newline", "--reward_weights", "1",
             "--num_generations", "2", "--prompts_per_step", "2", "--grad_accum", "2", "--max_completion_len", "4",
+            "--max_prompt_len", "64",
             "--max_steps", "1", "--stop_step", "1", "--system_prompt", "none", "--device", "cpu"]
     G.main(base + ["--dataset", str(arith_file)])
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
