@@ -70,9 +70,16 @@ def atomic_write(path, write: Callable[[Path], None]):
     """write(tmp) then fsync + rename over path, so a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno == 28:                 # ENOSPC: the file it would replace is untouched
+            raise SystemExit(f"{path}: the disk is full; free some space (the previous {path.name}, and the last "
+                             "complete checkpoint, are intact: --resume continues from it)") from None
+        raise
     os.replace(tmp, path)
     WRITTEN.add(path.resolve())
 

@@ -270,6 +270,10 @@ def prepare(args):
     return sets, stats, tok, net, M.eos_token_ids(tok, args.model, net.cfg), engine
 
 
+def template_for(args, bench: str) -> str:
+    return args.template if args.template != "auto" else ("gpqa" if bench == "gpqa_diamond" else "math")
+
+
 def sample_row(adapter, bench, ex, j, prompt, gen, scorer: str = "ours") -> dict:
     """One sample's record: the exact prompt, the completion, what was extracted and whether it is right."""
     text, ntok, finished = gen
@@ -308,11 +312,22 @@ def evaluate(args) -> dict:
         return C.print_config({**vars(args), "adapters": args.adapter or ["base"], "world_size": 1})
     out_dir = Path(args.out_dir)
     sets, stats, tok, net, eos_ids, engine = prepare(args)
+    system_prompt = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
+    limit = min(net.cfg.max_position_embeddings, args.max_model_len or math.inf) - 1   # room for one new token
+    for bench, examples in sets.items():          # a prompt that leaves no room is skipped and counted, not fatal
+        prompts = [D.format_prompt(tok, D.apply_template(template_for(args, bench), e.question), system_prompt)
+                   for e in examples]
+        lens = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+        kept = [e for e, n in zip(examples, lens) if n <= limit]
+        stats[bench]["prompt_too_long"] = len(examples) - len(kept)
+        if len(kept) < len(examples):
+            print(f"{bench}: skipped {len(examples) - len(kept)} of {len(examples)} problems whose prompt leaves no "
+                  f"room to answer within {limit + 1} tokens (the model's context or --max_model_len)")
+        sets[bench] = kept
     log = C.RunLog(out_dir, vars(args), "evaluate", n_gpus=int(net.device.type == "cuda"),   # lock, ownership
                    gpu_hour_usd=args.gpu_hour_usd, resume=True)
     done = recorded_samples(out_dir, sample_settings(args, sets), args.overwrite)
     log.write_run(data=stats, **({"vllm": engine.settings} if engine is not None else {}))
-    system_prompt = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
     adapters = args.adapter or ["base"]
     total = len(adapters) * sum(len(v) for v in sets.values()) * args.n
     bar = tqdm(total=total, initial=len(done), desc="eval", dynamic_ncols=True)
@@ -322,8 +337,8 @@ def evaluate(args) -> dict:
             L.load_adapter(net, adapter)
         results[adapter] = {}
         for bench, examples in sets.items():
-            template = args.template if args.template != "auto" else ("gpqa" if bench == "gpqa_diamond" else "math")
-            prompts = [D.format_prompt(tok, D.apply_template(template, e.question), system_prompt) for e in examples]
+            prompts = [D.format_prompt(tok, D.apply_template(template_for(args, bench), e.question), system_prompt)
+                       for e in examples]
             jobs = [(i, j) for i in range(len(examples)) for j in range(args.n)]     # fixed order and batches
             for b in range(0, len(jobs), args.batch_size):
                 batch = jobs[b:b + args.batch_size]      # a batch is sampled whole (its seed fixes its samples)

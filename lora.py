@@ -407,6 +407,10 @@ def load_training_state(out_dir: Path, net, opt, generator: torch.Generator, run
         state = read_json(d / "state.json")
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
+    lacking = [k for k in ("step", "adapter", "optim") if k not in state]
+    if lacking:
+        raise SystemExit(f"--resume: {d / 'state.json'} lacks {', '.join(lacking)}: the resume state is damaged; "
+                         "restore it, or start a new run")
     may_change = (*may_change, "out_dir", "resume", "overwrite")      # a moved folder is the same run
     if run_args is not None and "args" in state:
         changed = [k for k, v in state["args"].items() if k not in may_change and k in run_args and run_args[k] != v]

@@ -207,6 +207,12 @@ def test_generation_stays_within_the_trained_context(char_model_dir, small_set, 
     assert "capped at" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(tmp_path / "cap" / "samples.jsonl")]
     assert all(len(r["prompt"]) + r["tokens"] <= 512 for r in rows)      # characters = tokens here
+    # a prompt that leaves no room at all is skipped and counted; the others are evaluated
+    long = tmp_path / "long.jsonl"
+    long.write_text(small_set.read_text() + json.dumps({"problem": "9+" * 300 + "1", "answer": "2701"}) + "\n")
+    E.main(eval_args(char_model_dir, long, tmp_path / "long", "--temperature", "0", "--n", "1"))
+    rep = json.loads((tmp_path / "long" / "results.json").read_text())
+    assert rep["data"]["long"]["prompt_too_long"] == 1 and rep["results"]["base"]["long"]["problems"] == 5
 
 
 def test_lighteval_scorer_follows_the_papers_tasks():
