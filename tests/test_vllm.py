@@ -22,7 +22,8 @@ class FakeLLM:
         outs = []
         for p, sp in zip(prompts, params):
             toks = [7 + sp.seed % 5, 2]                    # a completion that depends on the seed, then EOS 2
-            outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=toks, finish_reason="stop")]))
+            lps = [{t: SimpleNamespace(logprob=-0.5)} for t in toks] if sp.logprobs is not None else None
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=toks, finish_reason="stop", logprobs=lps)]))
         return outs
 
 
