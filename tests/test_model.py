@@ -531,3 +531,14 @@ def test_generate_samples_at_its_temperature():
         g = torch.Generator().manual_seed(5)
         want = torch.multinomial((logits.float() / T).softmax(-1), 1, generator=g).squeeze(-1)
         assert torch.equal(out.tokens[:, 0], want), T
+
+
+def test_long_prompts_keep_their_end():
+    # a prompt over max_len keeps its last tokens (the question and the generation prompt), as TRL's left cut
+    import sampling as SM
+    from toy.chars import build_char_tokenizer
+    tok = build_char_tokenizer()
+    ids = SM.prompt_token_ids(tok, ["abcdefgh", "xy"], max_len=3)
+    assert [tok.decode(i) for i in ids] == ["fgh", "xy"]
+    pids, mask = SM.encode_prompts(tok, ["abcdefgh", "xy"], "cpu", max_len=3)
+    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]] and tok.decode(pids[1, 1:]) == "xy"

@@ -45,6 +45,25 @@ def test_sparsify_sae_loads_in_ours(tmp_path, skip):
     assert torch.allclose(ref.fvu, got.fvu, atol=1e-6)
 
 
+def test_relu_and_auxk_scale_match_sparsify():
+    # negative biases: most selected pre-activations would be below zero without the ReLU; few dead latents:
+    # AuxK's scale num_dead / (d / 2) < 1 and its k_aux = num_dead
+    sc = sparsify_sae(d=16, m=64, k=8)
+    with torch.no_grad():
+        sc.encoder.bias.fill_(-0.8)
+    ours = S.SAE(16, 64, 8)
+    ours.load_state_dict(sc.state_dict())
+    x = torch.randn(128, 16, generator=torch.Generator().manual_seed(2))
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 9, 40]] = True                                        # 3 dead of k_aux 8: scale 3/8
+    with torch.no_grad():
+        ref, got = sc(x, dead_mask=dead), ours(x, dead_mask=dead)
+        rec = ours.reconstruct(x)                                  # the inference path (SAE-Tuning, evaluation)
+    assert (ref.latent_acts == 0).float().mean() > 0.2          # the ReLU mattered
+    assert torch.allclose(ref.sae_out, got.recon, atol=1e-5) and torch.allclose(ref.sae_out, rec, atol=1e-5)
+    assert got.auxk_loss.item() == pytest.approx(ref.auxk_loss.item(), rel=1e-5) and got.auxk_loss > 0
+
+
 def test_our_sae_loads_in_sparsify(tmp_path):
     from sparsify import SparseCoder
     ours = S.SAE(32, 128, 4, layer=5, source_model="random:tiny-qwen2")
