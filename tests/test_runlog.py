@@ -109,3 +109,34 @@ def test_out_dir_that_is_a_file_or_not_writable(tmp_path):
             C.RunLog(ro / "sub", {}, "evaluate")
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_full_disk_ctrl_c_and_a_damaged_resume_state_are_named(tmp_path):
+    import errno
+    target = tmp_path / "x.json"
+    target.write_text("old")
+
+    def full(p):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(SystemExit, match="the disk is full.*intact"):
+        C.atomic_write(target, full)
+    assert target.read_text() == "old" and not list(tmp_path.glob(".x.json.tmp*"))
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit, match="--resume"):
+        C.cli(interrupted)
+    import lora as L
+    (tmp_path / "run" / "resume").mkdir(parents=True)
+    (tmp_path / "run" / "resume" / "state.json").write_text(json.dumps({"step": 3}))
+    with pytest.raises(SystemExit, match="lacks adapter, optim"):
+        L.load_training_state(tmp_path / "run", None, None, None)
+
+
+def test_train_sae_offers_no_resume_it_does_not_have(tmp_path):
+    d = tmp_path / "s"
+    log = C.RunLog(d, {}, "train_sae", can_resume=False)
+    log.write_run(finished=True)
+    with pytest.raises(SystemExit) as e:
+        C.RunLog(d, {}, "train_sae", can_resume=False)
+    assert "--overwrite" in str(e.value) and "--resume" not in str(e.value)
