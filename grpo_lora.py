@@ -29,7 +29,8 @@ Simplifications versus the paper's TRL 0.15 setup, all deliberate:
     log-probs are those of the first; with N = 1 (Tina) the ratio is exactly 1 and only the gradient counts.
   * Log-probs are computed at --logprob_temperature, by default the sampling temperature (logits / T) as
     later TRL versions do; trl 0.15.2, which Tina ran, used 1.0, and the Tina recipes set that.
-  * --rollout vllm runs vLLM in-process and syncs the policy by saving the adapter every step (no server).
+  * --rollout vllm runs vLLM in-process and syncs the policy by saving the adapter every step (no server); it logs
+    the sampler-trainer log-prob gap, and --vllm_is_correction applies TRL's truncated importance weights.
   * Correctness is graded with Tina's settings: the accuracy reward's (data.grade mode "reward") and, inside the
     length and cosine rewards, theirs (mode "reward_length": LaTeX-only gold, boxed=True, verify(answer, gold)).
 """
@@ -155,11 +156,13 @@ def group_advantages(rewards, group_size: int, scale: bool):
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, *, beta: float, epsilon: float, loss_type: str,
-              max_completion_len: int, step_tokens_per_micro_batch=None):
+              max_completion_len: int, step_tokens_per_micro_batch=None, is_weight=None):
     """Per-token clipped objective with the k3 KL penalty. logp/old/ref/mask [N, C], adv [N].
     dapo divides by step_tokens_per_micro_batch (the optimizer step's completion tokens, all micro-batches and
     processes, / their number: update() passes it, so that the mean over micro-batches and ranks is the step's
     token sum / its token count); bnpo (and dapo without it) by this micro-batch's own token count.
+    is_weight [N, C] (no gradient): each token's loss times it, TRL's truncated importance-sampling correction for
+    a sampler that is not the trainer (vLLM): min(exp(old - sampler log-prob), cap).
     Returns (loss, mean KL over completion tokens, TRL's clip ratios: {"low", "high", "region"})."""
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
@@ -169,6 +172,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, *, beta: float, epsilon: floa
     if beta != 0.0:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
         tok = tok + beta * kl
+    if is_weight is not None:
+        tok = tok * is_weight
     if loss_type == "grpo":         # mean over each sequence's tokens, then over sequences
         loss = ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     elif loss_type == "dr_grpo":    # sum over tokens / (sequences x max completion length)
@@ -255,7 +260,7 @@ def rollout_vllm(engine: SM.VLLMEngine, net, tok, prompts, args, eos_ids, step, 
 
 
 def check_args(args):
-    C.check_ranges(args, positive=("lora_r", "lora_alpha", "prompts_per_step", "grad_accum", "save_every",
+    C.check_ranges(args, positive=("lora_r", "lora_alpha", "prompts_per_step", "grad_accum", "save_every", "vllm_is_cap",
                                    "log_every", "max_prompt_len", "max_completion_len", "max_grad_norm",
                                    "logprob_temperature", "cosine_max_len"),
                    nonnegative=("lr", "beta", "epsilon", "min_lr_rate", "stop_step"), fractions=("lora_dropout", "warmup_ratio"))
@@ -281,6 +286,8 @@ def check_args(args):
     if args.save_every % args.num_iterations:     # a checkpoint inside a reused batch could not resume exactly
         raise SystemExit(f"--save_every {args.save_every} must be a multiple of --num_iterations {args.num_iterations}: "
                          "a batch of rollouts feeds that many steps, and a resume starts with fresh rollouts")
+    if args.vllm_is_correction and args.rollout != "vllm":
+        raise SystemExit("--vllm_is_correction corrects vLLM's sampling: it needs --rollout vllm")
     if args.rollout == "vllm" and args.temperature < 0.01:
         raise SystemExit(f"--temperature {args.temperature}: vLLM raises temperatures below 0.01 to 0.01")
     if not args.temperature > 0:
@@ -399,9 +406,13 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
         if batch.ro.sampler_logp is not None and batch.old is None:   # the sampler-trainer gap (dropout included)
             m = batch.ro.completion_mask[sl].bool()
             gaps.append((batch.ro.sampler_logp[sl] - logp.detach().float()).abs()[m])
+        is_weight = None
+        if args.vllm_is_correction and batch.ro.sampler_logp is not None:     # TRL's truncated IS, token level
+            is_weight = torch.exp(old.float() - batch.ro.sampler_logp[sl]).clamp(max=args.vllm_is_cap)
         loss, kl, clip = grpo_loss(logp, old, ref, batch.adv[sl], batch.ro.completion_mask[sl], beta=args.beta,
                                    epsilon=args.epsilon, loss_type=args.loss_type,
-                                   max_completion_len=args.max_completion_len, step_tokens_per_micro_batch=per_mb)
+                                   max_completion_len=args.max_completion_len, step_tokens_per_micro_batch=per_mb,
+                                   is_weight=is_weight)
         if not torch.isfinite(loss):
             raise SystemExit(f"loss is {loss.item()} (NaN/inf); lower --lr or check the data")
         (loss / len(slices)).backward()                # the mean over this process's micro-batches
@@ -621,6 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_checkpointing_arg(g)
     g = p.add_argument_group("sampling")
     g.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="built-in sampler or vLLM")
+    g.add_argument("--vllm_is_correction", action="store_true",
+                   help="with --rollout vllm: TRL's truncated importance-sampling correction, each token's loss times "
+                   "min(exp(trainer log-prob - vLLM's), --vllm_is_cap) (off: trl 0.15.2, which Tina ran, had none)")
+    g.add_argument("--vllm_is_cap", type=float, default=2.0, help="its truncation (%(default)s: TRL's default)")
     g.add_argument("--temperature", type=float, default=0.7, help="(%(default)s)")
     g.add_argument("--logprob_temperature", type=float, default=None,
                    help="temperature of the policy, reference and KL log-probs (default: --temperature, as later "

@@ -101,8 +101,8 @@ def test_score_nansum_and_weights():
 
 # ---------------------------------------------------------------- loss against float64
 
-def reference_loss(logp, old, ref, rewards, mask, G_, beta, eps, loss_type, scale, Lmax):
-    """Independent float64 loop over sequences and tokens."""
+def reference_loss(logp, old, ref, rewards, mask, G_, beta, eps, loss_type, scale, Lmax, sampler=None, cap=None):
+    """Independent float64 loop over sequences and tokens (sampler, cap: TRL's truncated IS weight per token)."""
     N, C = len(logp), len(logp[0])
     adv = []
     for i in range(N):
@@ -119,7 +119,8 @@ def reference_loss(logp, old, ref, rewards, mask, G_, beta, eps, loss_type, scal
             r = math.exp(logp[i][t] - old[i][t])
             obj = min(r * adv[i], min(max(r, 1 - eps), 1 + eps) * adv[i])
             kl = math.exp(ref[i][t] - logp[i][t]) - (ref[i][t] - logp[i][t]) - 1 if beta else 0.0
-            s += -(obj - beta * kl)
+            w = min(math.exp(old[i][t] - sampler[i][t]), cap) if sampler is not None else 1.0
+            s += -(obj - beta * kl) * w
             n += 1
         seq_means.append(s / n)
         total += s
@@ -153,6 +154,29 @@ def test_loss_matches_float64_reference(loss_type, scale, beta):
     high = sum(x > 1.2 and y > 0 for x, y in toks) / len(toks)
     assert (clip["low"].item(), clip["high"].item()) == pytest.approx((low, high), abs=1e-12)
     assert clip["region"].item() == pytest.approx(low + high, abs=1e-12) and low > 0 and high > 0
+
+
+def test_truncated_importance_sampling_matches_float64_reference():
+    # --vllm_is_correction: every token's loss (KL included) times min(exp(old - sampler), cap), as TRL
+    g = torch.Generator().manual_seed(1)
+    N, C, G_ = 6, 7, 3
+    logp = -torch.rand(N, C, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(N, C, generator=g, dtype=torch.float64) * 0.3
+    ref = logp + torch.randn(N, C, generator=g, dtype=torch.float64) * 0.2
+    sampler = old + torch.randn(N, C, generator=g, dtype=torch.float64) * 0.8     # some weights above the cap
+    rewards = torch.tensor([1.0, 0.0, 2.0, 0.5, 0.5, 3.0], dtype=torch.float64)
+    mask = torch.tensor([[t < n for t in range(C)] for n in [7, 3, 5, 1, 6, 4]])
+    adv = G.group_advantages(rewards, G_, True)
+    w = torch.exp(old - sampler).clamp(max=2.0)
+    assert (torch.exp(old - sampler) > 2.0).any()
+    for lt in ("grpo", "dr_grpo", "dapo"):
+        got, _, _ = G.grpo_loss(logp, old, ref, adv, mask, beta=0.04, epsilon=0.2, loss_type=lt, max_completion_len=10,
+                                is_weight=w)
+        want = reference_loss(logp.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), mask.tolist(), G_, 0.04, 0.2,
+                              lt, True, 10, sampler=sampler.tolist(), cap=2.0)
+        assert abs(got.item() - want) < 1e-10, lt
+    with pytest.raises(SystemExit, match="needs --rollout vllm"):
+        G.main(["--model", "random:tiny-qwen2", "--dataset", "d.jsonl", "--vllm_is_correction"])
 
 
 def test_advantages_are_per_group_and_gradient_sign():

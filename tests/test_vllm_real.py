@@ -99,7 +99,7 @@ def test_grpo_with_vllm_rollouts_runs_and_records_the_engine(vmodel, arith_file,
             "--reward_weights", "1", "--num_generations", "4", "--prompts_per_step", "2", "--grad_accum", "2",
             "--max_completion_len", "8", "--max_prompt_len", "32", "--lr", "1e-2", "--lora_r", "8", "--lora_alpha",
             "16", "--warmup_ratio", "0", "--system_prompt", "none", "--seed", "0", "--max_steps", "2", "--stop_step",
-            "2", "--device", "cpu", "--dtype", "fp32", "--rollout", "vllm", "--lora_dropout", "0"])
+            "2", "--device", "cpu", "--dtype", "fp32", "--rollout", "vllm", "--lora_dropout", "0", "--vllm_is_correction"])
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and (out / "final" / "adapter_model.safetensors").exists()
     # the sampler-trainer gap, logged every step: vLLM's log-prob of each sampled token against ours (float32, no
