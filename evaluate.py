@@ -78,6 +78,28 @@ def summarize(rows: list[dict], n: int, ks: list[int]) -> dict:
     return out
 
 
+def per_problem(rows: list[dict]) -> dict[int, float]:
+    """pass@1 of each problem (the mean correctness of its samples) from sample records of one adapter and one
+    benchmark; problems with an unparseable gold (correct None) are left out."""
+    acc: dict[int, list] = {}
+    for r in rows:
+        if r["correct"] is not None:
+            acc.setdefault(r["index"], []).append(r["correct"])
+    return {i: sum(v) / len(v) for i, v in acc.items()}
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float]:
+    """Mean of a - b over the problems both scored, and its 95% interval (normal approximation over problems:
+    mean +/- 1.96 standard errors of the per-problem differences). The comparison two adapters need: the same
+    problems, so the problems' own spread cancels."""
+    d = [a[i] - b[i] for i in a if i in b]
+    if not d:
+        raise ValueError("no problem was scored for both")
+    m = sum(d) / len(d)
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else 0.0
+    return m, m - 1.96 * se, m + 1.96 * se
+
+
 def grade_sample(benchmark: str, completion: str, example: D.Example, scorer: str = "ours"):
     """-> (extracted answer, 1.0 / 0.0, or None for a gold ours cannot parse). --scorer lighteval: the papers'
     lighteval grading (data.grade_lighteval: its gold columns, any_match, raw-string gold, never None)."""
@@ -153,6 +175,9 @@ def check_args(args):
                          "(greedy) or at least 0.01")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f"--top_p {args.top_p}: must be in (0, 1]")
+    if args.compare is not None and (len(args.compare) != 2 or not set(args.compare) <= set(args.adapter or ["base"])):
+        raise SystemExit(f"--compare {','.join(args.compare)}: name two of the --adapter entries "
+                         f"({','.join(args.adapter or ['base'])})")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit {args.limit}: must be at least 1 (leave it out to evaluate every problem)")
     if any(k < 1 for k in args.k):
@@ -366,8 +391,19 @@ def evaluate(args) -> dict:
     if engine is not None:
         engine.close()
     report = {"results": results, "data": stats, "args": {k: v for k, v in vars(args).items()}}
+    if args.compare:                 # B - A per benchmark, paired over problems (the same problems and seeds)
+        a, b = args.compare
+        pp = lambda ad, bench: per_problem([done[(ad, bench, e.index, j)] for e in sets[bench]   # noqa: E731
+                                            for j in range(args.n)])
+        report["compare"] = {f"{b} - {a}": {bench: dict(zip(("difference", "low95", "high95"),
+                                                            paired_difference(pp(b, bench), pp(a, bench))))
+                                            for bench in sets}}
     C.atomic_write(out_dir / "results.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     table = markdown_table(results, args.k)
+    for name, per in report.get("compare", {}).items():
+        table += "\n\n" + f"{name}, paired over problems (points): " + "; ".join(
+            f"{bench} {100 * c['difference']:+.1f} [{100 * c['low95']:+.1f}, {100 * c['high95']:+.1f}]"
+            for bench, c in per.items())
     C.atomic_write(out_dir / "results.md", lambda p: Path(p).write_text(table + "\n"))
     log.write_run(finished=True)
     print(table)
@@ -403,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "prompt counted inside the budget); default: only --max_new_tokens and the model's context")
     g.add_argument("--batch_size", type=int, default=16, help="sequences generated together (%(default)s)")
     g.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="built-in sampler or vLLM")
+    g.add_argument("--compare", type=C.csv_list(), default=None, metavar="A,B",
+                   help="also report B - A for two of the --adapter entries (or base), paired over the same problems "
+                   "and samples, with its 95%% interval")
     g.add_argument("--scorer", default="ours", choices=["ours", "lighteval"],
                    help="ours: math-verify on the answer column, a gold it cannot parse left out and counted (default); "
                    "lighteval: as the papers scored (MATH-500 / Minerva against the solution column, any_match, an "

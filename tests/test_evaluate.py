@@ -245,3 +245,29 @@ def test_recorded_samples_are_not_reused_when_the_weights_at_a_path_changed(char
     L.save_adapter(net, tmp_path / "ad", base_model=str(char_model_dir))               # retrained in place
     with pytest.raises(SystemExit, match=f"the weights of {tmp_path / 'ad'}"):
         E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", *common))
+
+
+def test_compare_gives_the_paired_difference_of_two_adapters(char_model_dir, small_set, tmp_path):
+    net = M.load_model(str(char_model_dir))
+    L.attach_lora(net, r=4, alpha=8)
+    randomize_B(net, 2, 0.5)
+    L.save_adapter(net, tmp_path / "ad", base_model=str(char_model_dir))
+    ad = str(tmp_path / "ad")
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "ev", "--temperature", "1.0", "--n", "4", "--adapter",
+                     f"base,{ad}", "--compare", f"base,{ad}", "--max_new_tokens", "4"))
+    rep = json.loads((tmp_path / "ev" / "results.json").read_text())
+    got = rep["compare"][f"{ad} - base"][small_set.stem]
+    # float64 recomputation from the samples: per-problem pass@1, their differences, mean +/- 1.96 s.e.
+    rows = [json.loads(x) for x in open(tmp_path / "ev" / "samples.jsonl")]
+    def pp(a):
+        return {i: torch.tensor([r["correct"] for r in rows if r["adapter"] == a and r["index"] == i],
+                                dtype=torch.float64).mean() for i in {r["index"] for r in rows}}
+    pa, pb = pp(ad), pp("base")
+    d = torch.stack([pa[i] - pb[i] for i in sorted(pa)])
+    se = d.std(unbiased=True) / len(d) ** 0.5
+    assert got["difference"] == pytest.approx(d.mean().item(), abs=1e-12)
+    assert got["low95"] == pytest.approx((d.mean() - 1.96 * se).item(), abs=1e-12)
+    assert got["high95"] == pytest.approx((d.mean() + 1.96 * se).item(), abs=1e-12)
+    assert "paired over problems" in (tmp_path / "ev" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="name two of the --adapter entries"):
+        E.main(eval_args(char_model_dir, small_set, tmp_path / "ev2", "--compare", "base,nope"))

@@ -117,20 +117,13 @@ def _cuda() -> bool:
 
 def per_problem(eval_dir: Path, adapter: str) -> dict[int, float]:
     """Held-out pass@1 of each problem (mean over its samples) from an evaluate.py samples.jsonl."""
-    acc: dict[int, list] = {}
-    for line in open(eval_dir / "samples.jsonl"):
-        r = json.loads(line)
-        if r["adapter"] == adapter and r["correct"] is not None:
-            acc.setdefault(r["index"], []).append(r["correct"])
-    return {i: sum(v) / len(v) for i, v in acc.items()}
+    import evaluate as E
+    return E.per_problem([r for r in map(json.loads, open(eval_dir / "samples.jsonl")) if r["adapter"] == adapter])
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float]:
-    """Mean of a - b over shared problems and its 95% interval (normal approximation)."""
-    d = [a[i] - b[i] for i in a if i in b]
-    m = sum(d) / len(d)
-    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else 0.0
-    return m, m - 1.96 * se, m + 1.96 * se
+    import evaluate as E                        # the one implementation (evaluate.py --compare)
+    return E.paired_difference(a, b)
 
 
 def main(argv=None):
