@@ -77,3 +77,27 @@ def test_full_pipeline_meets_the_acceptance_bars(tmp_path):
     assert source_sae["row"].startswith("source with its SAE inserted")
     assert source_sae["pass@1"] >= 0.8 * grpo["pass@1"]                      # the SAE keeps the source's skill
     assert rep["summary"]["source_with_sae_over_source"] >= 0.8
+
+
+def test_committed_toy_table_is_what_its_json_renders_and_its_summary_holds():
+    # the README's toy table is the pipeline's markdown of the committed JSON, and the JSON's summary figures
+    # follow from its rows (gain shares, score ratios, the seeds' mean row between the seeds and the control)
+    import toy.pipeline as P
+    rep = json.loads((ROOT / "assets" / "measurements" / "2026-12-01-toy-results.json").read_text())
+    md = P.markdown(rep["rows"], rep["summary"], rep["evidence"], rep["total_seconds"], P.FULL)
+    readme = (ROOT / "README.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rep["rows"]) and all(line in readme for line in table)
+    rows = {r["row"]: r for r in rep["rows"]}
+    grpo, base = rows["GRPO-LoRA (Tina): the source"], rows["base model (trained from scratch)"]
+    seeds = [r for name, r in rows.items() if name.startswith("SAE-Tuning (Resa), seed")]
+    mean = rows[f"SAE-Tuning, mean of {len(seeds)} seeds"]
+    assert mean["pass@1"] == pytest.approx(sum(r["pass@1"] for r in seeds) / len(seeds), abs=1e-9)
+    assert grpo["vs_base"] == pytest.approx(grpo["pass@1"] - base["pass@1"], abs=1e-9)
+    s = rep["summary"]
+    assert s["sae_tuning_share_of_grpo_gain"] == pytest.approx(mean["vs_base"] / grpo["vs_base"])
+    assert s["sae_tuning_score_over_grpo_score"] == pytest.approx(mean["pass@1"] / grpo["pass@1"])
+    up = rows["upper bound: KL to the source's own logits, same text, no SAE"]
+    assert s["upper_bound_share_of_grpo_gain"] == pytest.approx(up["vs_base"] / grpo["vs_base"])
+    assert s["source_with_sae_over_source"] == pytest.approx(
+        rows["source with its SAE inserted, no training"]["pass@1"] / grpo["pass@1"])
