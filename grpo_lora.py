@@ -407,7 +407,7 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
             m = batch.ro.completion_mask[sl].bool()
             gaps.append((batch.ro.sampler_logp[sl] - logp.detach().float()).abs()[m])
         is_weight = None
-        if args.vllm_is_correction and batch.ro.sampler_logp is not None:     # TRL's truncated IS, token level
+        if batch.ro.sampler_logp is not None and args.vllm_is_correction:     # TRL's truncated IS, token level
             is_weight = torch.exp(old.float() - batch.ro.sampler_logp[sl]).clamp(max=args.vllm_is_cap)
         loss, kl, clip = grpo_loss(logp, old, ref, batch.adv[sl], batch.ro.completion_mask[sl], beta=args.beta,
                                    epsilon=args.epsilon, loss_type=args.loss_type,

@@ -112,12 +112,13 @@ def test_our_adapter_loads_in_peft(hf_models, batch, tmp_path, kind, rslora):
     peft_model.unload()
 
 
-def test_peft_adapter_loads_in_ours(hf_models, batch, tmp_path):
+@pytest.mark.parametrize("rslora", [False, True])        # rsLoRA: scale alpha / sqrt(r), read from the file
+def test_peft_adapter_loads_in_ours(hf_models, batch, tmp_path, rslora):
     from peft import LoraConfig, get_peft_model
     from conftest import make_hf_model
     hf = make_hf_model("llama3")   # a fresh copy: get_peft_model modifies it in place
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "down_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")   # init_lora_weights=False: B != 0
+                     init_lora_weights=False, task_type="CAUSAL_LM", use_rslora=rslora)   # init False: B != 0
     pm = get_peft_model(hf, cfg).eval()
     pm.save_pretrained(tmp_path / "peft")
     ids, mask = batch

@@ -399,3 +399,23 @@ def test_signum_update_rule_in_float64():
         assert p.item() == pytest.approx(0.9 * x + 0.1 * z, abs=1e-12)
     opt.eval()
     assert p.item() == pytest.approx(x, abs=1e-12)
+
+
+def test_train_sae_saves_the_schedule_free_average_and_trains_on(tmp_path):
+    # Signum's parameters hold y = m x + (1 - m) z while training; the saved SAE must be x, the average (what
+    # sparsify's ScheduleFree wrapper evaluates), and training must go on from y afterwards
+    import train_sae as T
+    torch.manual_seed(0)
+    sae = S.SAE(8, 16, 2)
+    opt = S.Signum(sae.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        for p in sae.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    y = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    x = {n: (p.detach() - 0.1 * opt.state[p]["z"]) / 0.9 for n, p in sae.named_parameters()}
+    T.save_all({0: sae}, tmp_path, {0: opt})
+    saved = S.SAE.load(tmp_path / "layers.0").state_dict()
+    assert all(torch.allclose(saved[n], x[n], atol=1e-6) for n in x)
+    assert any((x[n] - y[n]).abs().max() > 1e-3 for n in x)                  # the two iterates differ here
+    assert all(torch.allclose(p, y[n], atol=1e-6) for n, p in sae.named_parameters()) and opt.training
