@@ -223,11 +223,12 @@ def rollout_hf(net, tok, prompts, args, eos_ids, generator) -> Rollouts:
     ids, mask = ids.repeat_interleave(args.num_generations, 0), mask.repeat_interleave(args.num_generations, 0)
     with L.lora_merged(net):
         out = SM.generate(net, ids, mask, max_new_tokens=args.max_completion_len, temperature=args.temperature,
-                          top_p=args.top_p, eos_ids=eos_ids, pad_id=tok.pad_token_id, generator=generator)
+                          top_p=args.top_p, eos_ids=eos_ids, pad_id=tok.pad_token_id, generator=generator,
+                          logprob_temperature=getattr(args, "logprob_temperature", args.temperature))   # (the gap)
     steps = torch.arange(out.tokens.shape[1], device=out.tokens.device)
     cmask = (steps[None] < out.lengths[:, None]).long()
     texts = tok.batch_decode([t[:n].tolist() for t, n in zip(out.tokens, out.lengths)], skip_special_tokens=True)
-    return Rollouts(ids, mask, out.tokens, cmask, texts, out.finished)
+    return Rollouts(ids, mask, out.tokens, cmask, texts, out.finished, out.logprobs)
 
 
 def rollout_vllm(engine: SM.VLLMEngine, net, tok, prompts, args, eos_ids, step, rank: int = 0) -> Rollouts:

@@ -77,6 +77,7 @@ class Generation(NamedTuple):
     tokens: torch.Tensor     # [B, N] new tokens, pad_id after a sequence stopped
     lengths: torch.Tensor    # [B] new tokens per row, the EOS included
     finished: torch.Tensor   # [B] True where an EOS ended the row (False = cut at max_new_tokens)
+    logprobs: torch.Tensor | None = None   # [B, N] float32 log-prob of each sampled token (logprob_temperature)
 
 
 class LayerWeights(NamedTuple):   # one decoder layer's weights as the static decode step uses them
@@ -472,7 +473,8 @@ def add_linear(x, h, w, b):
 def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(), pad_id: int = 0,
              seed: int | None = None, generator: torch.Generator | None = None, compact: bool = True,
-             static: bool | None = None, compile: bool | None = None, sync_every: int = 0) -> Generation:
+             static: bool | None = None, compile: bool | None = None, sync_every: int = 0,
+             logprob_temperature: float | None = None) -> Generation:
     """Batched sampling with a preallocated KV cache. input_ids [B, T] left-padded.
 
     static: decode with StaticDecoder (CUDA graphs on a GPU); None = on CUDA when the model has no
@@ -484,6 +486,8 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     sampler draws from a smaller batch afterwards, so its samples differ from compact=False, reproducibly).
     sync_every: look at which rows finished (a host sync) every this many steps; 0 = 8 on CUDA, so the CPU
     queues the next steps while the GPU runs, and 1 elsewhere (the outputs are the same).
+    logprob_temperature: also return each sampled token's log-prob, log softmax(logits / it) (one more pass over
+    the [b, V] logits per step; GRPO's sampler-trainer gap).
     """
     B, T = input_ids.shape
     dev = input_ids.device
@@ -510,6 +514,7 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    logps = torch.zeros(B, max_new_tokens, device=dev) if logprob_temperature is not None else None
     rows = torch.arange(B, device=dev)                                 # batch row of each cache row
     was_training = model.training
     model.eval()                                                       # no dropout while sampling
@@ -522,6 +527,9 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
     check_every = sync_every or (8 if dev.type == "cuda" else 1)
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, top_k, generator)   # [b] for the live cache rows
+        if logps is not None:
+            lp = torch.log_softmax(logits.float() / logprob_temperature, -1).gather(1, tok[:, None]).squeeze(1)
+            logps[rows, t] = lp
         finished_before = done[rows]
         tok = torch.where(finished_before, torch.full_like(tok, pad_id), tok)
         out[rows, t] = tok
@@ -547,7 +555,9 @@ def generate(model: Transformer, input_ids, attention_mask=None, *, max_new_toke
         else:
             logits = model(tok[:, None], cache=cache)[:, -1]
     model.train(was_training)
-    return Generation(out, lengths, done)
+    if logps is not None:
+        logps.masked_fill_(torch.arange(max_new_tokens, device=dev)[None] >= lengths[:, None], 0.0)
+    return Generation(out, lengths, done, logps)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -535,6 +535,16 @@ def test_loss_types_are_invariant_to_grad_accum_and_processes(char_model_dir, tm
         assert (two[lt] - full[lt]).norm() < 1e-5 * full[lt].norm(), lt
 
 
+def test_the_sampler_trainer_gap_of_our_own_sampler_is_rounding(char_model_dir, arith_file, tmp_path, easy_reward):
+    # the sampler's log-prob of each token it drew (merged weights, the decode loop) against the trainer's
+    # (unmerged LoRA, the chunked log-probs), float32 on the CPU, no dropout: the two computations only
+    out = tmp_path / "gap"
+    G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "3", "--stop_step", "3", "--lora_dropout", "0",
+                    "--device", "cpu", "--logprob_temperature", "0.7"))
+    rows = read_metrics(out)
+    assert all(0 <= r["sampler_logp_gap_mean"] <= r["sampler_logp_gap_max"] < 1e-4 for r in rows), rows
+
+
 def test_rollout_completion_mask_ends_at_the_first_eos(char_model_dir):
     from types import SimpleNamespace
     net = M.load_model(str(char_model_dir))
