@@ -92,17 +92,35 @@ def test_vllm_rollouts_follow_each_step_adapter_and_their_seeds(vmodel, tmp_path
         engine.close()
 
 
+def grpo_vllm_args(vmodel, data, out, *extra):
+    return ["--model", str(vmodel), "--dataset", str(data), "--out_dir", str(out), "--rewards", "not_newline",
+            "--reward_weights", "1", "--num_generations", "4", "--prompts_per_step", "2", "--grad_accum", "2",
+            "--max_completion_len", "8", "--max_prompt_len", "32", "--lr", "1e-2", "--lora_r", "8", "--lora_alpha",
+            "16", "--warmup_ratio", "0", "--system_prompt", "none", "--seed", "0", "--max_steps", "2", "--device",
+            "cpu", "--dtype", "fp32", "--rollout", "vllm", "--lora_dropout", "0", *extra]
+
+
 def test_grpo_with_vllm_rollouts_runs_and_records_the_engine(vmodel, arith_file, tmp_path, monkeypatch):
     monkeypatch.setitem(G.REWARDS, "not_newline", lambda cs, gold: [float(c[:1] not in ("\n", "")) for c in cs])
     out = tmp_path / "grpo"
-    G.main(["--model", str(vmodel), "--dataset", str(arith_file), "--out_dir", str(out), "--rewards", "not_newline",
-            "--reward_weights", "1", "--num_generations", "4", "--prompts_per_step", "2", "--grad_accum", "2",
-            "--max_completion_len", "8", "--max_prompt_len", "32", "--lr", "1e-2", "--lora_r", "8", "--lora_alpha",
-            "16", "--warmup_ratio", "0", "--system_prompt", "none", "--seed", "0", "--max_steps", "2", "--stop_step",
-            "2", "--device", "cpu", "--dtype", "fp32", "--rollout", "vllm", "--lora_dropout", "0", "--vllm_is_correction"])
+    G.main(grpo_vllm_args(vmodel, arith_file, out, "--stop_step", "2", "--save_every", "1", "--vllm_is_correction"))
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and (out / "final" / "adapter_model.safetensors").exists()
     # the sampler-trainer gap, logged every step: vLLM's log-prob of each sampled token against ours (float32, no
     # dropout here: only the two implementations differ)
     assert all(0 <= r["sampler_logp_gap_mean"] <= r["sampler_logp_gap_max"] < 1e-3 for r in rows), rows
     assert json.loads((out / "run.json").read_text())["vllm"]["dtype"] == "float32"
+
+    # a run stopped after step 1 and resumed gives the uninterrupted run's adapter: vLLM's samples depend only
+    # on the adapter and the per-completion seeds, both restored
+    G.main(grpo_vllm_args(vmodel, arith_file, tmp_path / "cut", "--stop_step", "1", "--save_every", "1",
+                          "--vllm_is_correction"))
+    G.main(grpo_vllm_args(vmodel, arith_file, tmp_path / "cut", "--stop_step", "2", "--save_every", "1",
+                          "--vllm_is_correction", "--resume"))
+    from safetensors.torch import load_file
+    wa = load_file(str(out / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "final" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert max(v.abs().max().item() for k, v in wa.items() if "lora_B" in k) > 0   # it trained: not two zero starts
+    rb = [json.loads(x) for x in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert [r["reward"] for r in rb] == [r["reward"] for r in rows]
