@@ -339,11 +339,13 @@ def evaluate(args) -> dict:
     sets, stats, tok, net, eos_ids, engine = prepare(args)
     system_prompt = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
     limit = min(net.cfg.max_position_embeddings, args.max_model_len or math.inf) - 1   # room for one new token
+    prompts_of = {}                               # each set's prompt texts, formatted once, for every adapter
     for bench, examples in sets.items():          # a prompt that leaves no room is skipped and counted, not fatal
         prompts = [D.format_prompt(tok, D.apply_template(template_for(args, bench), e.question), system_prompt)
                    for e in examples]
         lens = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
         kept = [e for e, n in zip(examples, lens) if n <= limit]
+        prompts_of[bench] = [p for p, n in zip(prompts, lens) if n <= limit]
         stats[bench]["prompt_too_long"] = len(examples) - len(kept)
         if len(kept) < len(examples):
             print(f"{bench}: skipped {len(examples) - len(kept)} of {len(examples)} problems whose prompt leaves no "
@@ -362,8 +364,7 @@ def evaluate(args) -> dict:
             L.load_adapter(net, adapter)
         results[adapter] = {}
         for bench, examples in sets.items():
-            prompts = [D.format_prompt(tok, D.apply_template(template_for(args, bench), e.question), system_prompt)
-                       for e in examples]
+            prompts = prompts_of[bench]
             jobs = [(i, j) for i in range(len(examples)) for j in range(args.n)]     # fixed order and batches
             for b in range(0, len(jobs), args.batch_size):
                 batch = jobs[b:b + args.batch_size]      # a batch is sampled whole (its seed fixes its samples)

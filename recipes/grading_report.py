@@ -26,8 +26,8 @@ SETS = ("aime24", "aime25", "amc23", "math_500", "minerva", "olympiadbench")
 def grades(data_dir: str, samples: list[str]) -> dict:
     """{set: {"gold_parses": [...], "solution": {"ours": [...], "lighteval": [...]}}, "samples": {...}}."""
     out = {"math_verify": version("math-verify"), "sets": {}}
-    for name in SETS:
-        examples, _ = D.load_benchmark(name, data_dir)
+    loaded = {name: D.load_benchmark(name, data_dir)[0] for name in SETS}
+    for name, examples in loaded.items():
         row = {"gold_parses": [D.gold_parses(e.answer, "eval") for e in examples]}
         with_solution = [e for e in examples if e.raw.get("solution")]
         if with_solution:
@@ -35,7 +35,7 @@ def grades(data_dir: str, samples: list[str]) -> dict:
             row["solution"] = {s: [E.grade_sample(name, t, e, s)[1] for t, e in zip(sol, with_solution)]
                                for s in ("ours", "lighteval")}
         out["sets"][name] = row
-    by_bench = {name: {e.index: e for e in D.load_benchmark(name, data_dir)[0]} for name in SETS}
+    by_bench = {name: {e.index: e for e in examples} for name, examples in loaded.items()}
     rows = [json.loads(line) for f in samples for line in open(f) if line.strip()]
     out["samples"] = {s: [E.grade_sample(r["benchmark"], r["completion"], by_bench[r["benchmark"]][r["index"]], s)[1]
                           for r in rows if r["benchmark"] in by_bench] for s in ("ours", "lighteval")}

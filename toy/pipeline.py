@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import evaluate as E  # noqa: E402  (paired_difference, per_problem: the one implementation)
 from toy.world import write_sets  # noqa: E402
 
 FULL = dict(n_train=2000, n_test=300, base=["--steps", "450"], limit=200, n=4, max_new=96, eval_batch=256,
@@ -117,13 +118,7 @@ def _cuda() -> bool:
 
 def per_problem(eval_dir: Path, adapter: str) -> dict[int, float]:
     """Held-out pass@1 of each problem (mean over its samples) from an evaluate.py samples.jsonl."""
-    import evaluate as E
     return E.per_problem([r for r in map(json.loads, open(eval_dir / "samples.jsonl")) if r["adapter"] == adapter])
-
-
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float]:
-    import evaluate as E                        # the one implementation (evaluate.py --compare)
-    return E.paired_difference(a, b)
 
 
 def main(argv=None):
@@ -255,7 +250,7 @@ def main(argv=None):
     table = []
     for label, ev, adapter, reference, stage in rows:
         res = json.loads((ev / "results.json").read_text())["results"][adapter]["test"]
-        diff = paired_difference(per_problem(ev, adapter), reference)
+        diff = E.paired_difference(per_problem(ev, adapter), reference)
         table.append({"row": label, "pass@1": res["pass@1"], "interval95": res["interval95"],
                       "vs_base": diff[0], "vs_base_interval95": [diff[1], diff[2]], "problems": res["problems"],
                       "n": res["n"], "reasons": reasoning_share(ev, adapter),
@@ -265,14 +260,14 @@ def main(argv=None):
     seeds_pp = [per_problem(ev_resa, t) for t in tuned]
     mean_pp = {i: sum(pp[i] for pp in seeds_pp) / len(seeds_pp) for i in seeds_pp[0]}
     m, lo, hi = mean_interval(list(mean_pp.values()))
-    diff = paired_difference(mean_pp, ref)
+    diff = E.paired_difference(mean_pp, ref)
     i_mean = 4 + len(tuned)
     table.insert(i_mean, {"row": f"SAE-Tuning, mean of {len(tuned)} seeds", "pass@1": m, "interval95": [lo, hi],
                           "vs_base": diff[0], "vs_base_interval95": [diff[1], diff[2]], "problems": len(mean_pp),
                           "n": table[4]["n"] * len(tuned), "reasons": sum(r["reasons"] for r in table[4:i_mean]) / len(tuned),
                           "seconds": None, "trained_params": None})
     grpo_row = table[1]
-    vs_control = paired_difference(mean_pp, per_problem(ev_resa, extra[0]))
+    vs_control = E.paired_difference(mean_pp, per_problem(ev_resa, extra[0]))
     summary = {"grpo_gain": grpo_row["vs_base"],
                "sae_tuning_share_of_grpo_gain": diff[0] / grpo_row["vs_base"] if grpo_row["vs_base"] else None,
                "sae_tuning_score_over_grpo_score": m / grpo_row["pass@1"] if grpo_row["pass@1"] else None,
