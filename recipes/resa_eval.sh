@@ -2,7 +2,7 @@
 # Resa's evaluation of an SAE-tuned target (scripts/eval/eval_sae_tuning.sh): the tuned target's checkpoint-500
 # (the default of resa/sae/merge_sae_tuned_models.py, --target_model_ckpt) beside the base, on its six tasks,
 # one sample per problem at temperature 0.6, top_p 0.95, 32,768 new tokens. Resa merged the adapter into the
-# base in bf16 before evaluating; evaluate.py applies it unmerged (see the README's deliberate differences).
+# base in bf16 before evaluating; evaluate.py applies it unmerged (see docs/recipes.md).
 # Extra flags go to evaluate.py, e.g. --data_dir ../shared/data/eval for local sets, --backend vllm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
