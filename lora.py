@@ -481,7 +481,8 @@ def save_final(net, out_dir: Path, step: int, base_model: str, log, rank: int = 
         log.write_run(last_step=step, finished=True)
     if world > 1:
         import torch.distributed as dist
-        dist.destroy_process_group()
+        if dist.is_initialized():   # (a vLLM engine under torchrun destroys the default group when it closes)
+            dist.destroy_process_group()
 
 
 def save_checkpoint(net, opt, out_dir: Path, step: int, data_state: dict, generator: torch.Generator,

@@ -680,9 +680,10 @@ class VLLMEngine:
         del llm
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float, top_p: float,
-                 max_tokens, stop_ids, adapter: tuple | None = None, with_logprobs: bool = False) -> list[tuple]:
+                 max_tokens, stop_ids, adapter: tuple | None = None, with_logprobs: bool = False,
+                 ignore_eos: bool = False) -> list[tuple]:
         """One completion per prompt, seeded by seeds[i]; max_tokens an int or one per prompt. adapter = (folder,
-        version) or None. -> [(completion token ids, finished by a stop token)], with with_logprobs also each
+        version) or None; ignore_eos: every completion runs to its max_tokens (bench.py's fixed-length timing). -> [(completion token ids, finished by a stop token)], with with_logprobs also each
         sampled token's log-prob as vLLM computed it (per the engine's logprobs_mode)."""
         from vllm import SamplingParams
         if 0 < temperature < 0.01:        # vLLM would silently sample at 0.01 instead
@@ -692,7 +693,8 @@ class VLLMEngine:
         caps = max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(prompt_ids)
         params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                  max_tokens=int(m), stop_token_ids=list(stop_ids), seed=s,
-                                 logprobs=0 if with_logprobs else None) for s, m in zip(seeds, caps)]
+                                 logprobs=0 if with_logprobs else None, ignore_eos=ignore_eos)
+                  for s, m in zip(seeds, caps)]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params,
                                  lora_request=self._lora(adapter), use_tqdm=False)
         if not with_logprobs:

