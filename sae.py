@@ -365,6 +365,72 @@ class DeadLatentTracker:
 # Insertion into a model.py Transformer
 
 
+def collect_residuals(net, ids, layers: list[int]) -> dict[int, torch.Tensor]:
+    """One forward that stops after max(layers); -> {L: residual stream after layer L, [B, T, D]}."""
+    got = {}
+
+    def keep(layer):
+        def hook(h):
+            got[layer] = h
+            return h        # the residual stream itself is left unchanged
+        return hook
+
+    for layer in layers:
+        net.set_residual_hook(layer, keep(layer))
+    try:
+        with torch.no_grad():
+            net(ids, stop_after=max(layers))
+    finally:
+        for layer in layers:
+            net.set_residual_hook(layer, None)
+    return got
+
+
+class GaussianNoise(nn.Module):
+    """A control for SAE-Tuning (sae_tune.py --perturb noise): the residual stream plus isotropic Gaussian
+    noise, x + sigma N(0, I), in place of an SAE's reconstruction; it has an SAE's insertion interface
+    (d_in, layer, meta, reconstruct). The noise comes from torch's global RNG (saved in the resume state)."""
+
+    def __init__(self, d_in: int, sigma: float, **meta):
+        super().__init__()
+        self.d_in, self.meta = d_in, meta
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+
+    @property
+    def layer(self) -> int | None:
+        return self.meta.get("layer")
+
+    def reconstruct(self, x):                               # x [..., d]
+        return x + self.sigma.to(x.dtype) * torch.randn_like(x)
+
+
+def perturbation_fvu(perturb, xs: list[torch.Tensor]) -> float:
+    """FVU of a perturbation (an SAE or GaussianNoise) over activations xs ([N_i, d] each), in float64:
+    sum ||x - f(x)||^2 / sum ||x - mean(x)||^2, the mean over every token of xs."""
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+    with torch.no_grad():
+        err = sum((t.reshape(-1, t.shape[-1]).double() - perturb.reconstruct(t.reshape(-1, t.shape[-1]).float()).double())
+                  .pow(2).sum() for t in xs)
+    return float(err / (x - x.mean(0)).pow(2).sum())
+
+
+def noise_matching(sae: "SAE", xs: list[torch.Tensor]) -> GaussianNoise:
+    """Gaussian noise with the FVU `sae` has on xs: sigma^2 = FVU x total variance / (tokens x d)."""
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+    var = (x - x.mean(0)).pow(2).sum() / x.numel()
+    return GaussianNoise(sae.d_in, math.sqrt(perturbation_fvu(sae, xs) * float(var)), **sae.meta)
+
+
+def random_like(sae: "SAE", xs: list[torch.Tensor], seed: int) -> "SAE":
+    """An untrained SAE of `sae`'s shape and k (encoder at its random initialisation, decoder rows = the encoder's,
+    unit norm, as every SAE starts), b_dec = the mean of xs (sparsify's initialisation before the first step)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = SAE(sae.d_in, sae.num_latents, sae.k, **{**sae.meta, "random_init_seed": seed})
+    out.init_b_dec(torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]))
+    return out
+
+
 class SAEHook:
     """Replaces the residual stream after `layer` by the SAE's reconstruction; remove() undoes it."""
 

@@ -24,6 +24,8 @@ gradient and stays at its initialisation; --sae_grad pass lets gradients flow th
 
 The text is chunked as for train_sae.py, by data.pack_chunks, which reproduces sparsify's chunk_and_tokenize
 (Resa's, for both stages: EOS-joined streams of 2,048 texts, a BOS opening every chunk, tested against it).
+Controls (not in Resa): --perturb random_sae inserts an untrained SAE of --sae's shape and k, --perturb noise
+Gaussian noise with --sae's FVU on the text (recipes/resa_controls.sh runs every arm).
 Simplifications versus Resa's code: no gradient accumulation (Resa used batch 1 without accumulation either).
 """
 from __future__ import annotations
@@ -94,6 +96,22 @@ def load_sae_arg(args):
     return sae, layer
 
 
+def perturbation(args, sae: S.SAE, layer: int, net, ids) -> tuple:
+    """--perturb: the SAE itself (Resa), an untrained SAE of its shape (random_sae), or Gaussian noise with its
+    FVU (noise), measured on the first --calib_chunks chunks of the text; -> (what goes in, its record)."""
+    xs = [S.collect_residuals(net, ids[i:i + 1].to(net.device), [layer])[layer][0].float()
+          for i in range(min(args.calib_chunks, ids.shape[0]))]                       # [T, D] each
+    ref = S.perturbation_fvu(sae, xs)
+    if args.perturb == "random_sae":
+        sae = S.random_like(sae, xs, args.seed).to(net.device)
+    elif args.perturb == "noise":
+        sae = S.noise_matching(sae, xs).to(net.device)
+    with torch.random.fork_rng(devices=[net.device] if net.device.type == "cuda" else []):
+        fvu = S.perturbation_fvu(sae, xs)             # (noise: one draw; its expectation equals ref)
+    return sae, {"perturb": args.perturb, "fvu": fvu, "sae_fvu": ref, "calib_tokens": sum(len(x) for x in xs),
+                 **({"noise_sigma": float(sae.sigma)} if args.perturb == "noise" else {})}
+
+
 def check_fit(sae: S.SAE, layer: int, net, grad: str = "block"):
     n = net.cfg.num_hidden_layers
     if not 0 <= layer < n:
@@ -161,6 +179,7 @@ def setup(args, device):
     if sae is not None:
         check_fit(sae, layer, net, args.sae_grad)
         sae.to(device=device, dtype=torch.float32)
+        sae, data_stats["perturbation"] = perturbation(args, sae, layer, net, ids)
     teacher = None
     if args.teacher_adapter:                                      # the upper bound: the source's own distribution
         teacher = M.load_model(args.model, device, C.pick_dtype(args.dtype, device), seed=args.seed)
@@ -185,9 +204,11 @@ def check_args(args):
     if args.ctx_len < 2:
         raise SystemExit(f"--ctx_len {args.ctx_len}: a chunk needs at least 2 tokens (one predicts the next)")
     C.check_ranges(args, positive=("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "ctx_len",
-                                   "max_grad_norm"),
+                                   "max_grad_norm", "calib_chunks"),
                    nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout", "warmup_ratio"))
     loss = args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl")
+    if args.perturb != "sae" and args.sae == "none":
+        raise SystemExit(f"--perturb {args.perturb} is shaped after an SAE: pass its folder with --sae")
     if loss == "kl" and (not args.packing or args.loss_on == "all" or args.mask_pad_labels):
         raise SystemExit("--no_packing, --loss_on all and --mask_pad_labels are for the SFT baselines (--sae none --loss ce): the KL runs "
                          "on packed chunks without padding")
@@ -278,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher_adapter", default=None,
                    help="KL to the target + this adapter instead of the target itself (with --sae none: the upper "
                    "bound that distils the source's logits on the same text)")
+    g.add_argument("--perturb", default="sae", choices=["sae", "random_sae", "noise"],
+                   help="what replaces the residual stream at the SAE's layer: the SAE (Resa, default); controls: "
+                   "an untrained SAE of its shape and k (random_sae: random encoder, unit-norm decoder rows, b_dec = "
+                   "the text's mean), or Gaussian noise with the SAE's FVU on the text (noise)")
+    g.add_argument("--calib_chunks", type=int, default=16,
+                   help="chunks of the text on which --perturb measures the SAE's FVU (%(default)s)")
     g.add_argument("--kl_chunk", type=int, default=512, help="rows per vocabulary chunk in the KL (%(default)s)")
     g = D.add_text_args(p, "elicitation")
     g.add_argument("--no_packing", dest="packing", action="store_false",

@@ -60,27 +60,6 @@ def make_optimizer(sae: S.SAE, name: str, lr: float):
     return S.Signum(sae.parameters(), lr=lr, momentum=0.95) if name == "signum" else torch.optim.Adam(sae.parameters(), lr=lr)
 
 
-def collect_residuals(net, ids, layers: list[int]) -> dict[int, torch.Tensor]:
-    """One forward that stops after max(layers); -> {L: residual stream after layer L, [B, T, D]}."""
-    got = {}
-
-    def keep(layer):
-        def hook(h):
-            got[layer] = h
-            return h        # the residual stream itself is left unchanged
-        return hook
-
-    for layer in layers:
-        net.set_residual_hook(layer, keep(layer))
-    try:
-        with torch.no_grad():
-            net(ids, stop_after=max(layers))
-    finally:
-        for layer in layers:
-            net.set_residual_hook(layer, None)
-    return got
-
-
 def load_source(args, device, dtype):
     """The source model with its adapter merged in (the SAE sees exactly what the tuned model computes)."""
     net = M.load_model(args.model, device, dtype, seed=args.seed)
@@ -207,7 +186,7 @@ def train(args) -> dict[int, S.SAE]:
     for step in bar:
         t0 = time.time()
         batch = ids[order[step * args.batch_size:(step + 1) * args.batch_size]].to(device)
-        acts = collect_residuals(net, batch, args.layers)
+        acts = S.collect_residuals(net, batch, args.layers)
         row = {"step": step + 1, "lr": lr * min(1.0, (step + 1) / max(1, args.warmup_steps))}
         for layer, sae in saes.items():
             x = acts[layer].reshape(-1, sae.d_in).float()                  # [B*T, d]

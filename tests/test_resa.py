@@ -45,7 +45,7 @@ def test_collection_stops_at_the_layer_and_matches_transformers(model3):
     def boom(*a):
         raise AssertionError("layer 2 ran")
     handle = net.model.layers[2].register_forward_pre_hook(boom)
-    got = T.collect_residuals(net, ids, [0, 1])
+    got = S.collect_residuals(net, ids, [0, 1])
     handle.remove()
     ref = AutoModelForCausalLM.from_pretrained(model3, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_sae_training_lowers_fvu_and_layers_train_independently(model3, arith_fi
     first = T.trigger_chunks(T.build_parser().parse_args(sae_args(model3, arith_file, tmp_path / "z", "--layers", "2",
                                                                    "--max_tokens", "256")), M.load_tokenizer(str(model3)))[0]
     order = torch.randperm(first.shape[0], generator=torch.Generator().manual_seed(0))
-    acts = T.collect_residuals(net, first[order[:4]], [2])[2].reshape(-1, 64)
+    acts = S.collect_residuals(net, first[order[:4]], [2])[2].reshape(-1, 64)
     assert torch.allclose(c["b_dec"], acts.mean(0), atol=1e-5)
     assert json.loads((tmp_path / "ft" / "layers.2" / "cfg.json").read_text())["init_from"] == str(tmp_path / "both")
     # the start's multi_topk is trained on (its term in the loss), unless --multi_topk off; --k replaces its k,
@@ -411,3 +411,40 @@ def test_plain_text_corpus_trains_an_sae_on_its_text_as_is(model3, tmp_path, cap
     with pytest.raises(ValueError, match="no text field 'body'.*'text'"):
         T.main(sae_args(model3, corpus, tmp_path / "sae2", "--layers", "1", "--text_format", "plain",
                         "--question_field", "body"))
+
+
+def test_perturbation_controls_match_the_saes_fvu_and_shape(model3, arith_file, tmp_path):
+    # Resa's controls: an untrained SAE of the same shape, and Gaussian noise with the trained SAE's FVU
+    T.main(sae_args(model3, arith_file, tmp_path / "sae", "--layers", "1"))
+    sae = S.load_sae(str(tmp_path / "sae" / "layers.1"))
+    net = M.load_model(str(model3))
+    ids = torch.randint(3, 90, (6, 32), generator=torch.Generator().manual_seed(0))
+    xs = [S.collect_residuals(net, ids[i:i + 1], [1])[1][0].float() for i in range(6)]
+    x = torch.cat(xs).double()
+    with torch.no_grad():       # float64 recomputation of the FVU
+        want = ((x - sae.reconstruct(x.float()).double()) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert S.perturbation_fvu(sae, xs) == pytest.approx(float(want), rel=1e-6)
+    noise = S.noise_matching(sae, xs)
+    torch.manual_seed(0)
+    draws = [S.perturbation_fvu(noise, xs) for _ in range(20)]
+    assert sum(draws) / 20 == pytest.approx(float(want), rel=0.03)           # the SAE's FVU, in expectation
+    rnd = S.random_like(sae, xs, seed=5)
+    assert (rnd.d_in, rnd.num_latents, rnd.k, rnd.layer) == (sae.d_in, sae.num_latents, sae.k, sae.layer)
+    assert torch.allclose(rnd.W_dec.norm(dim=1), torch.ones(rnd.num_latents), atol=1e-5)
+    assert torch.allclose(rnd.b_dec.double(), x.mean(0), atol=1e-5)
+    assert torch.equal(rnd.encoder.weight, S.random_like(sae, xs, seed=5).encoder.weight)      # seeded
+    assert not torch.allclose(rnd.encoder.weight, sae.encoder.weight)
+
+    tune = ["--model", str(model3), "--sae", str(tmp_path / "sae" / "layers.1"), "--dataset", str(arith_file),
+            "--ctx_len", "64", "--lr", "1e-2", "--lora_r", "4", "--max_steps", "4", "--save_every", "100",
+            "--system_prompt", "none"]
+    records = {}
+    for arm in ("sae", "random_sae", "noise"):
+        ST.main([*tune, "--perturb", arm, "--out_dir", str(tmp_path / f"tuned_{arm}")])
+        records[arm] = json.loads((tmp_path / f"tuned_{arm}" / "run.json").read_text())["data"]["perturbation"]
+        assert len(metrics(tmp_path / f"tuned_{arm}")) == 4 and all(r["kl"] > 0 for r in metrics(tmp_path / f"tuned_{arm}"))
+    assert records["sae"]["fvu"] == pytest.approx(records["sae"]["sae_fvu"])
+    assert records["noise"]["fvu"] == pytest.approx(records["sae"]["sae_fvu"], rel=0.1)
+    assert records["random_sae"]["fvu"] > 2 * records["sae"]["fvu"]             # untrained: a worse reconstruction
+    with pytest.raises(SystemExit, match="shaped after an SAE"):
+        ST.main([*tune[:3], "none", *tune[4:], "--perturb", "noise", "--out_dir", str(tmp_path / "bad")])

@@ -333,7 +333,6 @@ def fvu_on_completions(model: str, adapter: str, eval_dir: Path, sae_dirs: list[
     import lora as L
     import model as M
     import sae as S
-    from train_sae import collect_residuals
     tok = M.load_tokenizer(model)
     net = M.load_model(model, "cpu", torch.float32)
     L.load_adapter(net, adapter)
@@ -348,7 +347,7 @@ def fvu_on_completions(model: str, adapter: str, eval_dir: Path, sae_dirs: list[
     out = []
     for d in sae_dirs:
         sae = S.load_sae(str(d))
-        x = collect_residuals(net.eval(), ids, [sae.layer])[sae.layer][keep].float()            # [tokens, D]
+        x = S.collect_residuals(net.eval(), ids, [sae.layer])[sae.layer][keep].float()            # [tokens, D]
         with torch.no_grad():
             out.append(sae(x).fvu.item())
     return out
