@@ -215,3 +215,41 @@ def test_merging_twice_then_unmerging_restores_the_weights():
             assert torch.allclose(net(ids), adapted, atol=1e-5)
     for n, m in L.lora_layers(net).items():
         assert torch.allclose(m.weight, w0[n + ".weight"], atol=1e-6)
+
+
+def test_unload_without_merge_gives_the_base_back_even_while_merged():
+    # unload_lora(merge=False) on a model whose adapter is merged at the time: the plain base weights, not W + BA
+    net = M.load_model("random:tiny-qwen2")
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = net(ids)
+    L.attach_lora(net, 4, 8, 0.0)
+    randomize_B(net, 0, 0.1)
+    L.merge_lora(net)
+    L.unload_lora(net)
+    assert not L.lora_layers(net)
+    with torch.no_grad():
+        assert torch.allclose(net(ids), base, atol=1e-6)
+
+
+def test_the_static_decoder_sees_the_weight_lora_applies_now():
+    # effective_weight (what StaticDecoder stacks): W while disabled or merged, W + scale B A while enabled;
+    # and the static path's greedy tokens under lora_disabled are the base model's
+    net = M.load_model("random:tiny-qwen2")
+    plain = M.load_model("random:tiny-qwen2")
+    L.attach_lora(net, 4, 8, 0.0)
+    randomize_B(net, 0, 0.3)
+    m = net.model.layers[0].self_attn.q_proj
+    want = m.weight.double() + m.scaling * m.lora_B.weight.double() @ m.lora_A.weight.double()
+    assert torch.allclose(m.effective_weight().double(), want, atol=1e-6)
+    with L.lora_disabled(net):
+        assert torch.equal(m.effective_weight(), m.weight)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(2))
+    greedy = lambda model: SM.generate(model, ids, max_new_tokens=8, temperature=0.0, static=True,  # noqa: E731
+                                       compile=False).tokens
+    with torch.no_grad():
+        with L.lora_disabled(net):
+            off = greedy(net)
+        on = greedy(net)
+        assert torch.equal(off, greedy(plain))
+        assert not torch.equal(on, off)

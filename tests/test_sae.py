@@ -43,6 +43,8 @@ def test_sparsify_sae_loads_in_ours(tmp_path, skip):
     assert torch.allclose(a1, a2, atol=1e-6)
     assert torch.allclose(ref.sae_out, got.recon, atol=1e-5)
     assert torch.allclose(ref.fvu, got.fvu, atol=1e-6)
+    with torch.no_grad():    # reconstruct (the path insertion uses, no losses) gives sparsify's output too
+        assert torch.allclose(ours.reconstruct(x.view(4, 16, 32)).view(64, 32), ref.sae_out, atol=1e-5)
 
 
 def test_relu_and_auxk_scale_match_sparsify():
