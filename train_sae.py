@@ -80,9 +80,58 @@ def trigger_chunks(args, tok):
         sp = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
         pieces = D.text_pieces(tok, examples, args.text_format, sp)
     ids, _ = D.pack_chunks(tok, pieces, args.ctx_len)
-    if args.max_tokens:
-        ids = ids[:max(1, args.max_tokens // ids.shape[1])]
-    return ids, stats
+    n = ids.shape[0]
+    n_train = min(n, max(1, args.max_tokens // ids.shape[1])) if args.max_tokens else n
+    n_eval = args.eval_chunks if args.eval_chunks >= 0 else min(8, n // 10)
+    if n_eval >= n:
+        raise SystemExit(f"--eval_chunks {n_eval}: the text has only {n} chunks of {args.ctx_len} tokens; hold out fewer")
+    if n_eval > n - n_train:          # no spare text beyond --max_tokens: the last training chunks are held out
+        n_train = n - n_eval
+    stats = {**stats, "train_chunks": n_train, "held_out_chunks": n_eval}
+    return ids[:n_train], ids[n_train:n_train + n_eval], stats
+
+
+@torch.no_grad()
+def held_out_metrics(net, saes: dict[int, S.SAE], ids, batch_size: int) -> dict:
+    """On chunks never trained on, per layer (the figures SAE-Tuning depends on, as SAELens reports them): FVU;
+    KL(model || model with the SAE inserted) per token; the next-token CE clean, with the SAE, and with the
+    layer's residual stream zero-ablated; and the share of CE recovered, (CE_zero - CE_sae) / (CE_zero - CE_clean)."""
+    acc = {layer: dict.fromkeys(("err", "x", "x2", "kl", "ce_sae", "ce_zero"), 0.0) for layer in saes}
+    ce_clean, tokens, targets = 0.0, 0, 0
+    for i in range(0, ids.shape[0], batch_size):
+        b = ids[i:i + batch_size].to(net.device)                                  # [B, T]
+        h = net(b, hidden=True)                                                   # [B, T, D]
+        nll = lambda hs: -M.token_logprobs(net.lm_head, hs[:, :-1], b[:, 1:]).double().sum().item()  # noqa: E731
+        ce_clean += nll(h)
+        tokens, targets = tokens + b.numel(), targets + b.shape[0] * (b.shape[1] - 1)
+        acts = S.collect_residuals(net, b, list(saes))
+        for layer, sae in saes.items():
+            a = acc[layer]
+            x = acts[layer].reshape(-1, sae.d_in).double()                       # [B*T, d]
+            a["err"] += (x - sae.reconstruct(x.float()).double()).pow(2).sum().item()
+            a["x"] = a["x"] + x.sum(0)
+            a["x2"] += x.pow(2).sum().item()
+            hook = S.insert_sae(net, sae, layer)
+            try:
+                hs = net(b, hidden=True)
+            finally:
+                hook.remove()
+            a["kl"] += M.chunked_kl(net.lm_head, h, hs).item()
+            a["ce_sae"] += nll(hs)
+            net.set_residual_hook(layer, torch.zeros_like)
+            try:
+                a["ce_zero"] += nll(net(b, hidden=True))
+            finally:
+                net.set_residual_hook(layer, None)
+    out = {}
+    for layer, a in acc.items():
+        total_var = a["x2"] - a["x"].pow(2).sum().item() / tokens
+        clean, with_sae, zero = ce_clean / targets, a["ce_sae"] / targets, a["ce_zero"] / targets
+        out[str(layer)] = {"fvu": a["err"] / total_var, "kl_per_token": a["kl"] / tokens, "ce_clean": clean,
+                           "ce_with_sae": with_sae, "ce_zero_ablated": zero,
+                           "ce_recovered": (zero - with_sae) / (zero - clean) if zero != clean else None,
+                           "tokens": tokens}
+    return out
 
 
 def load_start(init_from: str, layer: int) -> S.SAE:
@@ -165,7 +214,7 @@ def train(args) -> dict[int, S.SAE]:
                    gpu_hour_usd=args.gpu_hour_usd,
                    overwrite=args.overwrite)
     tok = M.load_tokenizer(args.tokenizer or args.model)
-    ids, data_stats = trigger_chunks(args, tok)
+    ids, held_ids, data_stats = trigger_chunks(args, tok)
     net = load_source(args, device, dtype)
     saes = make_saes(args, net.cfg.hidden_size, net.cfg.num_hidden_layers)
     for sae in saes.values():
@@ -210,6 +259,17 @@ def train(args) -> dict[int, S.SAE]:
         if args.save_every and (step + 1) % args.save_every == 0:
             save_all(saes, out_dir, opts)
     save_all(saes, out_dir, opts)
+    if held_ids.shape[0]:             # what was saved (a schedule-free optimizer's average) on text never trained on
+        for opt in opts.values():
+            if isinstance(opt, S.Signum):
+                opt.eval()
+        held = held_out_metrics(net.eval(), saes, held_ids, args.batch_size)
+        log.write_run(held_out=held)
+        for layer, h in held.items():
+            print(f"layer {layer}, {held_ids.shape[0]} held-out chunks: FVU {h['fvu']:.4f}, KL {h['kl_per_token']:.4f} "
+                  f"nats/token, CE {h['ce_clean']:.4f} clean / {h['ce_with_sae']:.4f} with the SAE / "
+                  f"{h['ce_zero_ablated']:.4f} zero-ablated: {h['ce_recovered']:.1%} of CE recovered"
+                  if h["ce_recovered"] is not None else f"layer {layer}: {h}")
     log.write_run(steps=steps, finished=True)
     return saes
 
@@ -232,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", default=None, help="LoRA adapter on the source model (e.g. a grpo_lora.py checkpoint)")
     g = D.add_text_args(p, "trigger")
     g.add_argument("--max_tokens", type=int, default=0, help="stop after about this many tokens (0 = one full pass)")
+    g.add_argument("--eval_chunks", type=int, default=-1,
+                   help="chunks held out of training, on which the saved SAE's FVU, KL and CE recovered are measured at "
+                   "the end (taken from the text beyond --max_tokens where there is some); -1 (default): min(8, a tenth "
+                   "of the chunks); 0: none")
     g = p.add_argument_group("SAE")
     g.add_argument("--layers", type=C.csv_list(int), default=[12], help="comma-separated layer indices (%(default)s)")
     g.add_argument("--num_latents", type=int, default=None, help="latents per SAE (Resa: 65536, the default)")

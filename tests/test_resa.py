@@ -402,10 +402,11 @@ def test_plain_text_corpus_trains_an_sae_on_its_text_as_is(model3, tmp_path, cap
     tok = M.load_tokenizer(str(model3))
     args = T.build_parser().parse_args(sae_args(model3, corpus, tmp_path / "sae", "--layers", "1", "--text_format",
                                                 "plain", "--max_tokens", "0"))
-    ids, stats = T.trigger_chunks(args, tok)
+    ids, held, stats = T.trigger_chunks(args, tok)
     assert stats["examples"] == 40 and stats["skipped"] == 1 and "skipped 1 of 41" in capsys.readouterr().out
     want = D.pack_chunks(tok, [("", t) for t in docs], 64)[0]
-    assert torch.equal(ids, want)
+    assert torch.equal(torch.cat([ids, held]), want)          # no text beyond the pass: its last chunks held out
+    assert len(held) == stats["held_out_chunks"] == min(8, len(want) // 10)
     T.main(sae_args(model3, corpus, tmp_path / "sae", "--layers", "1", "--text_format", "plain"))
     assert S.load_sae(str(tmp_path / "sae" / "layers.1")).meta["trigger_dataset"] == str(corpus)
     with pytest.raises(ValueError, match="no text field 'body'.*'text'"):
@@ -448,3 +449,39 @@ def test_perturbation_controls_match_the_saes_fvu_and_shape(model3, arith_file, 
     assert records["random_sae"]["fvu"] > 2 * records["sae"]["fvu"]             # untrained: a worse reconstruction
     with pytest.raises(SystemExit, match="shaped after an SAE"):
         ST.main([*tune[:3], "none", *tune[4:], "--perturb", "noise", "--out_dir", str(tmp_path / "bad")])
+
+
+def test_held_out_metrics_match_a_float64_recomputation(model3, arith_file, tmp_path):
+    # FVU, KL per token and CE recovered on held-out chunks (the SAE's fitness for SAE-Tuning, SAELens' figures)
+    T.main(sae_args(model3, arith_file, tmp_path / "sae", "--layers", "1", "--eval_chunks", "3"))
+    run = json.loads((tmp_path / "sae" / "run.json").read_text())
+    got = run["held_out"]["1"]
+    assert run["data"]["held_out_chunks"] == 3
+    args = T.build_parser().parse_args(sae_args(model3, arith_file, tmp_path / "z", "--layers", "1", "--eval_chunks", "3"))
+    train_ids, held, _ = T.trigger_chunks(args, M.load_tokenizer(str(model3)))
+    assert held.shape[0] == 3 and not any(torch.equal(h, t) for h in held for t in train_ids)
+    net = M.load_model(str(model3), dtype=torch.float64)
+    sae = S.load_sae(str(tmp_path / "sae" / "layers.1")).double()
+    with torch.no_grad():
+        x = S.collect_residuals(net, held, [1])[1].reshape(-1, 64)
+        fvu = ((x - sae.reconstruct(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        lp = torch.log_softmax(net(held), -1)                                      # [B, T, V]
+
+        def with_hook(fn):
+            net.set_residual_hook(1, fn)
+            try:
+                return torch.log_softmax(net(held), -1)
+            finally:
+                net.set_residual_hook(1, None)
+        lp_sae, lp_zero = with_hook(sae.reconstruct), with_hook(torch.zeros_like)
+    ce = lambda l: -l[:, :-1].gather(-1, held[:, 1:, None]).mean().item()          # noqa: E731
+    kl = (lp.exp() * (lp - lp_sae)).sum(-1).mean().item()
+    assert got["fvu"] == pytest.approx(fvu.item(), rel=1e-4)
+    assert got["kl_per_token"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    assert got["ce_clean"] == pytest.approx(ce(lp), rel=1e-5)
+    assert got["ce_with_sae"] == pytest.approx(ce(lp_sae), rel=1e-5)
+    assert got["ce_zero_ablated"] == pytest.approx(ce(lp_zero), rel=1e-5)
+    want = (ce(lp_zero) - ce(lp_sae)) / (ce(lp_zero) - ce(lp))
+    assert got["ce_recovered"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    with pytest.raises(SystemExit, match="hold out fewer"):
+        T.main(sae_args(model3, arith_file, tmp_path / "sae3", "--layers", "1", "--eval_chunks", "100000"))
