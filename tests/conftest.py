@@ -129,3 +129,27 @@ def randomize_B(model, seed: int = 0, scale: float = 0.05):
     with torch.no_grad():
         for m in L.lora_layers(model).values():
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
+
+
+def resume_refuses_every_change_but(out, model_dir, free: set, may_change) -> dict:
+    """Against a run's saved resume state in out: each saved argument changed in turn must be refused by
+    lora.load_training_state, except those in free (which must load). -> the saved arguments."""
+    import json
+    import lora as L
+    import model as M
+    saved = json.loads((out / "resume" / "state.json").read_text())["args"]
+    state = json.loads((out / "resume" / "state.json").read_text())
+    net = M.load_model(str(model_dir))
+    cfg = json.loads((out / "resume" / state["adapter"] / "adapter_config.json").read_text())
+    L.attach_lora(net, cfg["r"], cfg["lora_alpha"], 0.0, names=None)
+    opt = torch.optim.AdamW(L.lora_parameters(net))
+    for k, v in saved.items():
+        changed = {**saved, k: (not v) if isinstance(v, bool) else f"{v}x" if isinstance(v, str) else
+                   [*v, v[-1]] if isinstance(v, list) and v else ["x"] if isinstance(v, list) else
+                   -1 if v is None else v + 1}
+        if k in free:
+            L.load_training_state(out, net, opt, torch.Generator(), changed, may_change)
+        else:
+            with pytest.raises(SystemExit, match=f"--{k} was" if k != "data_checksum" else "data changed"):
+                L.load_training_state(out, net, opt, torch.Generator(), changed, may_change)
+    return saved

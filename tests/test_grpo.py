@@ -14,8 +14,9 @@ import torch
 
 import common as C
 import grpo_lora as G
+import lora as L
 import model as M
-from conftest import randomize_B
+from conftest import randomize_B, resume_refuses_every_change_but
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -371,6 +372,11 @@ def test_resume_with_wrong_adapter_shape(char_model_dir, arith_file, tmp_path, e
     # --max_steps sets the warm-up and the cosine: a resumed run keeps its schedule (--stop_step may move)
     with pytest.raises(SystemExit, match="--max_steps was 2, now 4"):
         G.main(run_args(char_model_dir, arith_file, out, "--max_steps", "4", "--stop_step", "4", "--resume"))
+    # every flag that changes what is computed is refused on resume; only these may change (none alters the math)
+    free = {"stop_step", "save_every", "log_every", "resume", "overwrite", "wandb", "device", "gpu_hour_usd",
+            "model_dir", "rollout", "out_dir"}
+    saved = resume_refuses_every_change_but(out, char_model_dir, free, G.RESUME_MAY_CHANGE)
+    assert {"beta", "lr", "temperature", "num_generations", "loss_type", "seed"} <= set(saved)
     import shutil
     shutil.copytree(out, tmp_path / "r2")                          # (intact, for the data check below)
     # a resume adapter missing LoRA tensors would restart those layers from scratch: refused

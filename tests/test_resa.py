@@ -17,7 +17,7 @@ import model as M
 import sae as S
 import sae_tune as ST
 import train_sae as T
-from conftest import identity_sae, make_char_model, randomize_B
+from conftest import identity_sae, make_char_model, randomize_B, resume_refuses_every_change_but
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,6 +228,9 @@ def test_sae_tune_resume_after_a_crash_trims_the_log_and_matches(model3, arith_f
     assert [r["step"] for r in metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5]
     with pytest.raises(SystemExit, match="--lr was 0.01, now 0.02"):
         ST.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "--lr", "2e-2"])
+    saved = resume_refuses_every_change_but(tmp_path / "cut", model3, {"save_every", "resume", "overwrite", "device",
+                                                                       "gpu_hour_usd", "out_dir"}, ST.RESUME_MAY_CHANGE)
+    assert {"lr", "epochs", "max_steps", "seed", "sae", "perturb", "batch_size"} <= set(saved)
     with pytest.raises(SystemExit, match="--resume to continue it"):       # no silent second run into it
         ST.main([*args, "--out_dir", str(tmp_path / "cut")])
     broken = tmp_path / "broken"                            # a truncated optimizer file: named, nothing written
