@@ -512,8 +512,6 @@ def _parse_gold(gold: str, mode: str):
         return parsed if _usable(parsed) else []
     cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
     parsed = parse(text, extraction_config=cfg, extraction_mode="first_match")
-    if not parsed and text != gold:           # lenient: try the raw text too
-        parsed = parse(gold, extraction_config=cfg, extraction_mode="first_match")
     return parsed if _usable(parsed) else []
 
 

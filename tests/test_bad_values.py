@@ -23,6 +23,7 @@ BASE = ["--model", "random:tiny-qwen2", "--dataset", "d.jsonl", "--out_dir", "ne
     (["--temperature", "0"], "--temperature 0.0"), (["--temperature", "-0.7"], "--temperature -0.7"),
     (["--top_p", "0"], "--top_p 0.0"), (["--lora_dropout", "1.5"], "--lora_dropout 1.5"),
     (["--grad_accum", "0"], "--grad_accum 0"), (["--logprob_temperature", "0"], "--logprob_temperature 0.0"),
+    (["--lora_dropout", "1"], "--lora_dropout 1.0"), (["--warmup_ratio", "1"], "--warmup_ratio 1.0"),
 ])
 def test_grpo_refuses(extra, flag):
     with pytest.raises(SystemExit, match=flag.replace("+", r"\+")):
@@ -59,6 +60,27 @@ def test_train_sae_refuses(extra, flag):
 def test_evaluate_refuses(extra, flag):
     with pytest.raises(SystemExit, match=flag):
         E.main(["--model", "random:tiny-qwen2", "--data", "d.jsonl", "--out_dir", "never", *extra])
+
+
+def test_range_checks_at_their_boundaries():
+    import argparse
+    import common as C
+    ok = lambda **kw: C.check_ranges(argparse.Namespace(v=kw.pop("v")), **kw)   # noqa: E731
+    for v in (1e-12, 1, 7.5):
+        ok(v=v, positive=("v",))
+    for v in (0, 0.0, -1e-12):
+        with pytest.raises(SystemExit, match=f"--v {v}: must be > 0"):
+            ok(v=v, positive=("v",))
+    for v in (0, 0.0, 3):
+        ok(v=v, nonnegative=("v",))
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        ok(v=-1e-12, nonnegative=("v",))
+    for v in (0, 0.0, 0.5, 0.999):
+        ok(v=v, fractions=("v",))
+    for v in (1, 1.0, -0.01, 1.5):
+        with pytest.raises(SystemExit, match=r"must be in \[0, 1\)"):
+            ok(v=v, fractions=("v",))
+    ok(v=None, positive=("v",), nonnegative=("v",), fractions=("v",))          # unset flags are skipped
 
 
 def test_evaluate_names_an_adapter_folder_without_its_config(tmp_path):
