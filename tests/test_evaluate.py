@@ -271,3 +271,31 @@ def test_compare_gives_the_paired_difference_of_two_adapters(char_model_dir, sma
     assert "paired over problems" in (tmp_path / "ev" / "results.md").read_text()
     with pytest.raises(SystemExit, match="name two of the --adapter entries"):
         E.main(eval_args(char_model_dir, small_set, tmp_path / "ev2", "--compare", "base,nope"))
+
+
+def test_summarize_every_figure_against_a_recomputation():
+    # per-sample records -> pass@1 over problems, its interval, pass@k (against enumerating every k-subset), the
+    # mean completion length and the truncated share over all samples, problems with an unparseable gold apart
+    import itertools
+    import random
+    rng = random.Random(0)
+    rows = []
+    for i in range(7):
+        for s in range(4):
+            rows.append({"index": i, "sample": s, "correct": None if i == 6 else float(rng.random() < 0.4 + 0.05 * i),
+                         "tokens": rng.randint(1, 50), "finished": rng.random() < 0.7})
+    got = E.summarize(rows, 4, [1, 2, 4])
+    per = [sum(r["correct"] for r in rows if r["index"] == i) / 4 for i in range(6)]
+    mean = sum(per) / 6
+    sd = (sum((x - mean) ** 2 for x in per) / 5) ** 0.5
+    assert got["pass@1"] == pytest.approx(mean) and got["problems"] == 6 and got["unparseable_gold"] == 1
+    assert got["interval95"] == pytest.approx([max(0, mean - 1.96 * sd / 6 ** 0.5), min(1, mean + 1.96 * sd / 6 ** 0.5)])
+    assert got["mean_tokens"] == pytest.approx(sum(r["tokens"] for r in rows) / len(rows))
+    assert got["truncated"] == pytest.approx(sum(not r["finished"] for r in rows) / len(rows))
+    for k in (2, 4):
+        want = 0.0
+        for i in range(6):
+            c = [r["correct"] for r in rows if r["index"] == i]
+            subsets = list(itertools.combinations(c, k))
+            want += sum(any(x) for x in subsets) / len(subsets)
+        assert got[f"pass@{k}"] == pytest.approx(want / 6)
