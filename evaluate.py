@@ -51,6 +51,16 @@ import sae as S
 import sampling as SM
 
 
+# samples per problem: the papers' protocol (one) and the sober one (open-r1's multi-sample practice: enough samples
+# that a one-problem difference on AIME is not read as a gain); recipes/resa_controls.py evaluates with either
+N_PRESETS = {"papers": {}, "sober": {"aime24": 16, "aime25": 16, "amc23": 16, "math_500": 4, "minerva": 4,
+                                     "olympiadbench": 4, "gpqa_diamond": 8}}
+
+
+def n_for(protocol: str, benchmark: str) -> int:
+    return N_PRESETS[protocol].get(benchmark, 1)
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimator of P(at least one of k samples is correct) from c correct out of n."""
     if n - c < k:

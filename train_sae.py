@@ -63,7 +63,7 @@ def make_optimizer(sae: S.SAE, name: str, lr: float):
 def load_source(args, device, dtype):
     """The source model with its adapter merged in (the SAE sees exactly what the tuned model computes)."""
     net = M.load_model(args.model, device, dtype, seed=args.seed)
-    if args.adapter:
+    if args.adapter and args.adapter != "none":
         L.load_adapter(net, args.adapter)
         L.unload_lora(net, merge=True)
     return net.eval()
@@ -289,7 +289,7 @@ def save_all(saes: dict[int, S.SAE], out_dir: Path, opts: dict):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae")
-    g.add_argument("--adapter", default=None, help="LoRA adapter on the source model (e.g. a grpo_lora.py checkpoint)")
+    g.add_argument("--adapter", default=None, help="LoRA adapter on the source model (e.g. a grpo_lora.py checkpoint); none: the model itself")
     g = D.add_text_args(p, "trigger")
     g.add_argument("--max_tokens", type=int, default=0, help="stop after about this many tokens (0 = one full pass)")
     g.add_argument("--eval_chunks", type=int, default=-1,

@@ -200,3 +200,71 @@ def test_prompts_with_an_unparseable_gold_are_dropped_only_when_every_reward_nee
         assert (len(usable), n_bad) == (kept, bad), rewards
     total, per = G.score(["\n</think>\n\\boxed{3}", "no tag"], "}{", ["format", "accuracy"], [1.0, 2.0])
     assert total.tolist() == [1.0, 0.0] and torch.isnan(per[1]).all()   # accuracy left out, format kept
+
+
+def test_resa_controls_runs_every_arm_end_to_end_and_its_verdict_is_its_json(tmp_path):
+    # recipes/resa_controls.py on a tiny random model: three SAEs, eight arms, evaluations grouped by n, the
+    # verdict computed from the produced samples (paired differences recomputed here from them)
+    import sys as _sys
+    _sys.path.insert(0, str(ROOT / "tests"))
+    import evaluate as E
+    import lora as L
+    import model as M
+    import sae as S
+    from conftest import make_char_model, randomize_B
+    model = make_char_model(tmp_path / "base", seed=0, layers=3)
+    net = M.load_model(str(model))
+    L.attach_lora(net, 4, 8, 0.0)
+    randomize_B(net, 1, 0.3)
+    L.save_adapter(net, tmp_path / "tina", base_model=str(model))
+    S.SAE(64, 128, 4, layer=1).save(tmp_path / "start" / "layers.1")                 # the finetuned route's start
+    rows = [{"problem": f"{a}+{b}", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1)]]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    (tmp_path / "eval").mkdir()
+    for f in ("aime24.jsonl", "math500.jsonl"):
+        (tmp_path / "eval" / f).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "--device cpu --dtype fp32 --system_prompt none"
+    out = tmp_path / "controls"
+    argv = ["--tina_adapter", str(tmp_path / "tina"), "--out", str(out), "--benchmarks", "aime24,math_500",
+            "--sae_args", f"--num_latents 128 --k 4 --ctx_len 64 --batch_size 4 --max_tokens 512 {common}",
+            "--tune_args", f"--ctx_len 64 --max_steps 2 --batch_size 2 --lora_r 4 --lora_alpha 8 --save_every 100000 {common}",
+            "--eval_args", f"--limit 3 --max_new_tokens 6 --template none --data_dir {tmp_path / 'eval'} {common}"]
+    env = {**os.environ, "RESA_BASE": str(model), "RESA_DATA": str(tmp_path / "data.jsonl"), "RESA_LAYER": "1",
+           "RESA_SAE_START": str(tmp_path / "start"), "OMP_NUM_THREADS": "1"}
+    dry = subprocess.run([sys.executable, "recipes/resa_controls.py", *argv, "--dry_run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("resa_controls", ROOT / "recipes" / "resa_controls.py")
+    RC = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(RC)
+    listed = [line.split(":")[0] for line in dry.stdout.splitlines()]
+    assert listed == ["sae_source", "sae_target", "sae_other_seed", *(f"tune_{a}" for a in RC.ARMS), "eval_n4", "eval_n16"]
+    assert "--perturb noise" in dry.stdout and "--perturb random_sae" in dry.stdout and "TINA_ADAPTER=none" in dry.stdout
+    r = subprocess.run([sys.executable, "recipes/resa_controls.py", *argv], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "verdict.json").read_text())
+    arms = {row["arm"] for row in rep["rows"]}
+    assert arms == {"base", "source (Tina)", *RC.ARMS}
+    assert {(row["benchmark"], row["n"]) for row in rep["rows"]} == {("aime24", 16), ("math_500", 4)}
+    assert json.loads((out / "noise" / "tuned" / "run.json").read_text())["data"]["perturbation"]["perturb"] == "noise"
+    assert json.loads((out / "target_sae" / "sae" / "run.json").read_text())["args"]["adapter"] == "none"
+    # every paired difference is the one recomputed from the recorded samples
+    for row in rep["rows"]:
+        d = out / f"eval_n{row['n']}" / "eval"
+        samples = [json.loads(x) for x in open(d / "samples.jsonl")]
+        adapter = {"base": "base", "source (Tina)": str(tmp_path / "tina")}.get(row["arm"],
+                                                                             str(out / row["arm"] / "tuned" / "final"))
+        pp = lambda a: {i: sum(x["correct"] for x in samples if x["adapter"] == a and x["benchmark"] == row["benchmark"]  # noqa: E731
+                               and x["index"] == i) / row["n"] for i in range(3)}
+        if row["arm"] != "base":
+            diffs = [pp(adapter)[i] - pp("base")[i] for i in range(3)]
+            assert row["vs_base"] == pytest.approx(sum(diffs) / 3)
+        if row["arm"] not in ("base", "target_sae"):
+            assert "vs_target_sae" in row
+    assert rep["comparisons"] == sum(("vs_base" in x) + ("vs_target_sae" in x) for x in rep["rows"])
+    assert (out / "verdict.md").read_text().count("\n| ") == len(rep["rows"])          # one line per row
+    again = subprocess.run([sys.executable, "recipes/resa_controls.py", *argv], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)         # a rerun: trained stages skipped
+    assert again.returncode == 0 and again.stdout.count(": done (") == 11, again.stdout[-2000:]
