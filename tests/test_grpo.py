@@ -568,3 +568,21 @@ def test_rollout_completion_mask_ends_at_the_first_eos(char_model_dir):
         assert all(t == tok.pad_token_id for t in ids[want:])
         ends += first is not None and first < 11
     assert ends >= 2
+
+
+def test_prompt_stream_reshuffles_every_epoch_and_resumes_mid_epoch():
+    # each epoch is the whole set once, in that epoch's own seeded order; a stream restored at (epoch, pos)
+    # continues exactly where the first one was
+    data = list(range(10))
+    s = G.PromptStream(data, seed=3)
+    seen = s.take(30)
+    epochs = [seen[0:10], seen[10:20], seen[20:30]]
+    assert all(sorted(e) == data for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3                                  # a fresh order each epoch
+    for e, order in enumerate(epochs):
+        assert order == torch.randperm(10, generator=torch.Generator().manual_seed(3 + e)).tolist()
+    a = G.PromptStream(data, seed=3)
+    a.take(14)
+    b = G.PromptStream(data, seed=3, epoch=a.epoch, pos=a.pos)
+    assert a.take(9) == b.take(9)
+    assert G.PromptStream(data, seed=4).take(10) != epochs[0]

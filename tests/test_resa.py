@@ -1,6 +1,7 @@
 """train_sae.py and sae_tune.py (Resa): activation collection, SAE training, the SAE-guided KL, gradient
 routing, modularity of the tuned adapter, multi-process training and bad input."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -488,3 +489,47 @@ def test_held_out_metrics_match_a_float64_recomputation(model3, arith_file, tmp_
     assert got["ce_recovered"] == pytest.approx(want, rel=1e-4, abs=1e-6)
     with pytest.raises(SystemExit, match="hold out fewer"):
         T.main(sae_args(model3, arith_file, tmp_path / "sae3", "--layers", "1", "--eval_chunks", "100000"))
+
+
+def test_sae_tune_batches_cover_each_epoch_once_split_across_ranks():
+    n, per_step, world = 10, 4, 2
+    steps_per_epoch = math.ceil(n / per_step)
+    orders = []
+    for epoch in range(3):
+        got = []
+        for k in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + k
+            parts = [ST.batch_rows(step, n, per_step, steps_per_epoch, 7, r, world)[1].tolist() for r in range(world)]
+            assert not set(parts[0]) & set(parts[1])                          # ranks never share a chunk
+            if k < steps_per_epoch - 1:
+                assert sum(map(len, parts)) == per_step
+                got += parts[0] + parts[1]
+            else:                                                              # the short last step
+                got += [x for x in parts[0] + parts[1] if x not in got]
+        assert sorted(got) == list(range(n))
+        orders.append(got)
+        want = torch.randperm(n, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        assert [x for x in want if x in got] == want and set(got) == set(want)
+    assert len({tuple(o) for o in orders}) == 3                                  # reshuffled per epoch
+    in_order = [ST.batch_rows(k, n, per_step, steps_per_epoch, 7, 0, 1, shuffle=False)[1].tolist() for k in range(2)]
+    assert in_order == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_the_dead_latent_fraction_logged_counts_every_token(model3, arith_file, tmp_path, monkeypatch):
+    # replay every step's selected latents through a fresh tracker: the logged dead fraction must match
+    outs, real = [], S.train_step
+
+    def keep(*a, **k):
+        o = real(*a, **k)
+        outs.append((o.indices.detach().clone(), o.acts.detach().clone()))
+        return o
+    monkeypatch.setattr(S, "train_step", keep)
+    T.main(sae_args(model3, arith_file, tmp_path / "sae", "--layers", "1", "--expansion_factor", "16", "--k", "2",
+                    "--dead_tokens", "300", "--eval_chunks", "0"))
+    tracker = S.DeadLatentTracker(16 * 64, 300)
+    logged = [r["dead_fraction/1"] for r in metrics(tmp_path / "sae")]
+    replay = []
+    for idx, acts in outs:
+        tracker.update(idx, acts)
+        replay.append(tracker.dead_fraction())
+    assert logged == pytest.approx(replay) and max(logged) > 0.1                # some latents die in this run
