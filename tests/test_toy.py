@@ -101,3 +101,25 @@ def test_committed_toy_table_is_what_its_json_renders_and_its_summary_holds():
     assert s["upper_bound_share_of_grpo_gain"] == pytest.approx(up["vs_base"] / grpo["vs_base"])
     assert s["source_with_sae_over_source"] == pytest.approx(
         rows["source with its SAE inserted, no training"]["pass@1"] / grpo["pass@1"])
+    # the pipeline's own summary code gives the committed summary from the committed rows
+    i_mean = next(i for i, r in enumerate(rep["rows"]) if r["row"].startswith("SAE-Tuning, mean of"))
+    got = P.summary_of(rep["rows"], i_mean, (s["sae_tuning_minus_control"], *s["sae_tuning_minus_control_interval95"]))
+    assert got.keys() == s.keys() and all(got[k] == pytest.approx(s[k]) for k in s)
+
+
+def test_mean_interval_and_the_held_out_split_by_value(tmp_path):
+    import statistics
+    import toy.pipeline as P
+    vals = [0.0, 0.25, 1.0, 0.5, 0.75, 0.25]
+    m, lo, hi = P.mean_interval(vals)
+    se = statistics.stdev(vals) / len(vals) ** 0.5
+    assert (m, lo, hi) == pytest.approx((statistics.mean(vals), m - 1.96 * se, m + 1.96 * se))
+    assert P.mean_interval([0.4]) == (0.4, 0.4, 0.4)
+    # a small problem space (two terms: a few hundred questions), where a training set drawn without the
+    # exclusion would repeat held-out questions
+    write_sets(tmp_path / "w", seed=0, n_train=100, n_test=60, min_terms=2, max_terms=2)
+    train = {json.loads(x)["problem"] for x in open(tmp_path / "w" / "train.jsonl")}
+    test = {json.loads(x)["problem"] for x in open(tmp_path / "w" / "test.jsonl")}
+    assert len(train) == 100 and len(test) == 60 and not train & test
+    with pytest.raises(ValueError, match="distinct new problems"):                 # the space runs out: said
+        write_sets(tmp_path / "x", seed=0, n_train=400, n_test=100, min_terms=2, max_terms=2)

@@ -292,15 +292,8 @@ def main(argv=None):
                           "vs_base": diff[0], "vs_base_interval95": [diff[1], diff[2]], "problems": len(mean_pp),
                           "n": table[4]["n"] * len(tuned), "reasons": sum(r["reasons"] for r in table[4:i_mean]) / len(tuned),
                           "seconds": None, "trained_params": None})
-    grpo_row = table[1]
     vs_control = E.paired_difference(mean_pp, per_problem(ev_resa, extra[0]))
-    summary = {"grpo_gain": grpo_row["vs_base"],
-               "sae_tuning_share_of_grpo_gain": diff[0] / grpo_row["vs_base"] if grpo_row["vs_base"] else None,
-               "sae_tuning_score_over_grpo_score": m / grpo_row["pass@1"] if grpo_row["pass@1"] else None,
-               "upper_bound_share_of_grpo_gain": table[i_mean + 2]["vs_base"] / grpo_row["vs_base"]
-               if grpo_row["vs_base"] else None,
-               "source_with_sae_over_source": table[2]["pass@1"] / grpo_row["pass@1"] if grpo_row["pass@1"] else None,
-               "sae_tuning_minus_control": vs_control[0], "sae_tuning_minus_control_interval95": list(vs_control[1:])}
+    summary = summary_of(table, i_mean, vs_control)
     sae_rows = [json.loads(line) for line in open(out / "sae" / "metrics.jsonl")]
     kl_rows = [json.loads(line) for line in open(out / f"sae_tuned_s{cfg['seeds'][0]}" / "metrics.jsonl")]
     ctrl_rows = [json.loads(line) for line in open(out / "sae_control" / "metrics.jsonl")]
@@ -358,6 +351,19 @@ def reasoning_share(eval_dir: Path, adapter: str) -> float:
     rows = [json.loads(line) for line in open(eval_dir / "samples.jsonl")]
     mine = [r for r in rows if r["adapter"] == adapter]
     return sum(not r["completion"].lstrip().startswith("</think>") for r in mine) / max(1, len(mine))
+
+
+def summary_of(table: list[dict], i_mean: int, vs_control: tuple) -> dict:
+    """The headline figures from the table's rows: GRPO's gain (row 1 against the base), the share of it the
+    seeds' mean (row i_mean) recovers, the ratio of scores (Resa's headline), the upper bound's share (row
+    i_mean + 2), what the source keeps with its SAE inserted (row 2), and SAE-Tuning minus the control."""
+    grpo, mean, gain = table[1], table[i_mean], table[1]["vs_base"]
+    return {"grpo_gain": gain,
+            "sae_tuning_share_of_grpo_gain": mean["vs_base"] / gain if gain else None,
+            "sae_tuning_score_over_grpo_score": mean["pass@1"] / grpo["pass@1"] if grpo["pass@1"] else None,
+            "upper_bound_share_of_grpo_gain": table[i_mean + 2]["vs_base"] / gain if gain else None,
+            "source_with_sae_over_source": table[2]["pass@1"] / grpo["pass@1"] if grpo["pass@1"] else None,
+            "sae_tuning_minus_control": vs_control[0], "sae_tuning_minus_control_interval95": list(vs_control[1:])}
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float]:

@@ -57,8 +57,12 @@ def completion(answer: int, steps: list[str], worked: bool) -> str:
 
 def problems(seed: int, count: int, min_terms: int, max_terms: int, exclude: set[str] = frozenset()):
     rng = random.Random(seed)
-    out, seen = [], set(exclude)
+    out, seen, tries = [], set(exclude), 0
     while len(out) < count:
+        tries += 1
+        if tries > 1000 * count:
+            raise ValueError(f"only {len(out)} distinct new problems with {min_terms}-{max_terms} terms (of {count} "
+                             "asked for): ask for fewer, or allow more terms")
         q, a, steps = make_problem(rng, rng.randint(min_terms, max_terms))
         if q not in seen:
             seen.add(q)
