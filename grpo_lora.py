@@ -387,7 +387,7 @@ def micro_logprobs(net, ro: Rollouts, sl: slice, temperature: float):
     return net.logprobs(ids, mask, start=ro.prompt_ids.shape[1] - 1, temperature=temperature)
 
 
-def update(net, batch: Batch, args, params, world: int) -> dict:
+def update(net, batch: Batch, args, params, world: int, step: int = 1) -> dict:
     """The GRPO objective over grad_accum micro-batches of whole groups, then the clipped gradient (summed
     over ranks). -> mean loss, KL and clip fraction over the micro-batches, and the gradient norm."""
     kls, clips, losses, gaps = [], [], [], []
@@ -415,7 +415,9 @@ def update(net, batch: Batch, args, params, world: int) -> dict:
                                    max_completion_len=args.max_completion_len, step_tokens_per_micro_batch=per_mb,
                                    is_weight=is_weight)
         if not torch.isfinite(loss):
-            raise SystemExit(f"loss is {loss.item()} (NaN/inf); lower --lr or check the data")
+            raise SystemExit(f"step {step}: loss is {loss.item()} (NaN/inf); " + (
+                "at the first step nothing has trained yet: the model or its adapter produce it (check their weights, "
+                "or try --dtype fp32)" if step == 1 else "lower --lr or check the data"))
         (loss / len(slices)).backward()                # the mean over this process's micro-batches
         kls.append(kl)
         clips.append(clip)
@@ -555,7 +557,7 @@ def train(args) -> dict:
         else:                                                                 # the same batch again
             t_roll = t_reward = 0.0
         t2 = time.time()
-        stats = update(net, batch, args, params, world)
+        stats = update(net, batch, args, params, world, step + 1)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()

@@ -586,3 +586,12 @@ def test_prompt_stream_reshuffles_every_epoch_and_resumes_mid_epoch():
     b = G.PromptStream(data, seed=3, epoch=a.epoch, pos=a.pos)
     assert a.take(9) == b.take(9)
     assert G.PromptStream(data, seed=4).take(10) != epochs[0]
+
+
+def test_a_nan_loss_names_its_step_and_at_step_1_the_likely_cause(char_model_dir, arith_file, tmp_path, easy_reward,
+                                                                  monkeypatch):
+    real = G.grpo_loss
+    monkeypatch.setattr(G, "grpo_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), *real(*a, **k)[1:]))
+    with pytest.raises(SystemExit, match="step 1: loss is nan .*nothing has trained yet"):
+        G.main(run_args(char_model_dir, arith_file, tmp_path / "n", "--max_steps", "2"))
+    assert not (tmp_path / "n" / "final").exists()
