@@ -299,3 +299,16 @@ def test_summarize_every_figure_against_a_recomputation():
             subsets = list(itertools.combinations(c, k))
             want += sum(any(x) for x in subsets) / len(subsets)
         assert got[f"pass@{k}"] == pytest.approx(want / 6)
+
+
+def test_paired_difference_against_float64_on_problems_that_differ():
+    a = {0: 1.0, 1: 0.25, 2: 0.5, 3: 0.0, 4: 0.75, 9: 1.0}
+    b = {0: 0.5, 1: 0.5, 2: 0.0, 3: 0.0, 4: 0.25, 7: 0.0}                 # 9 and 7: scored by one side only
+    d = torch.tensor([a[i] - b[i] for i in range(5)], dtype=torch.float64)
+    se = d.std(unbiased=True) / 5 ** 0.5
+    got = E.paired_difference(a, b)
+    assert got == pytest.approx((d.mean().item(), (d.mean() - 1.96 * se).item(), (d.mean() + 1.96 * se).item()),
+                                abs=1e-12)
+    assert E.paired_difference({1: 0.5}, {1: 0.25}) == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="no problem was scored for both"):
+        E.paired_difference({1: 0.5}, {2: 0.5})
