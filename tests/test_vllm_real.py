@@ -154,6 +154,7 @@ def test_grpo_with_vllm_rollouts_under_torchrun_with_two_ranks(vmodel, arith_fil
     assert (out / "final" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow        # (one more engine start, ~40 s: kept out of CI's time budget)
 def test_bench_decode_vllm_row_times_both_samplers_on_the_same_tokens(tmp_path):
     import bench
     res = bench.main(["--smoke", "--only", "decode_vllm", "--out", str(tmp_path / "b.json"), "--repeat", "1",
