@@ -404,19 +404,23 @@ class GaussianNoise(nn.Module):
         return x + self.sigma.to(x.dtype) * torch.randn_like(x)
 
 
+def _tokens(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Activations [..., d] (a list of any leading shapes) -> one [N, d] float32 tensor."""
+    return torch.cat([t.reshape(-1, t.shape[-1]).float() for t in xs])
+
+
 def perturbation_fvu(perturb, xs: list[torch.Tensor]) -> float:
-    """FVU of a perturbation (an SAE or GaussianNoise) over activations xs ([N_i, d] each), in float64:
+    """FVU of a perturbation (an SAE or GaussianNoise) over activations xs ([..., d] each), in float64:
     sum ||x - f(x)||^2 / sum ||x - mean(x)||^2, the mean over every token of xs."""
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+    x = _tokens(xs)
     with torch.no_grad():
-        err = sum((t.reshape(-1, t.shape[-1]).double() - perturb.reconstruct(t.reshape(-1, t.shape[-1]).float()).double())
-                  .pow(2).sum() for t in xs)
-    return float(err / (x - x.mean(0)).pow(2).sum())
+        err = (x.double() - perturb.reconstruct(x).double()).pow(2).sum()
+    return float(err / (x.double() - x.double().mean(0)).pow(2).sum())
 
 
 def noise_matching(sae: "SAE", xs: list[torch.Tensor]) -> GaussianNoise:
     """Gaussian noise with the FVU `sae` has on xs: sigma^2 = FVU x total variance / (tokens x d)."""
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+    x = _tokens(xs).double()
     var = (x - x.mean(0)).pow(2).sum() / x.numel()
     return GaussianNoise(sae.d_in, math.sqrt(perturbation_fvu(sae, xs) * float(var)), **sae.meta)
 
@@ -427,7 +431,7 @@ def random_like(sae: "SAE", xs: list[torch.Tensor], seed: int) -> "SAE":
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = SAE(sae.d_in, sae.num_latents, sae.k, **{**sae.meta, "random_init_seed": seed})
-    out.init_b_dec(torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]))
+    out.init_b_dec(_tokens(xs))
     return out
 
 

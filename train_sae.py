@@ -96,7 +96,8 @@ def held_out_metrics(net, saes: dict[int, S.SAE], ids, batch_size: int) -> dict:
     """On chunks never trained on, per layer (the figures SAE-Tuning depends on, as SAELens reports them): FVU;
     KL(model || model with the SAE inserted) per token; the next-token CE clean, with the SAE, and with the
     layer's residual stream zero-ablated; and the share of CE recovered, (CE_zero - CE_sae) / (CE_zero - CE_clean)."""
-    acc = {layer: dict.fromkeys(("err", "x", "x2", "kl", "ce_sae", "ce_zero"), 0.0) for layer in saes}
+    acc = {layer: dict.fromkeys(("kl", "ce_sae", "ce_zero"), 0.0) for layer in saes}
+    xs: dict[int, list] = {layer: [] for layer in saes}                          # residuals for the FVU
     ce_clean, tokens, targets = 0.0, 0, 0
     for i in range(0, ids.shape[0], batch_size):
         b = ids[i:i + batch_size].to(net.device)                                  # [B, T]
@@ -107,10 +108,7 @@ def held_out_metrics(net, saes: dict[int, S.SAE], ids, batch_size: int) -> dict:
         acts = S.collect_residuals(net, b, list(saes))
         for layer, sae in saes.items():
             a = acc[layer]
-            x = acts[layer].reshape(-1, sae.d_in).double()                       # [B*T, d]
-            a["err"] += (x - sae.reconstruct(x.float()).double()).pow(2).sum().item()
-            a["x"] = a["x"] + x.sum(0)
-            a["x2"] += x.pow(2).sum().item()
+            xs[layer].append(acts[layer])                                         # [B, T, d]
             hook = S.insert_sae(net, sae, layer)
             try:
                 hs = net(b, hidden=True)
@@ -125,9 +123,8 @@ def held_out_metrics(net, saes: dict[int, S.SAE], ids, batch_size: int) -> dict:
                 net.set_residual_hook(layer, None)
     out = {}
     for layer, a in acc.items():
-        total_var = a["x2"] - a["x"].pow(2).sum().item() / tokens
         clean, with_sae, zero = ce_clean / targets, a["ce_sae"] / targets, a["ce_zero"] / targets
-        out[str(layer)] = {"fvu": a["err"] / total_var, "kl_per_token": a["kl"] / tokens, "ce_clean": clean,
+        out[str(layer)] = {"fvu": S.perturbation_fvu(saes[layer], xs[layer]), "kl_per_token": a["kl"] / tokens, "ce_clean": clean,
                            "ce_with_sae": with_sae, "ce_zero_ablated": zero,
                            "ce_recovered": (zero - with_sae) / (zero - clean) if zero != clean else None,
                            "tokens": tokens}
