@@ -53,14 +53,24 @@ def test_pipeline_quick_connects_every_stage(tmp_path):
     rep = json.loads((tmp_path / "toy" / "results.json").read_text())
     labels = [row["row"] for row in rep["rows"]]
     for want in ("base model", "GRPO-LoRA", "source with its SAE inserted", "base with that SAE inserted",
-                 "SAE-Tuning (Resa), seed 0", "SAE-Tuning, mean of 1 seeds", "control:", "upper bound:", "SFT-LoRA",
-                 "second base", "SAE-tuned adapter on the second base"):
+                 "SAE-Tuning (Resa), seed 0", "SAE-Tuning, mean of 1 seeds", "control: SAE-Tuning with an SAE trained",
+                 "control: an untrained SAE", "control: Gaussian noise", "control: the source's SAE trained with another",
+                 "upper bound:", "SFT-LoRA", "second base", "SAE-tuned adapter on the second base"):
         assert sum(label.startswith(want) for label in labels) == 1, want
-    assert len(labels) == 11 and all(0 <= row["pass@1"] <= 1 and 0 <= row["reasons"] <= 1 for row in rep["rows"])
+    assert len(labels) == 14 and all(0 <= row["pass@1"] <= 1 and 0 <= row["reasons"] <= 1 for row in rep["rows"])
     assert set(rep["summary"]) >= {"sae_tuning_share_of_grpo_gain", "sae_tuning_score_over_grpo_score",
-                                   "sae_tuning_minus_control", "source_with_sae_over_source"}
+                                   "sae_tuning_minus_control", "source_with_sae_over_source", "random_sae_minus_control",
+                                   "noise_minus_control", "other_seed_minus_control"}
+    # every SAE-Tuning arm but the control is set against the control, paired over problems
+    has = [r["arm"] for r in rep["rows"] if "vs_control" in r]
+    assert has == ["resa_s0", "resa_mean", "random_sae", "noise", "other_seed", "upper_bound", "sft"]
+    ev = rep["evidence"]
+    assert all(0 <= ev[f"{k}_held_out_fvu"] and 0 <= ev[f"{k}_held_out_kl_per_token"]
+               for k in ("sae", "control_sae", "seed_sae"))
+    assert ev["random_sae_fvu"] > ev["noise_fvu"] >= 0           # the untrained SAE destroys far more than noise
     assert "| GRPO-LoRA (Tina): the source |" in (tmp_path / "toy" / "results.md").read_text()
-    for d in ("base", "base2", "grpo/final", "sae_tuned_s0/final", "control/final", "upper_bound/final", "sft/final"):
+    for d in ("base", "base2", "grpo/final", "sae_tuned_s0/final", "control/final", "random_sae/final", "noise/final",
+              "other_seed/final", "sae_seed/layers.0", "upper_bound/final", "sft/final"):
         assert (tmp_path / "toy" / d).exists(), d
 
 
@@ -102,8 +112,7 @@ def test_committed_toy_table_is_what_its_json_renders_and_its_summary_holds():
     assert s["source_with_sae_over_source"] == pytest.approx(
         rows["source with its SAE inserted, no training"]["pass@1"] / grpo["pass@1"])
     # the pipeline's own summary code gives the committed summary from the committed rows
-    i_mean = next(i for i, r in enumerate(rep["rows"]) if r["row"].startswith("SAE-Tuning, mean of"))
-    got = P.summary_of(rep["rows"], i_mean, (s["sae_tuning_minus_control"], *s["sae_tuning_minus_control_interval95"]))
+    got = P.summary_of(rep["rows"])
     assert got.keys() == s.keys() and all(got[k] == pytest.approx(s[k]) for k in s)
 
 

@@ -15,10 +15,14 @@ time launching small kernels and leaves the GPU mostly idle):
   2. evaluate.py on the base: held-out pass@1, n samples per problem
   3. grpo_lora.py on the base (Tina) -> evaluate.py over its checkpoints
   4. train_sae.py on the GRPO-tuned model (source) -> sae_tune.py on the base (target) -> evaluate.py (Resa)
-  5. sae_tune.py --sae none --loss ce on the same text and steps (SFT-LoRA baseline) -> evaluate.py
+  5. the controls, the same SAE-Tuning but for what is inserted: an SAE trained on the base itself, an untrained
+     SAE of the source SAE's shape, Gaussian noise with its FVU, the source's SAE trained with another seed;
+     the upper bound (KL to the source's logits, no SAE); sae_tune.py --sae none --loss ce on the same text and
+     steps (SFT-LoRA baseline) -> evaluate.py
   6. the SAE-tuned adapter evaluated on the second base model (modularity)
   7. the table (markdown + JSON): pass@1 with its 95% interval, the change against the base with a paired
-     95% interval over problems, wall seconds and trained parameters per stage; and a PNG of the GRPO
+     95% interval over problems (and, for the SAE-Tuning arms, against the control), wall seconds and
+     trained parameters per stage; and a PNG of the GRPO
      reward and held-out pass@1 over steps (matplotlib, optional: skipped with a note if missing).
 """
 from __future__ import annotations
@@ -223,11 +227,15 @@ def main(argv=None):
                   *cfg["sae"], *common]
     stages(secs, {"train_sae": ([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--out_dir",
                                  str(out / "sae"), *sae_common], logs / "train_sae.log"),
+                  "train_sae_seed": ([py, "train_sae.py", "--model", base, "--adapter", ckpts[-1], "--out_dir",
+                                      str(out / "sae_seed"), *sae_common, "--seed", str(args.seed + 1)],
+                                     logs / "train_sae_seed.log"),
                   "train_sae_control": ([py, "train_sae.py", "--model", base, "--out_dir", str(out / "sae_control"),
                                          *sae_common], logs / "train_sae_control.log"),
                   "eval_grpo": evaluation(base, ["base", *ckpts], "grpo")})
     ev_grpo = evaluated("grpo", ["base", *ckpts])
     sae_dir, control_dir = out / "sae" / f"layers.{layer}", out / "sae_control" / f"layers.{layer}"
+    seed_dir = out / "sae_seed" / f"layers.{layer}"
     sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
     params["train_sae"] = 2 * sae_cfg["num_latents"] * sae_cfg["d_in"] + sae_cfg["num_latents"] + sae_cfg["d_in"]
     # 5. SAE-Tuning of the base (several seeds), the control (the SAE trained on the base itself), the upper
@@ -241,6 +249,11 @@ def main(argv=None):
                                   logs / f"sae_tune_s{seed}.log") for seed in cfg["seeds"]}
     jobs["control"] = ([py, "sae_tune.py", "--model", base, "--sae", str(control_dir), "--out_dir",
                         str(out / "control"), *tune], logs / "control.log")
+    for name, flags in (("random_sae", ["--sae", str(sae_dir), "--perturb", "random_sae"]),
+                        ("noise", ["--sae", str(sae_dir), "--perturb", "noise"]),
+                        ("other_seed", ["--sae", str(seed_dir)])):   # one seed each: the three seeds of Resa's
+        jobs[name] = ([py, "sae_tune.py", "--model", base, *flags, "--out_dir",  # arm agree within a point
+                       str(out / name), *tune], logs / f"{name}.log")
     jobs["upper_bound"] = ([py, "sae_tune.py", "--model", base, "--sae", "none", "--teacher_adapter", ckpts[-1],
                             "--loss", "kl", "--out_dir", str(out / "upper_bound"), *tune], logs / "upper_bound.log")
     jobs["sft"] = ([py, "sae_tune.py", "--model", base, "--sae", "none", "--loss", "ce", "--out_dir",
@@ -251,49 +264,62 @@ def main(argv=None):
     ev_sae = evaluated("sae_inserted", ["base", ckpts[-1]])
     params["sae_tune"] = json.loads((out / f"sae_tuned_s{cfg['seeds'][0]}" / "run.json").read_text())["trainable_params"]
     secs["sae_tune"] = secs[f"sae_tune_s{cfg['seeds'][0]}"]
-    for k in ("control", "upper_bound", "sft"):
+    arms = ("control", "random_sae", "noise", "other_seed", "upper_bound", "sft")
+    for k in arms:
         params[k] = params["sae_tune"]
-    extra = [str(out / "control" / "final"), str(out / "upper_bound" / "final"), str(out / "sft" / "final")]
+    extra = {k: str(out / k / "final") for k in arms}
     # 6. all of them on the base, and modularity: the SAE-tuned adapter (first seed) on the second base
-    stages(secs, {"eval_resa": evaluation(base, [*tuned, *extra], "resa"),
+    stages(secs, {"eval_resa": evaluation(base, [*tuned, *extra.values()], "resa"),
                   "eval_modularity": evaluation(base2, ["base", tuned[0]], "modularity")})
-    ev_resa = evaluated("resa", [*tuned, *extra])
+    ev_resa = evaluated("resa", [*tuned, *extra.values()])
     ev_mod = evaluated("modularity", ["base", tuned[0]])
 
     # 7. the table
     ref, ref2 = per_problem(ev_grpo, "base"), per_problem(ev_mod, "base")
-    rows = [("base model (trained from scratch)", ev_grpo, "base", ref, "base"),
-            ("GRPO-LoRA (Tina): the source", ev_grpo, ckpts[-1], ref, "grpo"),
-            ("source with its SAE inserted, no training", ev_sae, ckpts[-1], ref, None),
-            ("base with that SAE inserted, no training", ev_sae, "base", ref, None),
-            *[(f"SAE-Tuning (Resa), seed {s}: SAE from the source, LoRA on the base", ev_resa, t, ref,
+    control_pp = per_problem(ev_resa, extra["control"])     # arm (b): what every SAE-Tuning arm is set against
+    rows = [("base", "base model (trained from scratch)", ev_grpo, "base", ref, "base"),
+            ("grpo", "GRPO-LoRA (Tina): the source", ev_grpo, ckpts[-1], ref, "grpo"),
+            ("source_sae", "source with its SAE inserted, no training", ev_sae, ckpts[-1], ref, None),
+            ("base_sae", "base with that SAE inserted, no training", ev_sae, "base", ref, None),
+            *[(f"resa_s{s}", f"SAE-Tuning (Resa), seed {s}: SAE from the source, LoRA on the base", ev_resa, t, ref,
                f"sae_tune_s{s}") for s, t in zip(cfg["seeds"], tuned)],
-            ("control: SAE-Tuning with an SAE trained on the base itself", ev_resa, extra[0], ref, "control"),
-            ("upper bound: KL to the source's own logits, same text, no SAE", ev_resa, extra[1], ref, "upper_bound"),
-            ("SFT-LoRA baseline, same trace-free text and steps", ev_resa, extra[2], ref, "sft"),
-            ("second base model (another seed)", ev_mod, "base", ref2, "base2"),
-            ("SAE-tuned adapter on the second base (modularity)", ev_mod, tuned[0], ref2, None)]
+            ("control", "control: SAE-Tuning with an SAE trained on the base itself", ev_resa, extra["control"], ref,
+             "control"),
+            ("random_sae", "control: an untrained SAE of the source SAE's shape and k", ev_resa, extra["random_sae"],
+             ref, "random_sae"),
+            ("noise", "control: Gaussian noise with the source SAE's FVU, no SAE", ev_resa, extra["noise"], ref,
+             "noise"),
+            ("other_seed", "control: the source's SAE trained with another seed", ev_resa, extra["other_seed"], ref,
+             "other_seed"),
+            ("upper_bound", "upper bound: KL to the source's own logits, same text, no SAE", ev_resa,
+             extra["upper_bound"], ref, "upper_bound"),
+            ("sft", "SFT-LoRA baseline, same trace-free text and steps", ev_resa, extra["sft"], ref, "sft"),
+            ("base2", "second base model (another seed)", ev_mod, "base", ref2, "base2"),
+            ("modularity", "SAE-tuned adapter on the second base (modularity)", ev_mod, tuned[0], ref2, None)]
     table = []
-    for label, ev, adapter, reference, stage in rows:
+    for arm, label, ev, adapter, reference, stage in rows:
         res = json.loads((ev / "results.json").read_text())["results"][adapter]["test"]
-        diff = E.paired_difference(per_problem(ev, adapter), reference)
-        table.append({"row": label, "pass@1": res["pass@1"], "interval95": res["interval95"],
-                      "vs_base": diff[0], "vs_base_interval95": [diff[1], diff[2]], "problems": res["problems"],
+        pp = per_problem(ev, adapter)
+        table.append({"arm": arm, "row": label, "pass@1": res["pass@1"], "interval95": res["interval95"],
+                      **paired(pp, reference, "vs_base"), "problems": res["problems"],
                       "n": res["n"], "reasons": reasoning_share(ev, adapter),
                       "seconds": round(secs.get(stage, 0.0), 1) if stage else None,
-                      "trained_params": params.get(stage) if stage else None})
+                      "trained_params": params.get(stage) if stage else None,
+                      **(paired(pp, control_pp, "vs_control") if ev == ev_resa and arm != "control" else {})})
     # the seeds' mean: per-problem means averaged over seeds, its interval and its change against the base
     seeds_pp = [per_problem(ev_resa, t) for t in tuned]
     mean_pp = {i: sum(pp[i] for pp in seeds_pp) / len(seeds_pp) for i in seeds_pp[0]}
     m, lo, hi = mean_interval(list(mean_pp.values()))
-    diff = E.paired_difference(mean_pp, ref)
     i_mean = 4 + len(tuned)
-    table.insert(i_mean, {"row": f"SAE-Tuning, mean of {len(tuned)} seeds", "pass@1": m, "interval95": [lo, hi],
-                          "vs_base": diff[0], "vs_base_interval95": [diff[1], diff[2]], "problems": len(mean_pp),
+    table.insert(i_mean, {"arm": "resa_mean", "row": f"SAE-Tuning, mean of {len(tuned)} seeds", "pass@1": m,
+                          "interval95": [lo, hi], **paired(mean_pp, ref, "vs_base"), "problems": len(mean_pp),
                           "n": table[4]["n"] * len(tuned), "reasons": sum(r["reasons"] for r in table[4:i_mean]) / len(tuned),
-                          "seconds": None, "trained_params": None})
-    vs_control = E.paired_difference(mean_pp, per_problem(ev_resa, extra[0]))
-    summary = summary_of(table, i_mean, vs_control)
+                          "seconds": None, "trained_params": None, **paired(mean_pp, control_pp, "vs_control")})
+    summary = summary_of(table)
+    held = {k: json.loads((out / d / "run.json").read_text())["held_out"][layer]
+            for k, d in (("sae", "sae"), ("control_sae", "sae_control"), ("seed_sae", "sae_seed"))}
+    noise = json.loads((out / "noise" / "run.json").read_text())["data"]["perturbation"]
+    random_sae = json.loads((out / "random_sae" / "run.json").read_text())["data"]["perturbation"]
     sae_rows = [json.loads(line) for line in open(out / "sae" / "metrics.jsonl")]
     kl_rows = [json.loads(line) for line in open(out / f"sae_tuned_s{cfg['seeds'][0]}" / "metrics.jsonl")]
     ctrl_rows = [json.loads(line) for line in open(out / "sae_control" / "metrics.jsonl")]
@@ -305,7 +331,9 @@ def main(argv=None):
                 "control_sae_dead_fraction": last(ctrl_rows, "dead_fraction/"),
                 "sae_fvu_source_completions": own[0], "control_sae_fvu_source_completions": own[1],
                 "sae_tune_kl_first10": sum(r["kl"] for r in kl_rows[:10]) / min(10, len(kl_rows)),
-                "sae_tune_kl_last10": sum(r["kl"] for r in kl_rows[-10:]) / min(10, len(kl_rows))}
+                "sae_tune_kl_last10": sum(r["kl"] for r in kl_rows[-10:]) / min(10, len(kl_rows)),
+                **{f"{k}_held_out_{m}": v[m] for k, v in held.items() for m in ("fvu", "kl_per_token", "ce_recovered")},
+                "noise_fvu": noise["fvu"], "random_sae_fvu": random_sae["fvu"]}
     total = time.time() - t_start
     report = {"rows": table, "summary": summary, "evidence": evidence, "stage_seconds": secs,
               "total_seconds": round(total, 1), "quick": args.quick, "threads": args.threads, "device": device,
@@ -353,17 +381,27 @@ def reasoning_share(eval_dir: Path, adapter: str) -> float:
     return sum(not r["completion"].lstrip().startswith("</think>") for r in mine) / max(1, len(mine))
 
 
-def summary_of(table: list[dict], i_mean: int, vs_control: tuple) -> dict:
-    """The headline figures from the table's rows: GRPO's gain (row 1 against the base), the share of it the
-    seeds' mean (row i_mean) recovers, the ratio of scores (Resa's headline), the upper bound's share (row
-    i_mean + 2), what the source keeps with its SAE inserted (row 2), and SAE-Tuning minus the control."""
-    grpo, mean, gain = table[1], table[i_mean], table[1]["vs_base"]
+def paired(a: dict[int, float], b: dict[int, float], key: str) -> dict:
+    """{key: mean of a - b over problems, key_interval95: its paired 95% interval} (evaluate.paired_difference)."""
+    m, lo, hi = E.paired_difference(a, b)
+    return {key: m, f"{key}_interval95": [lo, hi]}
+
+
+def summary_of(table: list[dict]) -> dict:
+    """The headline figures from the table's rows (by arm): GRPO's gain against the base, the share of it the
+    seeds' mean recovers, the ratio of scores (Resa's headline), the upper bound's share, what the source keeps
+    with its SAE inserted, and each SAE-Tuning arm minus the control (arm b), paired over problems."""
+    row = {r["arm"]: r for r in table}
+    grpo, mean, gain = row["grpo"], row["resa_mean"], row["grpo"]["vs_base"]
     return {"grpo_gain": gain,
             "sae_tuning_share_of_grpo_gain": mean["vs_base"] / gain if gain else None,
             "sae_tuning_score_over_grpo_score": mean["pass@1"] / grpo["pass@1"] if grpo["pass@1"] else None,
-            "upper_bound_share_of_grpo_gain": table[i_mean + 2]["vs_base"] / gain if gain else None,
-            "source_with_sae_over_source": table[2]["pass@1"] / grpo["pass@1"] if grpo["pass@1"] else None,
-            "sae_tuning_minus_control": vs_control[0], "sae_tuning_minus_control_interval95": list(vs_control[1:])}
+            "upper_bound_share_of_grpo_gain": row["upper_bound"]["vs_base"] / gain if gain else None,
+            "source_with_sae_over_source": row["source_sae"]["pass@1"] / grpo["pass@1"] if grpo["pass@1"] else None,
+            "sae_tuning_minus_control": mean["vs_control"],
+            "sae_tuning_minus_control_interval95": mean["vs_control_interval95"],
+            **{f"{arm}_minus_control": [row[arm]["vs_control"], *row[arm]["vs_control_interval95"]]
+               for arm in ("random_sae", "noise", "other_seed")}}
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float]:
@@ -373,17 +411,19 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def markdown(table, summary, evidence, total, cfg) -> str:
-    lines = ["| model | held-out pass@1 (%) [95% CI] | vs base (points) [95% CI] | samples that reason | stage seconds "
-             "| trained params |", "|---|---|---|---|---|---|"]
+    lines = ["| model | held-out pass@1 (%) [95% CI] | vs base (points) [95% CI] | vs control (points) [95% CI] "
+             "| samples that reason | stage seconds | trained params |", "|---|---|---|---|---|---|---|"]
+    diff = lambda r, k: (f"{100 * r[k]:+.1f} [{100 * r[k + '_interval95'][0]:+.1f}, "         # noqa: E731
+                         f"{100 * r[k + '_interval95'][1]:+.1f}]" if k in r else "")
     for r in table:
         lo, hi = r["interval95"]
-        dlo, dhi = r["vs_base_interval95"]
         sec = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
         par = "" if r["trained_params"] is None else f"{r['trained_params']:,}"
         lines.append(f"| {r['row']} | {100 * r['pass@1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
-                     f"{100 * r['vs_base']:+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}] | {100 * r['reasons']:.0f}% | "
-                     f"{sec} | {par} |")
+                     f"{diff(r, 'vs_base')} | {diff(r, 'vs_control')} | {100 * r['reasons']:.0f}% | {sec} | {par} |")
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
+    held = lambda k: (f"FVU {evidence[k + '_held_out_fvu']:.4f}, KL {evidence[k + '_held_out_kl_per_token']:.4f} "  # noqa: E731
+                      f"nats/token, CE recovered {fmt(evidence[k + '_held_out_ce_recovered'])}")
     lo, hi = summary["sae_tuning_minus_control_interval95"]
     lines += ["", f"{cfg['limit']} held-out problems x {cfg['n']} samples (temperature 0.6, top_p 0.95); the modularity "
               "rows compare against the second base. Share of GRPO's gain recovered by SAE-Tuning (mean of seeds): "
@@ -399,7 +439,11 @@ def markdown(table, summary, evidence, total, cfg) -> str:
               f"{evidence['control_sae_fvu_source_completions']:.4f} on the source's answers, "
               f"{100 * evidence['control_sae_dead_fraction']:.0f}% dead); SAE-Tuning KL (summed over a 256-token "
               f"chunk) {evidence['sae_tune_kl_first10']:.2f} -> {evidence['sae_tune_kl_last10']:.2f} (mean of the "
-              f"first / last 10 steps). Total {total / 60:.1f} minutes."]
+              f"first / last 10 steps). On held-out general text, with each SAE inserted in its own model: the "
+              f"source's SAE {held('sae')}; the control's {held('control_sae')}; the other seed's {held('seed_sae')} "
+              f"(CE recovered against zero-ablating that layer). The noise arm's FVU on the text: "
+              f"{evidence['noise_fvu']:.4f}; the untrained SAE's: {evidence['random_sae_fvu']:.2f}. "
+              f"Total {total / 60:.1f} minutes."]
     return "\n".join(lines)
 
 
@@ -425,8 +469,9 @@ def plot(out: Path, ev_grpo: Path, ckpts: list[str], table: list[dict]):
     y = list(range(len(table)))[::-1]
     p = [r["pass@1"] for r in table]
     err = [[r["pass@1"] - r["interval95"][0] for r in table], [r["interval95"][1] - r["pass@1"] for r in table]]
-    bx.barh(y, p, xerr=err, color=["#888" if "base" in r["row"][:12] else "#4a7" if "GRPO" in r["row"] else "#47a"
-                                    for r in table], capsize=2)
+    color = {"base": "#888", "base2": "#888", "grpo": "#4a7", "control": "#c84", "random_sae": "#c84",
+             "noise": "#c84", "other_seed": "#c84"}
+    bx.barh(y, p, xerr=err, color=[color.get(r["arm"], "#47a") for r in table], capsize=2)
     bx.set_yticks(y, [r["row"][:58] for r in table], fontsize=7)
     bx.set_xlim(0, 1)
     bx.set_xlabel("held-out pass@1, 95% interval")
