@@ -706,8 +706,63 @@ def bench_decode_autotune(net, cfg, args, device):
     return row
 
 
+def headline(r: dict) -> str:
+    """The README's GPU table from one bench.py JSON: each benchmark, ours, its baseline timed in the same run, and
+    the hardware floor where one applies (bytes / measured copy bandwidth, FLOPs / measured matmul peak)."""
+    pct = lambda x: f"{100 * x:.0f}%"                                        # noqa: E731
+    rows = []
+    if "decode" in r and "error" not in r["decode"]:
+        d, z = r["decode"], r["sizes"]
+        rows.append((f"decode, batch {z['batch']}, {z['prompt']} + {z['new']} tokens",
+                     f"{d['ms_per_step']:.2f} ms/step whole call, {d['steady_ms_per_step']:.2f} steady "
+                     f"({d['tokens_per_s']:,.0f} tok/s)",
+                     f"transformers' compiled static cache {d['hf_static_ms_per_step']:.2f} ms/step: ours "
+                     f"x{d['vs_hf_static']:.2f}" if "vs_hf_static" in d else f"transformers x{d['vs_hf']:.1f}",
+                     f"{pct(d['steady_share_of_floor'])} of {d['floor_ms_per_step']:.2f} ms (steady)"))
+    if "decode_long" in r and "error" not in r["decode_long"]:
+        d, z = r["decode_long"], r["sizes"]
+        rows.append((f"decode, batch {z['long_batch']}, {z['long_prompt']:,} + {z['long_new']} tokens",
+                     f"{d['default_ms_per_step']:.2f} ms/step", f"SDPA attention {d['sdpa_ms_per_step']:.2f} ms/step",
+                     f"{pct(d['default_share_of_floor'])} of {d['floor_ms_per_step']:.2f} ms"))
+    if "grpo_step" in r and "error" not in r["grpo_step"]:
+        d, z = r["grpo_step"], r["sizes"]
+        rows.append((f"whole GRPO step, {z['step_prompts']} prompts x {z['step_gens']}, {z['step_prompt']} + "
+                     f"{z['step_new']:,} tokens", f"{d['seconds']:.1f} s (rollout {d['rollout_s']:.1f} s, update "
+                     f"{d['update_s']:.1f} s)", f"rollout uncompiled {d['rollout_uncompiled_s']:.1f} s",
+                     f"rollout {pct(d['rollout_share_of_floor'])} of {d['rollout_floor_s']:.1f} s; update MFU "
+                     f"{pct(d['update_mfu'])}"))
+    if "grpo" in r and "error" not in r["grpo"]:
+        d, z = r["grpo"], r["sizes"]
+        rows.append((f"GRPO update, {z['grpo_seqs']} x {z['grpo_len']:,} tokens",
+                     f"{d['seconds']:.2f} s, {d['peak_gib']:.1f} GiB", f"peft {d['peft_seconds']:.2f} s, "
+                     f"{d['peft_peak_gib']:.1f} GiB: ours x{d['vs_peft']:.2f} the time", f"MFU {pct(d['mfu'])}"))
+    if "lora" in r and "error" not in r["lora"]:
+        d = r["lora"]
+        rows.append(("LoRA r 32 forward, overhead over the plain model", f"x{d['ours_overhead']:.2f} (dropout "
+                     f"x{d['ours_overhead_dropout']:.2f})", f"peft x{d['peft_overhead']:.2f} "
+                     f"(x{d['peft_overhead_dropout']:.2f})", "x1.00"))
+    if "sae" in r and "error" not in r["sae"]:
+        d, z = r["sae"], r["sizes"]
+        rows.append((f"SAE step, layer {z['sae_layer']}, {z['sae_latents']:,} latents, k {z['sae_k']}",
+                     f"{d['tokens_per_s'] / 1e3:.1f}k tok/s", f"sparsify {d['sparsify_tokens_per_s'] / 1e3:.1f}k "
+                     f"tok/s: ours x{d['vs_sparsify']:.2f}", "-"))
+    if "sae_tune" in r and "error" not in r["sae_tune"]:
+        d, z = r["sae_tune"], r["sizes"]
+        rows.append((f"SAE-Tuning step, {z['tune_len']:,} tokens", f"{d['seconds']:.2f} s, {d['tokens_per_s'] / 1e3:.1f}k "
+                     f"tok/s, {d['peak_gib']:.1f} GiB", "-", "-"))
+    lines = ["| benchmark | ours | baseline, same run | share of the hardware floor |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines) + (f"\n\n{r['device']}, {r['dtype'].replace('torch.', '')}, random weights of the "
+                               f"{r['preset']} shape, {r['date']}; floors from the measured copy bandwidth "
+                               f"({r['copy_bandwidth_GBps'] / 1e3:.2f} TB/s) and matmul peak "
+                               f"({r['matmul_peak_TFLOPs']:.0f} TFLOP/s).")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage='python bench.py [--only decode,grpo,...] [--smoke] [--table JSON] [flags]', description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", default=None, metavar="JSON",
+                   help="print the README's table of a bench.py JSON (e.g. assets/measurements/...-bench.json) and exit")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (seconds)")
     p.add_argument("--only", type=C.csv_list(), default=["decode", "decode_long", "grpo", "lora", "sae", "sae_tune",
                                                          "grpo_step"],
@@ -725,6 +780,10 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="also profile one run of ours per benchmark; top kernels go to <out>.profile.txt")
     args = p.parse_args(argv)
+    if args.table:
+        table = headline(json.loads(Path(args.table).read_text()))
+        print(table)
+        return table
     args.profiles = []
     cfg = SMOKE if args.smoke else FULL
     device = torch.device("cpu") if args.smoke else C.pick_device(args.device)

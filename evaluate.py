@@ -9,6 +9,8 @@ Usage
     python evaluate.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --adapter out/tina_open_rs2/final \
         --benchmarks aime24,aime25,amc23,math_500,minerva,gpqa_diamond --n 16 --max_new_tokens 32768
   A checkpoint sweep: --adapter out/run/step_000050,out/run/step_000100,... (one row each; "base" = none)
+  Checkpoint selection on held-out problems: add --select_on val.jsonl: every adapter is scored on that file
+  first (into --out_dir/selection), and the benchmarks are evaluated for the best one alone (plus base if listed)
 
 Prompting follows lighteval / open-r1 (the papers used lighteval + vLLM): the math template asking for
 \\boxed{} (GPQA: four seeded-shuffled choices and 'Answer: $LETTER'), in the tokenizer's chat template,
@@ -20,7 +22,8 @@ in `unparseable_gold` and left out of every score (never scored correct).
 
 Outputs in --out_dir: results.json ({adapter: {benchmark: {...}}}), samples.jsonl (one row per sample:
 the exact prompt text, completion, extracted answer, correct, tokens, finished), results.md (the table,
-also printed). Re-running into the same folder skips samples already recorded: each batch of samples
+also printed), results.png (per benchmark: each adapter's pass@k curve for k = 1..n and its pass@1 with the
+interval; plot.py's eval_figure, skipped without matplotlib). Re-running into the same folder skips samples already recorded: each batch of samples
 is seeded from (seed, benchmark, batch index), so a resumed run gives the same numbers as one run.
 
 --scorer lighteval grades as the papers' lighteval did (data.grade_lighteval: MATH-500 and Minerva against the
@@ -47,6 +50,7 @@ import common as C
 import data as D
 import lora as L
 import model as M
+import plot as P
 import sae as S
 import sampling as SM
 
@@ -86,6 +90,13 @@ def summarize(rows: list[dict], n: int, ks: list[int]) -> dict:
         if k > 1:
             out[f"pass@{k}"] = sum(pass_at_k(len(c), int(sum(c)), k) for c in scored.values()) / max(1, P)
     return out
+
+
+def pass_at_k_curve(rows: list[dict], n: int) -> list[float]:
+    """[pass@1, pass@2, ..., pass@n] (the unbiased estimator, averaged over the problems scored) from every sample
+    of one adapter and one benchmark: the curve that shows whether a gain at k = 1 holds at larger k."""
+    s = summarize(rows, n, list(range(2, n + 1)))
+    return [s["pass@1"], *(s[f"pass@{k}"] for k in range(2, n + 1))]
 
 
 def per_problem(rows: list[dict]) -> dict[int, float]:
@@ -188,6 +199,12 @@ def check_args(args):
     if args.compare is not None and (len(args.compare) != 2 or not set(args.compare) <= set(args.adapter or ["base"])):
         raise SystemExit(f"--compare {','.join(args.compare)}: name two of the --adapter entries "
                          f"({','.join(args.adapter or ['base'])})")
+    if args.select_on and not Path(args.select_on).is_file():
+        raise SystemExit(f"--select_on {args.select_on}: no such file (a local .jsonl/.json/.parquet of held-out "
+                         "question/answer problems, none of them in the test sets)")
+    if args.select_on and args.compare:
+        raise SystemExit("--compare with --select_on: run the selection first, then compare base with the selected "
+                         "adapter in a second run (same --out_dir: its samples are reused)")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit {args.limit}: must be at least 1 (leave it out to evaluate every problem)")
     if any(k < 1 for k in args.k):
@@ -243,7 +260,7 @@ def sample_settings(args, sets) -> dict:
 
 def recorded_samples(out_dir: Path, settings: dict, overwrite: bool) -> dict:
     """Samples a previous run recorded with the same settings, by (adapter, benchmark, index, sample)."""
-    files = [out_dir / n for n in ("samples.jsonl", "samples_settings.json", "results.json", "results.md")]
+    files = [out_dir / n for n in ("samples.jsonl", "samples_settings.json", "results.json", "results.md", "results.png")]
     if overwrite:
         for f in files:
             f.unlink(missing_ok=True)
@@ -341,10 +358,40 @@ def markdown_table(results: dict, ks: list[int]) -> str:
     return "\n".join(lines) + f"\n\npass@1 in % with its 95% interval over problems (n = {next(iter(next(iter(results.values())).values()))['n']} samples each)."
 
 
+def select_checkpoint(args) -> dict:
+    """--select_on: score every --adapter on the validation file (a run of its own in out_dir/selection, the same
+    sampling settings, every problem of the file) and pick the best pass@1 (a tie: the first listed). Refuses a
+    validation file that shares a question with the test sets. -> {validation, scores, selected}."""
+    val, _ = D.load_examples(args.select_on, args.question_field, args.answer_field)
+    tests, _ = load_sets(args)
+    norm = lambda q: " ".join(q.split())                                   # noqa: E731
+    shared = {norm(e.question) for e in val} & {norm(e.question) for ex in tests.values() for e in ex}
+    if shared:
+        raise SystemExit(f"--select_on {args.select_on}: {len(shared)} of its {len(val)} questions are also in the "
+                         f"test sets ({', '.join(tests)}); selecting on them would be selecting on the test")
+    sel = argparse.Namespace(**{**vars(args), "data": args.select_on, "benchmarks": [], "limit": None,
+                                "select_on": None, "compare": None, "k": [],
+                                "out_dir": str(Path(args.out_dir) / "selection")})
+    print(f"checkpoint selection: {len(args.adapter or ['base'])} adapters on {args.select_on} ({len(val)} problems)")
+    res = evaluate(sel)
+    name = Path(args.select_on).stem
+    scores = {a: r[name]["pass@1"] for a, r in res.items()}
+    best = max(scores.values())
+    return {"validation": args.select_on, "problems": len(val), "scores": scores,
+            "selected": next(a for a, v in scores.items() if v == best)}
+
+
 def evaluate(args) -> dict:
     check_args(args)
     if args.dry_run:
         return C.print_config({**vars(args), "adapters": args.adapter or ["base"], "world_size": 1})
+    selection = None
+    if args.select_on:            # pick on the validation file, then evaluate the test sets for that one alone
+        selection = select_checkpoint(args)
+        keep = [selection["selected"], *(["base"] if "base" in args.adapter and selection["selected"] != "base" else [])]
+        args = argparse.Namespace(**{**vars(args), "adapter": keep})
+        print(f"selected on {args.select_on}: {selection['selected']} (pass@1 "
+              f"{100 * selection['scores'][selection['selected']]:.1f}%); the test sets for {', '.join(keep)}")
     out_dir = Path(args.out_dir)
     sets, stats, tok, net, eos_ids, engine = prepare(args)
     system_prompt = D.SYSTEM_PROMPTS.get(args.system_prompt, args.system_prompt)
@@ -401,7 +448,8 @@ def evaluate(args) -> dict:
     bar.close()
     if engine is not None:
         engine.close()
-    report = {"results": results, "data": stats, "args": {k: v for k, v in vars(args).items()}}
+    report = {"results": results, "data": stats, "args": {k: v for k, v in vars(args).items()},
+              **({"selection": selection} if selection else {})}
     if args.compare:                 # B - A per benchmark, paired over problems (the same problems and seeds)
         a, b = args.compare
         pp = lambda ad, bench: per_problem([done[(ad, bench, e.index, j)] for e in sets[bench]   # noqa: E731
@@ -415,14 +463,21 @@ def evaluate(args) -> dict:
         table += "\n\n" + f"{name}, paired over problems (points): " + "; ".join(
             f"{bench} {100 * c['difference']:+.1f} [{100 * c['low95']:+.1f}, {100 * c['high95']:+.1f}]"
             for bench, c in per.items())
+    if selection:
+        table += (f"\n\nCheckpoint selected on {selection['validation']} ({selection['problems']} problems, never on the "
+                  f"test sets): {selection['selected']}, best of " + ", ".join(
+                      f"{a} {100 * v:.1f}" for a, v in selection["scores"].items()) + " (pass@1, %).")
     C.atomic_write(out_dir / "results.md", lambda p: Path(p).write_text(table + "\n"))
     log.write_run(finished=True)
     print(table)
+    if P.eval_figure(P.eval_rows(out_dir), out_dir / "results.png", f"evaluate.py: {args.model}"):
+        print(f"results: {out_dir / 'results.md'}, results.json, samples.jsonl, results.png")
     return results
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage='python evaluate.py --model MODEL [--adapter A,B,...] --benchmarks B1,B2 | --data FILE [flags]', description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/eval")
     g.add_argument("--adapter", type=C.csv_list(), default=[],
                    help="comma-separated adapter folders (a sweep: one row each); 'base' = no adapter")
@@ -453,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", type=C.csv_list(), default=None, metavar="A,B",
                    help="also report B - A for two of the --adapter entries (or base), paired over the same problems "
                    "and samples, with its 95%% interval")
+    g.add_argument("--select_on", default=None, metavar="FILE",
+                   help="checkpoint selection on held-out problems: score every --adapter on this local question/answer "
+                   "file first, then evaluate the benchmarks for the best one alone (plus base if listed); never "
+                   "pick on the test sets (default: no selection, every adapter evaluated)")
     g.add_argument("--scorer", default="ours", choices=["ours", "lighteval"],
                    help="ours: math-verify on the answer column, a gold it cannot parse left out and counted (default); "
                    "lighteval: as the papers scored (MATH-500 / Minerva against the solution column, any_match, an "

@@ -590,7 +590,8 @@ def train(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage="python grpo_lora.py --model MODEL --dataset DATA --out_dir OUT [flags]   (recipes/tina_*.sh: the papers' runs)", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/grpo")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="open_rs2", help=f"registry name ({', '.join(D.TRAIN_SETS)}) or a local "

@@ -288,7 +288,8 @@ def train(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage='python sae_tune.py --model TARGET --sae SAE_FOLDER (or none) --dataset DATA --out_dir OUT [flags]', description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae_tune")
     g = p.add_argument_group("SAE")
     g.add_argument("--sae", default="none", help="SAE folder (ours or sparsify's), or none for the SFT baseline")

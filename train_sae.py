@@ -284,7 +284,8 @@ def save_all(saes: dict[int, S.SAE], out_dir: Path, opts: dict):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage='python train_sae.py --model MODEL [--adapter SOURCE_ADAPTER] --dataset DATA --layers L --out_dir OUT [flags]', description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = C.add_run_args(p, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "out/sae")
     g.add_argument("--adapter", default=None, help="LoRA adapter on the source model (e.g. a grpo_lora.py checkpoint); none: the model itself")
     g = D.add_text_args(p, "trigger")

@@ -19,9 +19,11 @@ The arms (Resa's recipe scripts run with these changes; the settings of recipes/
 plus the base and the source (the Tina adapter) themselves. Every arm's adapter at --checkpoint (default
 final; the same for all) is evaluated by resa_eval.sh's settings, one evaluate.py run per number of samples
 (--protocol sober: 16 on AIME24/25 and AMC23, 4 on MATH-500/Minerva/OlympiadBench, 8 on GPQA; papers: 1), with
-vLLM where it is installed. The verdict (verdict.md + verdict.json under --out) gives each arm's pass@1 with its
-95% interval and, paired over problems, its difference to the base and to arm (b), with the number of
-comparisons made (no correction applied: read an interval that barely excludes 0 with that number in mind).
+vLLM where it is installed. The verdict (verdict.md + verdict.json + verdict.png under --out) gives each arm's
+pass@1 with its 95% interval and, paired over problems, its difference to the base and to arm (b), with the
+number of comparisons made (no correction applied: read an interval that barely excludes 0 with that number in
+mind), and each arm's pass@k curve for k = 1..n (the figure: one panel of curves per benchmark, and the paired
+differences to the base with their intervals; matplotlib, skipped with a note where it is not installed).
 --sae_args / --tune_args / --eval_args append flags to every stage of that kind (the tests' tiny sizes).
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate as E   # noqa: E402
+import plot as P       # noqa: E402
 
 ARMS = {  # name: (label, SAE stage or None, tuning stage)
     "resa": ("a: Resa, the source's SAE", "source", "tune"),
@@ -111,13 +114,17 @@ def verdict(args) -> dict:
         res = json.loads((d / "results.json").read_text())["results"]
         samples = [json.loads(line) for line in open(d / "samples.jsonl")]
 
+        def mine(adapter, bench):
+            return [r for r in samples if r["adapter"] == adapter and r["benchmark"] == bench]
+
         def pp(adapter, bench):
-            return E.per_problem([r for r in samples if r["adapter"] == adapter and r["benchmark"] == bench])
+            return E.per_problem(mine(adapter, bench))
         b_adapter = str(out / "target_sae" / "tuned" / args.checkpoint)
         for adapter, name in names.items():
             for bench, r in res.get(adapter, {}).items():
                 row = {"arm": name, "benchmark": bench, "n": r["n"], "problems": r["problems"],
-                       "pass@1": r["pass@1"], "interval95": r["interval95"]}
+                       "pass@1": r["pass@1"], "interval95": r["interval95"],
+                       "pass_at_k": E.pass_at_k_curve(mine(adapter, bench), r["n"])}          # k = 1..n
                 for ref, key in (("base", "vs_base"), (b_adapter, "vs_target_sae")):
                     if adapter not in (ref, "base") and ref in res:
                         m, lo, hi = E.paired_difference(pp(adapter, bench), pp(ref, bench))
@@ -138,6 +145,7 @@ def verdict(args) -> dict:
                  f"protocol {args.protocol}, every arm at its {args.checkpoint} checkpoint.")
     (out / "verdict.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    P.eval_figure(rows, out / "verdict.png", f"Resa's controls ({args.protocol} protocol, {args.checkpoint} checkpoints)")
     return report
 
 

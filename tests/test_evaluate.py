@@ -312,3 +312,54 @@ def test_paired_difference_against_float64_on_problems_that_differ():
     assert E.paired_difference({1: 0.5}, {1: 0.25}) == (0.25, 0.25, 0.25)
     with pytest.raises(ValueError, match="no problem was scored for both"):
         E.paired_difference({1: 0.5}, {2: 0.5})
+
+
+def test_select_on_picks_on_the_validation_file_and_evaluates_the_test_sets_for_that_one_alone(
+        char_model_dir, tmp_path, monkeypatch):
+    # two adapters: ad1 is right on the test problems only, ad2 on the validation problems only (the sampler is
+    # replaced by one that answers by the active adapter: selection, not generation, is under test here)
+    ads = []
+    for seed in (1, 2):
+        net = M.load_model(str(char_model_dir))
+        L.attach_lora(net, r=4, alpha=8)
+        randomize_B(net, seed, 0.5)
+        L.save_adapter(net, tmp_path / f"ad{seed}", base_model=str(char_model_dir))
+        ads.append(str(tmp_path / f"ad{seed}"))
+    val, test = tmp_path / "val.jsonl", tmp_path / "test.jsonl"
+    val.write_text("".join(json.dumps({"problem": f"1+{b}", "answer": str(1 + b)}) + "\n" for b in range(6)))
+    test.write_text("".join(json.dumps({"problem": f"2+{b}", "answer": str(2 + b)}) + "\n" for b in range(4)))
+    active = {"adapter": "base"}
+    load, unload = L.load_adapter, L.unload_lora
+    monkeypatch.setattr(L, "load_adapter", lambda net, path, *a, **k: (active.update(adapter=str(path)),
+                                                                        load(net, path, *a, **k))[1])
+    monkeypatch.setattr(L, "unload_lora", lambda net, *a, **k: (active.update(adapter="base"), unload(net, *a, **k))[1])
+    right = {ads[1]: "1+", ads[0]: "2+"}
+
+    def answers(net, tok, prompts, args, seed, eos_ids):
+        out = []
+        for p in prompts:
+            q = p.split("Q: ")[-1].split("\n")[0]
+            good = right.get(active["adapter"]) and q.startswith(right[active["adapter"]])
+            out.append((f"\\boxed{{{eval(q) if good else -1}}}", 3, True))        # (text, tokens, finished)
+        return out
+    monkeypatch.setattr(E, "generate_hf", answers)
+    out = tmp_path / "sel"
+    E.main(eval_args(char_model_dir, test, out, "--adapter", f"base,{ads[1]},{ads[0]}", "--select_on", str(val)))
+    rep = json.loads((out / "results.json").read_text())
+    assert rep["selection"]["selected"] == ads[1]                   # best on validation, though worst on the test
+    assert rep["selection"]["scores"] == {"base": 0.0, ads[0]: 0.0, ads[1]: 1.0}
+    assert set(rep["results"]) == {"base", ads[1]}                  # the test sets: the selected one and base only
+    assert rep["results"][ads[1]]["test"]["pass@1"] == 0.0
+    tested = {json.loads(x)["adapter"] for x in open(out / "samples.jsonl")}
+    assert tested == {"base", ads[1]}
+    picked = json.loads((out / "selection" / "results.json").read_text())["results"]
+    assert set(picked) == {"base", *ads} and picked[ads[1]]["val"]["problems"] == 6
+    assert "Checkpoint selected on" in (out / "results.md").read_text()
+    # a validation file that shares a question with the test sets is refused before anything is sampled
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(val.read_text() + json.dumps({"problem": "2+0", "answer": "2"}) + "\n")
+    with pytest.raises(SystemExit, match="1 of its 7 questions are also in the test sets"):
+        E.main(eval_args(char_model_dir, test, tmp_path / "sel2", "--adapter", f"base,{ads[0]}", "--select_on", str(leak)))
+    assert not (tmp_path / "sel2").exists()
+    with pytest.raises(SystemExit, match="no such file"):
+        E.main(eval_args(char_model_dir, test, tmp_path / "sel3", "--select_on", str(tmp_path / "nope.jsonl")))

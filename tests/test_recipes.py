@@ -5,6 +5,7 @@ post_train_model_grpo.sh, tina/config.py, tina/post_train_hf/grpo.py and grpo_tr
 shangshang-wang/Resa (recipes/DeepSeek-R1-Distill-Qwen-1.5B/grpo/sae_tuning.yaml, scripts/train/
 sae_tuning.py, train_from_scratch.py, pretrain_sae.sh, sae_tuning_model.sh)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -263,8 +264,15 @@ def test_resa_controls_runs_every_arm_end_to_end_and_its_verdict_is_its_json(tmp
             assert row["vs_base"] == pytest.approx(sum(diffs) / 3)
         if row["arm"] not in ("base", "target_sae"):
             assert "vs_target_sae" in row
+        # its pass@k curve, k = 1..n, from the unbiased estimator 1 - C(n-c, k) / C(n, k) per problem
+        c = [sum(x["correct"] for x in samples if x["adapter"] == adapter and x["benchmark"] == row["benchmark"]
+                 and x["index"] == i) for i in range(3)]
+        n = row["n"]
+        want = [sum(1 - math.comb(n - ci, k) / math.comb(n, k) for ci in c) / 3 for k in range(1, n + 1)]
+        assert row["pass_at_k"] == pytest.approx(want, abs=1e-12)
     assert rep["comparisons"] == sum(("vs_base" in x) + ("vs_target_sae" in x) for x in rep["rows"])
     assert (out / "verdict.md").read_text().count("\n| ") == len(rep["rows"])          # one line per row
+    assert (out / "verdict.png").stat().st_size > 10_000                             # the figure
     again = subprocess.run([sys.executable, "recipes/resa_controls.py", *argv], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)         # a rerun: trained stages skipped
     assert again.returncode == 0 and again.stdout.count(": done (") == 11, again.stdout[-2000:]

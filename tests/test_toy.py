@@ -72,6 +72,20 @@ def test_pipeline_quick_connects_every_stage(tmp_path):
     for d in ("base", "base2", "grpo/final", "sae_tuned_s0/final", "control/final", "random_sae/final", "noise/final",
               "other_seed/final", "sae_seed/layers.0", "upper_bound/final", "sft/final"):
         assert (tmp_path / "toy" / d).exists(), d
+    # plot.py on the runs this made: one panel per metric group of each stage, several runs overlaid, an evaluation
+    import plot as P
+    toy = tmp_path / "toy"
+    assert P.plot_metrics([toy / "grpo"], tmp_path / "g.png") == [t for t, _, _ in P.GROUPS["grpo_lora"]]
+    assert P.plot_metrics([toy / "sae"], tmp_path / "s.png") == [t for t, _, _ in P.GROUPS["train_sae"]]
+    assert P.plot_metrics([toy / "sae_tuned_s0", toy / "sft"], tmp_path / "t.png") == [
+        t for t, _, _ in P.GROUPS["sae_tune"]]                        # KL and CE runs share the loss panel
+    with pytest.raises(SystemExit, match="different stages"):
+        P.plot_metrics([toy / "grpo", toy / "sae"], tmp_path / "x.png")
+    r = subprocess.run([sys.executable, "plot.py", str(toy / "grpo")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == str(toy / "grpo" / "metrics.png"), r.stderr
+    for png in (tmp_path / "g.png", tmp_path / "s.png", tmp_path / "t.png", toy / "grpo" / "metrics.png",
+                toy / "eval" / "resa" / "results.png"):           # evaluate.py draws its own
+        assert png.stat().st_size > 10_000, png
 
 
 @pytest.mark.slow

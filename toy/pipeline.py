@@ -33,6 +33,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def run_jobs(jobs: list[tuple[list[str], Path]]) -> list[float]:
                 f.flush()
                 proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
                 running[i] = (proc, f, time.time(), cost(cmd))
+                est = ESTIMATE.get(log.stem)
+                print(f"  {log.stem:16s} started  (progress: {_rel(log)}"
+                      + (f"; about {est:.0f} s on 2 CPU cores" if est else "") + ")", flush=True)
             time.sleep(0.1)
             for i, (proc, f, t0, _) in list(running.items()):
                 if proc.poll() is None:
@@ -104,12 +108,32 @@ def run_jobs(jobs: list[tuple[list[str], Path]]) -> list[float]:
                 if proc.returncode != 0:
                     raise SystemExit(f"stage failed ({log}):\n" + "".join(open(log).readlines()[-20:]))
                 secs[i] = time.time() - t0
-                print(f"  {log.stem:16s} {secs[i]:6.1f} s", flush=True)
+                print(f"  {log.stem:16s} finished in {secs[i]:.1f} s", flush=True)
     finally:                     # a failed stage (or Ctrl-C) stops the others
         for proc, f, _, _ in running.values():
             proc.kill()
             f.close()
     return secs
+
+
+ESTIMATE: dict[str, float] = {}   # log name -> seconds a full CPU run took (main() reads the committed measurement)
+MEASURED = ROOT / "assets" / "measurements" / "2026-12-01-toy-results.json"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def estimates(quick: bool, device: str) -> dict[str, float]:
+    """Each stage's seconds in the committed full CPU run (by log name), for the start lines; none for --quick or
+    a GPU, where they would mislead."""
+    if quick or device != "cpu" or not MEASURED.is_file():
+        return {}
+    secs = json.loads(MEASURED.read_text())["stage_seconds"]          # stage names are the logs' names
+    return {k: v for k, v in secs.items() if k != "sae_tune"}         # (an alias of the first seed's)
 
 
 def stages(secs: dict, jobs: dict[str, tuple[list[str], Path]]):
@@ -166,10 +190,13 @@ def main(argv=None):
     SLOTS.update(n=min(cores, GPU_JOBS) if device == "cuda" else cores, gpu=device == "cuda")
     ENV.update(OMP_NUM_THREADS=str(args.threads or 1), MKL_NUM_THREADS=str(args.threads or 1))
     ENV.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_")})
+    ESTIMATE.update(estimates(args.quick, device))
     print(f"toy pipeline on {device} (samplers: {args.backend} for evaluation, {args.rollout} for GRPO; CPU "
           f"threads: {heavy} for training, {args.threads or 1} for SAE training and "
           f"evaluation; independent stages side by side in {SLOTS['n']} {'processes' if SLOTS['gpu'] else 'cores'}) "
-          f"-> {args.out}", flush=True)
+          f"-> {args.out}; each stage prints a line when it starts and when it ends, its progress bar goes to its "
+          f"log" + (f"; about {sum(ESTIMATE.values()) / 60:.0f} minutes of stages in all, fewer side by side"
+                    if ESTIMATE else ""), flush=True)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -344,6 +371,8 @@ def main(argv=None):
     (out / "results.md").write_text(md + "\n")
     print(md)
     plot(out, ev_grpo, ckpts, table)
+    print(f"\nresults: {_rel(out / 'results.md')} (the table above), results.json, results.png; each stage's "
+          f"output and progress in {_rel(logs)}/; the models, adapters and SAEs in {_rel(out)}/", flush=True)
     return report
 
 
@@ -459,7 +488,7 @@ def plot(out: Path, ev_grpo: Path, ckpts: list[str], table: list[dict]):
     res = json.loads((ev_grpo / "results.json").read_text())["results"]
     steps = [0] + [int(Path(c).name.split("_")[1]) for c in ckpts]
     acc = [res["base"]["test"]["pass@1"]] + [res[c]["test"]["pass@1"] for c in ckpts]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 7), gridspec_kw={"width_ratios": [1, 1.4]})
     ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label="GRPO reward (training batch)", alpha=0.6)
     ax.plot(steps, acc, "o-", label="held-out pass@1")
     ax.set_xlabel("GRPO step")
@@ -472,7 +501,7 @@ def plot(out: Path, ev_grpo: Path, ckpts: list[str], table: list[dict]):
     color = {"base": "#888", "base2": "#888", "grpo": "#4a7", "control": "#c84", "random_sae": "#c84",
              "noise": "#c84", "other_seed": "#c84"}
     bx.barh(y, p, xerr=err, color=[color.get(r["arm"], "#47a") for r in table], capsize=2)
-    bx.set_yticks(y, [r["row"][:58] for r in table], fontsize=7)
+    bx.set_yticks(y, [textwrap.fill(r["row"], 46) for r in table], fontsize=7)       # whole labels, wrapped
     bx.set_xlim(0, 1)
     bx.set_xlabel("held-out pass@1, 95% interval")
     bx.set_title("Every row of the table")

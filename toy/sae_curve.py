@@ -7,7 +7,9 @@ source's own answers: SAE variants trained on the toy's GRPO model (the source),
 
 For each variant: train_sae.py on the source (as a user would), evaluate.py of the source with that SAE in its
 residual stream (held-out pass@1, the pipeline's sampling settings), and the SAE's FVU on the residual stream
-over the source's own sampled answers (toy/pipeline.py's fvu_on_completions). The variants span Resa's two ways
+over the source's own sampled answers (toy/pipeline.py's fvu_on_completions); beside it, train_sae.py's own
+held-out figures on chunks of its training text it never trained on (FVU, KL per token between the source with
+and without the SAE, and the share of CE loss recovered against zero-ablating the layer). The variants span Resa's two ways
 of making an SAE: from scratch on the trace-free trigger text, and pre-trained on general text then fine-tuned
 on the trigger text; and the pipeline's way, on the toy's general text (corpus.jsonl) alone, at several sizes.
 """
@@ -59,13 +61,13 @@ def main(argv=None):
             continue
         out = toy / "sae_curve" / name
         if flags is None:
-            sae_dir = toy / "sae" / "layers.2"
+            sae_dir, run_dir = toy / "sae" / "layers.2", toy / "sae"
         else:
             flags = [f.format(toy=toy, data=data) for f in flags]
             run([py, "train_sae.py", "--model", base, "--adapter", source, "--out_dir", str(out), "--layers", "2",
                  "--ctx_len", "256", "--lr", "3e-3", "--batch_size", "8", "--device", "cpu", "--dtype", "fp32",
                  "--seed", "0", "--system_prompt", "none", "--overwrite", *flags], logs / f"curve_{name}.log")
-            sae_dir = out / "layers.2"
+            sae_dir, run_dir = out / "layers.2", out
         ev = out / "eval"
         run([py, "evaluate.py", "--model", base, "--adapter", source, "--data", f"{data}/test.jsonl", "--limit",
              str(rep["rows"][1]["problems"]), "--n", str(rep["rows"][1]["n"]),
@@ -76,17 +78,22 @@ def main(argv=None):
         res = json.loads((ev / "results.json").read_text())["results"][source]["test"]
         fvu = fvu_on_completions(base, source, toy / "eval" / "grpo", [sae_dir])[0]
         cfg_sae = json.loads((sae_dir / "cfg.json").read_text())
+        held = json.loads((run_dir / "run.json").read_text())["held_out"]["2"]
         rows.append({"variant": name, "what": what, "num_latents": cfg_sae["num_latents"], "k": cfg_sae["k"],
                      "fvu_source_answers": fvu, "pass@1": res["pass@1"], "interval95": res["interval95"],
-                     "kept": res["pass@1"] / source_pass})
+                     "kept": res["pass@1"] / source_pass, "held_out_fvu": held["fvu"],
+                     "held_out_kl_per_token": held["kl_per_token"], "held_out_ce_recovered": held["ce_recovered"]})
         print(f"      {name}: FVU on the source's answers {fvu:.4f}, pass@1 with the SAE {100 * res['pass@1']:.1f}% "
               f"({100 * rows[-1]['kept']:.0f}% of the source's {100 * source_pass:.1f}%)", flush=True)
     rows.sort(key=lambda r: -r["fvu_source_answers"])
-    lines = ["| SAE on the source (layer 2) | latents, k | FVU on the source's own answers | source's pass@1 with it "
-             "[95% CI] | share of the source's pass@1 |", "|---|---|---|---|---|"]
+    lines = ["| SAE on the source (layer 2) | latents, k | FVU on the source's own answers | held-out FVU / KL per "
+             "token / CE recovered (its own text) | source's pass@1 with it [95% CI] | share of the source's pass@1 |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["interval95"]
         lines.append(f"| {r['what']} | {r['num_latents']:,}, {r['k']} | {r['fvu_source_answers']:.4f} | "
+                     f"{r['held_out_fvu']:.4f} / {r['held_out_kl_per_token']:.4f} / "
+                     f"{100 * r['held_out_ce_recovered']:.1f}% | "
                      f"{100 * r['pass@1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {100 * r['kept']:.0f}% |")
     md = "\n".join(lines) + f"\n\nThe source alone: {100 * source_pass:.1f}%."
     (toy / "sae_curve.json").write_text(json.dumps({"source_pass@1": source_pass, "rows": rows}, indent=2))
