@@ -118,10 +118,12 @@ def plot_metrics(run_dirs: list[Path], out: Path, smooth: int = 0) -> list[str]:
                 xs, ys = zip(*pts)
                 w = smooth or max(1, len(ys) // 50)
                 label = (f"{d.name}: " if len(runs) > 1 else "") + k
-                color = f"C{(i * len(keys) + j) % 10}"
+                # one colour per run (per metric when there is one run), one line style per metric of a panel
+                color = f"C{(i if len(runs) > 1 else j) % 10}"
+                style = ("-", "--", ":", "-.")[j % 4] if len(runs) > 1 else "-"
                 if w > 1:
-                    ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8)
-                ax.plot(xs, running_mean(list(ys), w), color=color, lw=1.6, label=label)
+                    ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8, ls=style)
+                ax.plot(xs, running_mean(list(ys), w), color=color, lw=1.6, label=label, ls=style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel, fontsize=8)
@@ -154,8 +156,11 @@ def eval_figure(rows: list[dict], path: Path, title: str = "") -> Path | None:
             ks = list(range(1, len(r["pass_at_k"]) + 1))
             top.plot(ks, [100 * v for v in r["pass_at_k"]], "o-" if len(ks) < 20 else "-", ms=3, label=r["arm"],
                      color=f"C{i % 10}", lw=2 if r["arm"] == "base" else 1.2)
-        if max(len(r["pass_at_k"]) for r in mine) > 1:
+        n_max = max(len(r["pass_at_k"]) for r in mine)
+        if n_max > 1:
             top.set_xscale("log", base=2)
+            ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n_max]
+            top.set_xticks(ticks, [str(k) for k in ticks])
         top.set_xlabel("k (samples per problem)")
         top.set_ylabel("pass@k (%)")
         top.set_title(f"{bench}: pass@k (n = {mine[0]['n']}, {mine[0]['problems']} problems)", fontsize=10)

@@ -325,23 +325,52 @@ def test_two_process_resume_matches_the_uninterrupted_run(char_model_dir, arith_
     assert [r["reward"] for r in ma] == [r["reward"] for r in mb] and len(ma) == 4
 
 
+def on_two_gloo_ranks(tmp_path, body: str) -> str:
+    """Run body (Python, with torch, dist, this repo on the path and r = the rank) on two gloo processes under
+    torchrun; -> their stdout (a failure on either rank fails the test)."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text("import os, sys, json, types, torch, torch.distributed as dist\n"
+                      f"sys.path.insert(0, {str(ROOT)!r})\n"
+                      "dist.init_process_group('gloo')\nr = dist.get_rank()\n" + body +
+                      "\ndist.destroy_process_group()\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
 def test_all_reduce_keeps_ranks_identical(tmp_path):
     # the gradient averaging used by multi-process training, checked across two gloo processes
-    script = tmp_path / "ar.py"
-    script.write_text(
-        "import os, sys, torch, torch.distributed as dist\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
+    on_two_gloo_ranks(tmp_path, (
         "import common as C\n"
-        "dist.init_process_group('gloo')\n"
-        "r = dist.get_rank()\n"
         "ts = [torch.full((3,), float(r + 1)), torch.full((2, 2), 10.0 * (r + 1))]\n"
         "C.all_reduce_mean(ts, 2)\n"
-        "assert torch.allclose(ts[0], torch.full((3,), 1.5)) and torch.allclose(ts[1], torch.full((2, 2), 15.0))\n"
-        "dist.destroy_process_group()\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+        "assert torch.allclose(ts[0], torch.full((3,), 1.5)) and torch.allclose(ts[1], torch.full((2, 2), 15.0))\n"))
+
+
+def test_step_metrics_across_two_processes_take_the_longest_completion_and_average_the_rest(tmp_path):
+    # grpo_lora.step_metrics under gloo: completion_len_max is the max over ranks (rank 1's 7), every other metric
+    # the mean of the ranks' values, reward_none the total count
+    out = on_two_gloo_ranks(tmp_path, (
+        "import grpo_lora as G\n"
+        "mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]] if r == 0 else\n"
+        "                    [[1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0]])\n"
+        "ro = types.SimpleNamespace(completion_mask=mask, finished=torch.tensor([True, r == 0]))\n"
+        "rewards = torch.tensor([1.0, 0.0]) if r == 0 else torch.tensor([1.0, 1.0])\n"
+        "per = [torch.tensor([1.0, float('nan')]) if r == 0 else torch.tensor([1.0, 1.0])]\n"
+        "batch = types.SimpleNamespace(ro=ro, rewards=rewards, per_reward=per)\n"
+        "args = types.SimpleNamespace(num_generations=2, rewards=['accuracy'])\n"
+        "row = G.step_metrics(batch, {'loss': float(r)}, args, 2, torch.device('cpu'))\n"
+        "print('ROW' + json.dumps(row))\n"))
+    rows = [json.loads(line.split("ROW", 1)[1]) for line in out.splitlines() if "ROW" in line]
+    assert len(rows) == 2 and rows[0] == rows[1]                     # every rank logs the same row
+    row = rows[0]
+    assert row["completion_len_max"] == 7.0                          # the longest on any rank, not (3 + 7) / 2
+    assert row["completion_len_mean"] == pytest.approx(((3 + 1) / 2 + (7 + 2) / 2) / 2)
+    assert row["reward"] == pytest.approx((0.5 + 1.0) / 2) and row["loss"] == pytest.approx(0.5)
+    assert row["truncated"] == pytest.approx((0.0 + 0.5) / 2)
+    assert row["reward_none/accuracy"] == pytest.approx(1.0)          # one unparseable gold in all
 
 
 # ---------------------------------------------------------------- bad input

@@ -268,7 +268,7 @@ def test_resa_controls_runs_every_arm_end_to_end_and_its_verdict_is_its_json(tmp
         c = [sum(x["correct"] for x in samples if x["adapter"] == adapter and x["benchmark"] == row["benchmark"]
                  and x["index"] == i) for i in range(3)]
         n = row["n"]
-        want = [sum(1 - math.comb(n - ci, k) / math.comb(n, k) for ci in c) / 3 for k in range(1, n + 1)]
+        want = [sum(1 - math.comb(n - int(ci), k) / math.comb(n, k) for ci in c) / 3 for k in range(1, n + 1)]
         assert row["pass_at_k"] == pytest.approx(want, abs=1e-12)
     assert rep["comparisons"] == sum(("vs_base" in x) + ("vs_target_sae" in x) for x in rep["rows"])
     assert (out / "verdict.md").read_text().count("\n| ") == len(rep["rows"])          # one line per row

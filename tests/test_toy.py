@@ -146,3 +146,16 @@ def test_mean_interval_and_the_held_out_split_by_value(tmp_path):
     assert len(train) == 100 and len(test) == 60 and not train & test
     with pytest.raises(ValueError, match="distinct new problems"):                 # the space runs out: said
         write_sets(tmp_path / "x", seed=0, n_train=400, n_test=100, min_terms=2, max_terms=2)
+
+
+def test_committed_sae_curve_table_is_what_its_json_renders():
+    # docs/toy.md's SAE-curve table is toy/sae_curve.py's markdown of the committed JSON; the shares follow from it
+    import toy.sae_curve as SC
+    rep = json.loads((ROOT / "assets" / "measurements" / "2026-12-01-toy-sae-curve.json").read_text())
+    md = SC.markdown(rep["rows"], rep["source_pass@1"])
+    page = (ROOT / "docs" / "toy.md").read_text()
+    assert all(line in page for line in md.splitlines() if line.strip())
+    assert all(r["kept"] == pytest.approx(r["pass@1"] / rep["source_pass@1"]) for r in rep["rows"])
+    toy = json.loads((ROOT / "assets" / "measurements" / "2026-12-01-toy-results.json").read_text())
+    source = next(r for r in toy["rows"] if r["arm"] == "grpo")
+    assert rep["source_pass@1"] == source["pass@1"]                  # the curve is of the table's own source

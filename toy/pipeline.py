@@ -1,7 +1,7 @@
 """
 toy/pipeline.py -- the whole Tina -> Resa pipeline on the toy world, on a CPU, with the real stage scripts.
 
-    python toy/pipeline.py                 # about 14 minutes on 2 CPU cores -> out/toy/results.md, results.png
+    python toy/pipeline.py                 # about 21 minutes on 2 CPU cores -> out/toy/results.md, results.png
     python toy/pipeline.py --quick         # tiny sizes (CI): checks that every stage connects, ~70 seconds
     python toy/pipeline.py --device cuda   # the same on a GPU (float32; its numbers differ from the CPU's in
                                            # the last bits, so the table may differ by a sample or two)
@@ -195,8 +195,9 @@ def main(argv=None):
           f"threads: {heavy} for training, {args.threads or 1} for SAE training and "
           f"evaluation; independent stages side by side in {SLOTS['n']} {'processes' if SLOTS['gpu'] else 'cores'}) "
           f"-> {args.out}; each stage prints a line when it starts and when it ends, its progress bar goes to its "
-          f"log" + (f"; about {sum(ESTIMATE.values()) / 60:.0f} minutes of stages in all, fewer side by side"
-                    if ESTIMATE else ""), flush=True)
+          f"log" + (f"; the committed run took {json.loads(MEASURED.read_text())['total_seconds'] / 60:.0f} minutes "
+                    "on 2 CPU cores (a busy machine stretches the seconds, not the numbers)" if ESTIMATE else ""),
+          flush=True)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -452,7 +453,7 @@ def markdown(table, summary, evidence, total, cfg) -> str:
                      f"{diff(r, 'vs_base')} | {diff(r, 'vs_control')} | {100 * r['reasons']:.0f}% | {sec} | {par} |")
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
     held = lambda k: (f"FVU {evidence[k + '_held_out_fvu']:.4f}, KL {evidence[k + '_held_out_kl_per_token']:.4f} "  # noqa: E731
-                      f"nats/token, CE recovered {fmt(evidence[k + '_held_out_ce_recovered'])}")
+                      f"nats/token, CE recovered {100 * evidence[k + '_held_out_ce_recovered']:.1f}%")
     lo, hi = summary["sae_tuning_minus_control_interval95"]
     lines += ["", f"{cfg['limit']} held-out problems x {cfg['n']} samples (temperature 0.6, top_p 0.95); the modularity "
               "rows compare against the second base. Share of GRPO's gain recovered by SAE-Tuning (mean of seeds): "

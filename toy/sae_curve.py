@@ -86,6 +86,14 @@ def main(argv=None):
         print(f"      {name}: FVU on the source's answers {fvu:.4f}, pass@1 with the SAE {100 * res['pass@1']:.1f}% "
               f"({100 * rows[-1]['kept']:.0f}% of the source's {100 * source_pass:.1f}%)", flush=True)
     rows.sort(key=lambda r: -r["fvu_source_answers"])
+    md = markdown(rows, source_pass)
+    (toy / "sae_curve.json").write_text(json.dumps({"source_pass@1": source_pass, "rows": rows}, indent=2))
+    (toy / "sae_curve.md").write_text(md + "\n")
+    print(md)
+
+
+def markdown(rows: list[dict], source_pass: float) -> str:
+    """The curve's table (docs/toy.md shows it; tests/test_toy.py checks it is this of the committed JSON)."""
     lines = ["| SAE on the source (layer 2) | latents, k | FVU on the source's own answers | held-out FVU / KL per "
              "token / CE recovered (its own text) | source's pass@1 with it [95% CI] | share of the source's pass@1 |",
              "|---|---|---|---|---|---|"]
@@ -95,10 +103,7 @@ def main(argv=None):
                      f"{r['held_out_fvu']:.4f} / {r['held_out_kl_per_token']:.4f} / "
                      f"{100 * r['held_out_ce_recovered']:.1f}% | "
                      f"{100 * r['pass@1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {100 * r['kept']:.0f}% |")
-    md = "\n".join(lines) + f"\n\nThe source alone: {100 * source_pass:.1f}%."
-    (toy / "sae_curve.json").write_text(json.dumps({"source_pass@1": source_pass, "rows": rows}, indent=2))
-    (toy / "sae_curve.md").write_text(md + "\n")
-    print(md)
+    return "\n".join(lines) + f"\n\nThe source alone: {100 * source_pass:.1f}%."
 
 
 if __name__ == "__main__":
