@@ -352,7 +352,7 @@ def test_all_reduce_keeps_ranks_identical(tmp_path):
 def test_step_metrics_across_two_processes_take_the_longest_completion_and_average_the_rest(tmp_path):
     # grpo_lora.step_metrics under gloo: completion_len_max is the max over ranks (rank 1's 7), every other metric
     # the mean of the ranks' values, reward_none the total count
-    out = on_two_gloo_ranks(tmp_path, (
+    on_two_gloo_ranks(tmp_path, (
         "import grpo_lora as G\n"
         "mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]] if r == 0 else\n"
         "                    [[1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0]])\n"
@@ -362,8 +362,8 @@ def test_step_metrics_across_two_processes_take_the_longest_completion_and_avera
         "batch = types.SimpleNamespace(ro=ro, rewards=rewards, per_reward=per)\n"
         "args = types.SimpleNamespace(num_generations=2, rewards=['accuracy'])\n"
         "row = G.step_metrics(batch, {'loss': float(r)}, args, 2, torch.device('cpu'))\n"
-        "print('ROW' + json.dumps(row))\n"))
-    rows = [json.loads(line.split("ROW", 1)[1]) for line in out.splitlines() if "ROW" in line]
+        f"open({str(tmp_path)!r} + f'/row{{r}}.json', 'w').write(json.dumps(row))\n"))   # one file per rank
+    rows = [json.loads((tmp_path / f"row{r}.json").read_text()) for r in (0, 1)]      # (printed lines interleave)
     assert len(rows) == 2 and rows[0] == rows[1]                     # every rank logs the same row
     row = rows[0]
     assert row["completion_len_max"] == 7.0                          # the longest on any rank, not (3 + 7) / 2
