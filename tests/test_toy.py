@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import data as D
 import model as M
@@ -46,6 +47,29 @@ def test_char_tokenizer_survives_a_qwen2_folder(tmp_path):
     assert D.format_prompt(back, "1+2") == "Q: 1+2\nA: <think>\n"
 
 
+def check_vs_control(toy: Path, rep: dict):
+    """Each SAE-Tuning arm's vs_control, recomputed in float64 from the recorded samples: the per-problem pass@1
+    differences to the control, their mean and mean +/- 1.96 standard errors (all zero in --quick, where nothing
+    is solved: the full run's slow test is where this discriminates)."""
+    samples = [json.loads(x) for x in open(toy / "eval" / "resa" / "samples.jsonl")]
+
+    def pp(name):
+        mine = [x for x in samples if Path(x["adapter"]).parent.name == name]
+        return {i: torch.tensor([x["correct"] for x in mine if x["index"] == i], dtype=torch.float64).mean()
+                for i in {x["index"] for x in mine}}
+    control, checked = pp("control"), 0
+    for row in rep["rows"]:
+        if row["arm"] in ("random_sae", "noise", "other_seed", "upper_bound", "sft", "resa_s0"):
+            mine = pp({"resa_s0": "sae_tuned_s0"}.get(row["arm"], row["arm"]))
+            d = torch.stack([mine[i] - control[i] for i in sorted(control)])
+            se = d.std(unbiased=True) / len(d) ** 0.5
+            assert row["vs_control"] == pytest.approx(d.mean().item(), abs=1e-12), row["arm"]
+            assert row["vs_control_interval95"] == pytest.approx([(d.mean() - 1.96 * se).item(),
+                                                                  (d.mean() + 1.96 * se).item()], abs=1e-12)
+            checked += 1
+    assert checked == 6
+
+
 def test_pipeline_quick_connects_every_stage(tmp_path):
     r = subprocess.run([sys.executable, "toy/pipeline.py", "--quick", "--out", str(tmp_path / "toy")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -64,6 +88,7 @@ def test_pipeline_quick_connects_every_stage(tmp_path):
     # every SAE-Tuning arm but the control is set against the control, paired over problems
     has = [r["arm"] for r in rep["rows"] if "vs_control" in r]
     assert has == ["resa_s0", "resa_mean", "random_sae", "noise", "other_seed", "upper_bound", "sft"]
+    check_vs_control(tmp_path / "toy", rep)
     ev = rep["evidence"]
     assert all(0 <= ev[f"{k}_held_out_fvu"] and 0 <= ev[f"{k}_held_out_kl_per_token"]
                for k in ("sae", "control_sae", "seed_sae"))
@@ -101,6 +126,7 @@ def test_full_pipeline_meets_the_acceptance_bars(tmp_path):
     assert source_sae["row"].startswith("source with its SAE inserted")
     assert source_sae["pass@1"] >= 0.8 * grpo["pass@1"]                      # the SAE keeps the source's skill
     assert rep["summary"]["source_with_sae_over_source"] >= 0.8
+    check_vs_control(tmp_path / "toy", rep)
 
 
 def test_committed_toy_table_is_what_its_json_renders_and_its_summary_holds():
