@@ -94,6 +94,12 @@ def test_pipeline_quick_connects_every_stage(tmp_path):
                for k in ("sae", "control_sae", "seed_sae"))
     assert ev["random_sae_fvu"] > ev["noise_fvu"] >= 0           # the untrained SAE destroys far more than noise
     assert "| GRPO-LoRA (Tina): the source |" in (tmp_path / "toy" / "results.md").read_text()
+    # the console: each stage says when it starts (naming its log) and ends, and the run where its results went
+    started = [line for line in r.stdout.splitlines() if " started  (progress: " in line]
+    ended = [line for line in r.stdout.splitlines() if " finished in " in line]
+    assert len(started) == len(ended) == len(list((tmp_path / "toy" / "logs").glob("*.log"))) == 17
+    assert all(line.split("(progress: ")[1].split(")")[0].endswith(".log") for line in started)
+    assert f"results: {tmp_path / 'toy' / 'results.md'}" in r.stdout
     for d in ("base", "base2", "grpo/final", "sae_tuned_s0/final", "control/final", "random_sae/final", "noise/final",
               "other_seed/final", "sae_seed/layers.0", "upper_bound/final", "sft/final"):
         assert (tmp_path / "toy" / d).exists(), d
