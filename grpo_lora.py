@@ -270,7 +270,8 @@ def check_args(args):
         raise SystemExit(f"unknown reward {unknown}; choose from {', '.join(REWARDS)}")
     if len(args.reward_weights) != len(args.rewards):
         raise SystemExit(f"--reward_weights has {len(args.reward_weights)} values for {len(args.rewards)} "
-                         f"rewards ({','.join(args.rewards)})")
+                         f"rewards ({','.join(args.rewards)}): give one weight per reward, e.g. --reward_weights "
+                         f"{','.join(['1'] * len(args.rewards))}")
     if args.num_generations < 2:
         raise SystemExit("--num_generations must be at least 2 (advantages are relative to the group)")
     world = C.world_size()
@@ -290,7 +291,8 @@ def check_args(args):
     if args.vllm_is_correction and args.rollout != "vllm":
         raise SystemExit("--vllm_is_correction corrects vLLM's sampling: it needs --rollout vllm")
     if args.rollout == "vllm" and args.temperature < 0.01:
-        raise SystemExit(f"--temperature {args.temperature}: vLLM raises temperatures below 0.01 to 0.01")
+        raise SystemExit(f"--temperature {args.temperature}: vLLM raises temperatures below 0.01 to 0.01; give "
+                         "at least 0.01 with --rollout vllm")
     if not args.temperature > 0:
         raise SystemExit(f"--temperature {args.temperature}: GRPO needs sampling (> 0); the log-probs are taken "
                          "at that temperature, and groups of identical greedy completions carry no advantage")
