@@ -358,17 +358,24 @@ def markdown_table(results: dict, ks: list[int]) -> str:
     return "\n".join(lines) + f"\n\npass@1 in % with its 95% interval over problems (n = {next(iter(next(iter(results.values())).values()))['n']} samples each)."
 
 
+def questions_shared(val: list[D.Example], sets: dict[str, list[D.Example]]) -> dict[str, set]:
+    """{set name: val's questions it also holds} for the sets that share any (compared whitespace-normalised)."""
+    norm = lambda q: " ".join(q.split())                                   # noqa: E731
+    mine = {norm(e.question) for e in val}
+    shared = {b: mine & {norm(e.question) for e in ex} for b, ex in sets.items()}
+    return {b: q for b, q in shared.items() if q}
+
+
 def select_checkpoint(args) -> dict:
     """--select_on: score every --adapter on the validation file (a run of its own in out_dir/selection, the same
     sampling settings, every problem of the file) and pick the best pass@1 (a tie: the first listed). Refuses a
     validation file that shares a question with the test sets. -> {validation, scores, selected}."""
     val, _ = D.load_examples(args.select_on, args.question_field, args.answer_field)
     tests, _ = load_sets(args)
-    norm = lambda q: " ".join(q.split())                                   # noqa: E731
-    shared = {norm(e.question) for e in val} & {norm(e.question) for ex in tests.values() for e in ex}
+    shared = questions_shared(val, tests)
     if shared:
-        raise SystemExit(f"--select_on {args.select_on}: {len(shared)} of its {len(val)} questions are also in the "
-                         f"test sets ({', '.join(tests)}); selecting on them would be selecting on the test")
+        raise SystemExit(f"--select_on {args.select_on}: {len(set().union(*shared.values()))} of its {len(val)} questions are also "
+                         f"in the test sets ({', '.join(shared)}); selecting on them would be selecting on the test")
     sel = argparse.Namespace(**{**vars(args), "data": args.select_on, "benchmarks": [], "limit": None,
                                 "select_on": None, "compare": None, "k": [],
                                 "out_dir": str(Path(args.out_dir) / "selection")})

@@ -24,6 +24,9 @@ pass@1 with its 95% interval and, paired over problems, its difference to the ba
 number of comparisons made (no correction applied: read an interval that barely excludes 0 with that number in
 mind), and each arm's pass@k curve for k = 1..n (the figure: one panel of curves per benchmark, and the paired
 differences to the base with their intervals; matplotlib, skipped with a note where it is not installed).
+--select_on val.jsonl replaces --checkpoint: each arm's saved checkpoints are scored on that held-out file first
+(a select_<arm> stage, resa_eval.sh's settings, into <arm>/selection), and the arm is evaluated at its best (a tie:
+the earliest); a file that shares a question with a test benchmark is refused before anything runs.
 --sae_args / --tune_args / --eval_args append flags to every stage of that kind (the tests' tiny sizes).
 """
 from __future__ import annotations
@@ -81,9 +84,14 @@ def plan(args) -> list[tuple[str, list[str], dict]]:
         else:
             cmd = ["bash", "recipes/resa_sae_tune.sh", "--sae", "none", "--teacher_adapter", tina, *tune_x]
         steps.append((f"tune_{name}", cmd, env))
-    adapters = [tina, *(str(out / name / "tuned" / args.checkpoint) for name in ARMS)]
     backend = args.backend if args.backend != "auto" else (
         "vllm" if importlib.util.find_spec("vllm") is not None else "hf")
+    if args.select_on:          # each arm's checkpoint picked on held-out problems (its own run), before any test
+        for name in ARMS:
+            steps.append((f"select_{name}", ["bash", "recipes/resa_eval.sh", "--benchmarks", "", "--data", args.select_on,
+                                             "--backend", backend, *shlex.split(args.eval_args)],
+                          {"RESA_OUT": str(out / name / "selection"), "RESA_ADAPTER": CHECKPOINTS.format(arm=name)}))
+    adapters = [tina, *(chosen(args, name) for name in ARMS)]
     by_n: dict[int, list[str]] = {}
     for b in args.benchmarks:
         by_n.setdefault(E.n_for(args.protocol, b), []).append(b)
@@ -94,10 +102,34 @@ def plan(args) -> list[tuple[str, list[str], dict]]:
     return steps
 
 
+CHECKPOINTS = "<every checkpoint of {arm}>"     # filled in when the selection stage starts (the arm is trained then)
+
+
+def checkpoints(out: Path, arm: str) -> list[str]:
+    """An arm's saved adapters, in step order, final last."""
+    tuned = out / arm / "tuned"
+    return [str(d) for d in sorted(tuned.glob("step_*"))] + ([str(tuned / "final")] if (tuned / "final").is_dir() else [])
+
+
+def chosen(args, arm: str) -> str:
+    """The adapter evaluated for an arm: --checkpoint, or with --select_on the best on the validation file (recorded
+    by its selection stage in <arm>/selection/eval/results.json; base is never a candidate)."""
+    out = Path(args.out)
+    if not args.select_on:
+        return str(out / arm / "tuned" / args.checkpoint)
+    res = out / arm / "selection" / "eval" / "results.json"
+    if not res.exists():
+        return f"<the best of {arm}'s checkpoints on {args.select_on}>"
+    scores = {a: r[Path(args.select_on).stem]["pass@1"] for a, r in json.loads(res.read_text())["results"].items()
+              if a != "base"}
+    best = max(scores.values())
+    return next(a for a, v in scores.items() if v == best)          # a tie: the earliest checkpoint
+
+
 def finished(name: str, cmd: list[str], env: dict) -> str | None:
     """A training stage whose run.json says finished is not run again (a rerun after a failure goes on from
     there); evaluations always run (evaluate.py reuses the samples it recorded with the same settings)."""
-    if name.startswith("eval_"):
+    if name.startswith(("eval_", "select_")):
         return None
     out = cmd[cmd.index("--out_dir") + 1] if "--out_dir" in cmd else str(Path(env["RESA_OUT"]) / (
         "sae" if name.startswith("sae_") else "tuned"))
@@ -108,7 +140,7 @@ def finished(name: str, cmd: list[str], env: dict) -> str | None:
 def verdict(args) -> dict:
     """Each arm's pass@1 per benchmark, and paired over problems its difference to the base and to arm (b)."""
     out, tina = Path(args.out), args.tina_adapter
-    names = {"base": "base", tina: "source (Tina)", **{str(out / n / "tuned" / args.checkpoint): n for n in ARMS}}
+    names = {"base": "base", tina: "source (Tina)", **{chosen(args, n): n for n in ARMS}}
     rows, comparisons = [], 0
     for d in sorted(out.glob("eval_n*/eval")):
         res = json.loads((d / "results.json").read_text())["results"]
@@ -119,7 +151,7 @@ def verdict(args) -> dict:
 
         def pp(adapter, bench):
             return E.per_problem(mine(adapter, bench))
-        b_adapter = str(out / "target_sae" / "tuned" / args.checkpoint)
+        b_adapter = chosen(args, "target_sae")
         for adapter, name in names.items():
             for bench, r in res.get(adapter, {}).items():
                 row = {"arm": name, "benchmark": bench, "n": r["n"], "problems": r["problems"],
@@ -131,7 +163,8 @@ def verdict(args) -> dict:
                         row[key], row[key + "_interval95"] = m, [lo, hi]
                         comparisons += 1
                 rows.append(row)
-    report = {"rows": rows, "comparisons": comparisons, "protocol": args.protocol, "checkpoint": args.checkpoint}
+    report = {"rows": rows, "comparisons": comparisons, "protocol": args.protocol, "checkpoint": args.checkpoint,
+              "select_on": args.select_on, "evaluated": {n: chosen(args, n) for n in ARMS}}
     (out / "verdict.json").write_text(json.dumps(report, indent=2))
     pct = lambda x: f"{100 * x:+.1f}"                                            # noqa: E731
     lines = ["| arm | benchmark | n | pass@1 (%) [95% CI] | vs base (points) [95% CI] | vs (b) (points) [95% CI] |",
@@ -141,12 +174,28 @@ def verdict(args) -> dict:
         lo, hi = r["interval95"]
         lines.append(f"| {r['arm']} | {r['benchmark']} | {r['n']} | {100 * r['pass@1']:.1f} [{100 * lo:.1f}, "
                      f"{100 * hi:.1f}] | {cell('vs_base')} | {cell('vs_target_sae')} |")
+    which = (f"each arm at its checkpoint best on {args.select_on}" if args.select_on else
+             f"every arm at its {args.checkpoint} checkpoint")
     lines.append(f"\n{comparisons} paired comparisons (normal 95% intervals over problems, no multiplicity correction); "
-                 f"protocol {args.protocol}, every arm at its {args.checkpoint} checkpoint.")
+                 f"protocol {args.protocol}, {which}.")
     (out / "verdict.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     P.eval_figure(rows, out / "verdict.png", f"Resa's controls ({args.protocol} protocol, {args.checkpoint} checkpoints)")
     return report
+
+
+def check_validation(args):
+    """--select_on must be a question/answer file none of whose questions is in a test benchmark (read from the
+    --data_dir in --eval_args, else the hub), or the selection would be on the test."""
+    if not Path(args.select_on).is_file():
+        raise SystemExit(f"--select_on {args.select_on}: no such file (a .jsonl/.json/.parquet of held-out problems)")
+    val, _ = E.D.load_examples(args.select_on)
+    flags = shlex.split(args.eval_args)
+    data_dir = flags[flags.index("--data_dir") + 1] if "--data_dir" in flags else None
+    shared = E.questions_shared(val, {b: E.D.load_benchmark(b, data_dir)[0] for b in args.benchmarks})
+    if shared:
+        raise SystemExit(f"--select_on {args.select_on}: {len(set().union(*shared.values()))} of its {len(val)} questions are in "
+                         f"the test sets ({', '.join(shared)}); selecting on them would be selecting on the test")
 
 
 def main(argv=None):
@@ -158,6 +207,9 @@ def main(argv=None):
     p.add_argument("--benchmarks", type=lambda s: s.split(","), default=["aime24", "aime25", "amc23", "math_500",
                                                                         "minerva", "gpqa_diamond"])
     p.add_argument("--checkpoint", default="final", help="every arm's adapter folder to evaluate (%(default)s)")
+    p.add_argument("--select_on", default=None, metavar="FILE",
+                   help="instead of --checkpoint: pick each arm's checkpoint by pass@1 on this held-out question/answer "
+                   "file (one sample each, resa_eval.sh's settings), never on the test sets")
     p.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"], help="auto: vLLM where installed")
     p.add_argument("--sae_args", default="", help="flags appended to every SAE training stage")
     p.add_argument("--tune_args", default="", help="flags appended to every SAE-Tuning / SFT stage")
@@ -171,6 +223,10 @@ def main(argv=None):
     unknown = [b for b in args.benchmarks if b not in E.D.BENCHMARKS]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown}; choose from {', '.join(E.D.BENCHMARKS)}")
+    if args.select_on:
+        args.select_on = str(Path(args.select_on).resolve())     # the stages run from the repository root
+        if not args.dry_run:
+            check_validation(args)
     steps = plan(args)
     if args.dry_run:
         for name, cmd, env in steps:
@@ -182,6 +238,10 @@ def main(argv=None):
         if done:
             print(f"=== {name}: done ({done})", flush=True)
             continue
+        if name.startswith("select_"):
+            env = {**env, "RESA_ADAPTER": ",".join(checkpoints(Path(args.out), name[len("select_"):]))}
+        elif name.startswith("eval_") and args.select_on:
+            env = {**env, "RESA_ADAPTER": ",".join([args.tina_adapter, *(chosen(args, a) for a in ARMS)])}
         print(f"=== {name}: {shlex.join(cmd)}", flush=True)
         r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env})
         if r.returncode:

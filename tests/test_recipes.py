@@ -203,12 +203,12 @@ def test_prompts_with_an_unparseable_gold_are_dropped_only_when_every_reward_nee
     assert total.tolist() == [1.0, 0.0] and torch.isnan(per[1]).all()   # accuracy left out, format kept
 
 
-def test_resa_controls_runs_every_arm_end_to_end_and_its_verdict_is_its_json(tmp_path):
-    # recipes/resa_controls.py on a tiny random model: three SAEs, eight arms, evaluations grouped by n, the
-    # verdict computed from the produced samples (paired differences recomputed here from them)
+def controls_setup(tmp_path, save_every: int = 100000):
+    """A tiny random target, a Tina-like adapter, the finetuned route's start SAE, trigger text and two local
+    benchmarks: the argv and environment that run recipes/resa_controls.py on them, and the recipe module."""
+    import importlib.util
     import sys as _sys
     _sys.path.insert(0, str(ROOT / "tests"))
-    import evaluate as E
     import lora as L
     import model as M
     import sae as S
@@ -228,17 +228,24 @@ def test_resa_controls_runs_every_arm_end_to_end_and_its_verdict_is_its_json(tmp
     out = tmp_path / "controls"
     argv = ["--tina_adapter", str(tmp_path / "tina"), "--out", str(out), "--benchmarks", "aime24,math_500",
             "--sae_args", f"--num_latents 128 --k 4 --ctx_len 64 --batch_size 4 --max_tokens 512 {common}",
-            "--tune_args", f"--ctx_len 64 --max_steps 2 --batch_size 2 --lora_r 4 --lora_alpha 8 --save_every 100000 {common}",
+            "--tune_args", f"--ctx_len 64 --max_steps 2 --batch_size 2 --lora_r 4 --lora_alpha 8 "
+                           f"--save_every {save_every} {common}",
             "--eval_args", f"--limit 3 --max_new_tokens 6 --template none --data_dir {tmp_path / 'eval'} {common}"]
     env = {**os.environ, "RESA_BASE": str(model), "RESA_DATA": str(tmp_path / "data.jsonl"), "RESA_LAYER": "1",
            "RESA_SAE_START": str(tmp_path / "start"), "OMP_NUM_THREADS": "1"}
-    dry = subprocess.run([sys.executable, "recipes/resa_controls.py", *argv, "--dry_run"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0, dry.stderr
-    import importlib.util
     spec = importlib.util.spec_from_file_location("resa_controls", ROOT / "recipes" / "resa_controls.py")
     RC = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(RC)
+    return argv, env, out, RC
+
+
+def test_resa_controls_runs_every_arm_end_to_end_and_its_verdict_is_its_json(tmp_path):
+    # recipes/resa_controls.py on a tiny random model: three SAEs, eight arms, evaluations grouped by n, the
+    # verdict computed from the produced samples (paired differences recomputed here from them)
+    argv, env, out, RC = controls_setup(tmp_path)
+    dry = subprocess.run([sys.executable, "recipes/resa_controls.py", *argv, "--dry_run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
     listed = [line.split(":")[0] for line in dry.stdout.splitlines()]
     assert listed == ["sae_source", "sae_target", "sae_other_seed", *(f"tune_{a}" for a in RC.ARMS), "eval_n4", "eval_n16"]
     assert "--perturb noise" in dry.stdout and "--perturb random_sae" in dry.stdout and "TINA_ADAPTER=none" in dry.stdout
@@ -276,3 +283,50 @@ def test_resa_controls_runs_every_arm_end_to_end_and_its_verdict_is_its_json(tmp
     again = subprocess.run([sys.executable, "recipes/resa_controls.py", *argv], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)         # a rerun: trained stages skipped
     assert again.returncode == 0 and again.stdout.count(": done (") == 11, again.stdout[-2000:]
+
+
+def test_resa_controls_select_on_plans_one_selection_per_arm_and_refuses_a_file_that_leaks(tmp_path):
+    argv, env, out, RC = controls_setup(tmp_path)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"problem": f"{a}-{b}", "answer": str(a - b)}) + "\n" for a, b in [(9, 2), (8, 3)]))
+    steps = RC.main([*argv, "--select_on", str(val), "--dry_run"])
+    names = [n for n, _, _ in steps]
+    selects = [n for n in names if n.startswith("select_")]
+    assert selects == [f"select_{a}" for a in RC.ARMS]
+    assert max(names.index(n) for n in selects) < min(names.index(n) for n in names if n.startswith("eval_"))
+    assert all(n.startswith("tune_") for n in names[names.index(selects[0]) - len(RC.ARMS):names.index(selects[0])])
+    for n, cmd, e in steps:
+        if n.startswith("select_"):                   # validation file only, no benchmark, the arm's own folder
+            assert cmd[cmd.index("--data") + 1] == str(val) and cmd[cmd.index("--benchmarks") + 1] == ""
+            assert e["RESA_OUT"] == str(out / n[len("select_"):] / "selection")
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(val.read_text() + json.dumps({"problem": "1+2", "answer": "3"}) + "\n")   # a question of aime24
+    args = type("A", (), {"select_on": str(leak), "benchmarks": ["aime24", "math_500"],
+                          "eval_args": argv[argv.index("--eval_args") + 1]})()
+    with pytest.raises(SystemExit, match="1 of its 3 questions are in the test sets"):
+        RC.check_validation(args)
+    args.select_on = str(val)
+    RC.check_validation(args)                                          # a clean file passes
+
+
+@pytest.mark.slow
+def test_resa_controls_with_select_on_evaluates_each_arm_at_its_best_checkpoint(tmp_path):
+    # the whole driver with --select_on: every arm saved step_000001, step_000002 and final; each select_<arm> stage
+    # scored them on the validation file, and the test sets were evaluated at each arm's argmax alone
+    argv, env, out, RC = controls_setup(tmp_path, save_every=1)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"problem": f"{a}-{b}", "answer": str(a - b)}) + "\n" for a, b in [(9, 2), (8, 3)]))
+    r = subprocess.run([sys.executable, "recipes/resa_controls.py", *argv, "--select_on", str(val)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "verdict.json").read_text())
+    for arm in RC.ARMS:
+        scores = json.loads((out / arm / "selection" / "eval" / "results.json").read_text())["results"]
+        cands = {a: v["val"]["pass@1"] for a, v in scores.items() if a != "base"}
+        assert len(cands) == 3                                          # two steps and final
+        best = max(cands.values())
+        assert rep["evaluated"][arm] == next(a for a, v in cands.items() if v == best)
+    for d in out.glob("eval_n*/eval"):
+        tested = set(json.loads((d / "results.json").read_text())["results"])
+        assert tested == {"base", str(tmp_path / "tina"), *rep["evaluated"].values()}
+    assert "checkpoint best on" in (out / "verdict.md").read_text()
