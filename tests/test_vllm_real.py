@@ -126,6 +126,7 @@ def test_grpo_with_vllm_rollouts_runs_and_records_the_engine(vmodel, arith_file,
     assert [r["reward"] for r in rb] == [r["reward"] for r in rows]
 
 
+@pytest.mark.slow        # (two engines side by side, ~60 s on 2 cores: kept out of CI's time budget)
 def test_grpo_with_vllm_rollouts_under_torchrun_with_two_ranks(vmodel, arith_file, tmp_path):
     # each rank starts its own engine (vLLM's external launcher), samples its half of the prompts from its own
     # adapter folder with its own seeds, and the run ends without a traceback (the engines close before the
