@@ -358,12 +358,21 @@ def markdown_table(results: dict, ks: list[int]) -> str:
     return "\n".join(lines) + f"\n\npass@1 in % with its 95% interval over problems (n = {next(iter(next(iter(results.values())).values()))['n']} samples each)."
 
 
-def questions_shared(val: list[D.Example], sets: dict[str, list[D.Example]]) -> dict[str, set]:
-    """{set name: val's questions it also holds} for the sets that share any (compared whitespace-normalised)."""
+def refuse_shared_questions(path: str, val: list[D.Example], sets: dict[str, list[D.Example]]):
+    """A validation file (path, its examples val) may share no question (compared whitespace-normalised) with the
+    test sets: selecting on such a file would be selecting on the test."""
     norm = lambda q: " ".join(q.split())                                   # noqa: E731
     mine = {norm(e.question) for e in val}
     shared = {b: mine & {norm(e.question) for e in ex} for b, ex in sets.items()}
-    return {b: q for b, q in shared.items() if q}
+    shared = {b: q for b, q in shared.items() if q}
+    if shared:
+        raise SystemExit(f"--select_on {path}: {len(set().union(*shared.values()))} of its {len(val)} questions are "
+                         f"also in the test sets ({', '.join(shared)}); selecting on them would be selecting on the test")
+
+
+def best_of(scores: dict[str, float]) -> str:
+    """The key with the highest score; on a tie the first (the earliest checkpoint of a sweep)."""
+    return max(scores, key=scores.get)
 
 
 def select_checkpoint(args) -> dict:
@@ -371,11 +380,7 @@ def select_checkpoint(args) -> dict:
     sampling settings, every problem of the file) and pick the best pass@1 (a tie: the first listed). Refuses a
     validation file that shares a question with the test sets. -> {validation, scores, selected}."""
     val, _ = D.load_examples(args.select_on, args.question_field, args.answer_field)
-    tests, _ = load_sets(args)
-    shared = questions_shared(val, tests)
-    if shared:
-        raise SystemExit(f"--select_on {args.select_on}: {len(set().union(*shared.values()))} of its {len(val)} questions are also "
-                         f"in the test sets ({', '.join(shared)}); selecting on them would be selecting on the test")
+    refuse_shared_questions(args.select_on, val, load_sets(args)[0])
     sel = argparse.Namespace(**{**vars(args), "data": args.select_on, "benchmarks": [], "limit": None,
                                 "select_on": None, "compare": None, "k": [],
                                 "out_dir": str(Path(args.out_dir) / "selection")})
@@ -383,9 +388,7 @@ def select_checkpoint(args) -> dict:
     res = evaluate(sel)
     name = Path(args.select_on).stem
     scores = {a: r[name]["pass@1"] for a, r in res.items()}
-    best = max(scores.values())
-    return {"validation": args.select_on, "problems": len(val), "scores": scores,
-            "selected": next(a for a, v in scores.items() if v == best)}
+    return {"validation": args.select_on, "problems": len(val), "scores": scores, "selected": best_of(scores)}
 
 
 def evaluate(args) -> dict:
@@ -477,7 +480,7 @@ def evaluate(args) -> dict:
     C.atomic_write(out_dir / "results.md", lambda p: Path(p).write_text(table + "\n"))
     log.write_run(finished=True)
     print(table)
-    if P.eval_figure(P.eval_rows(out_dir), out_dir / "results.png", f"evaluate.py: {args.model}"):
+    if P.eval_figure(P.eval_rows(results, done.values()), out_dir / "results.png", f"evaluate.py: {args.model}"):
         print(f"results: {out_dir / 'results.md'}, results.json, samples.jsonl, results.png")
     return results
 

@@ -194,19 +194,16 @@ def short_name(adapter: str) -> str:
     return adapter if adapter == "base" else "/".join(Path(adapter).parts[-2:])
 
 
-def eval_rows(eval_dir: Path) -> list[dict]:
-    """eval_figure's rows from an evaluate.py folder (results.json and samples.jsonl)."""
+def eval_rows(results: dict, samples) -> list[dict]:
+    """eval_figure's rows from evaluate.py's results ({adapter: {benchmark: summary}}) and its sample records."""
     import evaluate as E
-    res = json.loads((eval_dir / "results.json").read_text())["results"]
-    samples = [json.loads(line) for line in open(eval_dir / "samples.jsonl")]
-    rows = []
-    for adapter, per in res.items():
-        for bench, r in per.items():
-            mine = [s for s in samples if s["adapter"] == adapter and s["benchmark"] == bench]
-            rows.append({"arm": short_name(adapter), "benchmark": bench, "n": r["n"], "problems": r["problems"],
-                         "pass@1": r["pass@1"], "interval95": r["interval95"],
-                         "pass_at_k": E.pass_at_k_curve(mine, r["n"])})
-    return rows
+    by: dict[tuple, list] = {}
+    for s in samples:                                          # grouped once: (adapter, benchmark) -> samples
+        by.setdefault((s["adapter"], s["benchmark"]), []).append(s)
+    return [{"arm": short_name(adapter), "benchmark": bench, "n": r["n"], "problems": r["problems"],
+             "pass@1": r["pass@1"], "interval95": r["interval95"],
+             "pass_at_k": E.pass_at_k_curve(by.get((adapter, bench), []), r["n"])}
+            for adapter, per in results.items() for bench, r in per.items()]
 
 
 def main(argv=None):
@@ -225,7 +222,9 @@ def main(argv=None):
         out = []
         for d in dirs:
             path = Path(args.out) if args.out and len(dirs) == 1 else d / "results.png"
-            out.append(eval_figure(eval_rows(d), path, f"evaluation: {d}"))
+            rows = eval_rows(json.loads((d / "results.json").read_text())["results"],
+                             map(json.loads, open(d / "samples.jsonl")))
+            out.append(eval_figure(rows, path, f"evaluation: {d}"))
         if None in out:
             raise SystemExit("plot.py needs matplotlib: pip install matplotlib")
         print("\n".join(map(str, out)))

@@ -122,8 +122,7 @@ def chosen(args, arm: str) -> str:
         return f"<the best of {arm}'s checkpoints on {args.select_on}>"
     scores = {a: r[Path(args.select_on).stem]["pass@1"] for a, r in json.loads(res.read_text())["results"].items()
               if a != "base"}
-    best = max(scores.values())
-    return next(a for a, v in scores.items() if v == best)          # a tie: the earliest checkpoint
+    return E.best_of(scores)                                          # a tie: the earliest checkpoint
 
 
 def finished(name: str, cmd: list[str], env: dict) -> str | None:
@@ -144,10 +143,13 @@ def verdict(args) -> dict:
     rows, comparisons = [], 0
     for d in sorted(out.glob("eval_n*/eval")):
         res = json.loads((d / "results.json").read_text())["results"]
-        samples = [json.loads(line) for line in open(d / "samples.jsonl")]
+        by: dict[tuple, list] = {}
+        for line in open(d / "samples.jsonl"):                  # grouped once: (adapter, benchmark) -> samples
+            r = json.loads(line)
+            by.setdefault((r["adapter"], r["benchmark"]), []).append(r)
 
         def mine(adapter, bench):
-            return [r for r in samples if r["adapter"] == adapter and r["benchmark"] == bench]
+            return by.get((adapter, bench), [])
 
         def pp(adapter, bench):
             return E.per_problem(mine(adapter, bench))
@@ -174,13 +176,13 @@ def verdict(args) -> dict:
         lo, hi = r["interval95"]
         lines.append(f"| {r['arm']} | {r['benchmark']} | {r['n']} | {100 * r['pass@1']:.1f} [{100 * lo:.1f}, "
                      f"{100 * hi:.1f}] | {cell('vs_base')} | {cell('vs_target_sae')} |")
-    which = (f"each arm at its checkpoint best on {args.select_on}" if args.select_on else
+    which = (f"each arm at its checkpoint best on {Path(args.select_on).name}" if args.select_on else
              f"every arm at its {args.checkpoint} checkpoint")
     lines.append(f"\n{comparisons} paired comparisons (normal 95% intervals over problems, no multiplicity correction); "
                  f"protocol {args.protocol}, {which}.")
     (out / "verdict.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    P.eval_figure(rows, out / "verdict.png", f"Resa's controls ({args.protocol} protocol, {args.checkpoint} checkpoints)")
+    P.eval_figure(rows, out / "verdict.png", f"Resa's controls ({args.protocol} protocol, {which})")
     return report
 
 
@@ -192,10 +194,7 @@ def check_validation(args):
     val, _ = E.D.load_examples(args.select_on)
     flags = shlex.split(args.eval_args)
     data_dir = flags[flags.index("--data_dir") + 1] if "--data_dir" in flags else None
-    shared = E.questions_shared(val, {b: E.D.load_benchmark(b, data_dir)[0] for b in args.benchmarks})
-    if shared:
-        raise SystemExit(f"--select_on {args.select_on}: {len(set().union(*shared.values()))} of its {len(val)} questions are in "
-                         f"the test sets ({', '.join(shared)}); selecting on them would be selecting on the test")
+    E.refuse_shared_questions(args.select_on, val, {b: E.D.load_benchmark(b, data_dir)[0] for b in args.benchmarks})
 
 
 def main(argv=None):
@@ -240,7 +239,7 @@ def main(argv=None):
             continue
         if name.startswith("select_"):
             env = {**env, "RESA_ADAPTER": ",".join(checkpoints(Path(args.out), name[len("select_"):]))}
-        elif name.startswith("eval_") and args.select_on:
+        elif name.startswith("eval_"):          # each arm's adapter, now that its selection (if any) has run
             env = {**env, "RESA_ADAPTER": ",".join([args.tina_adapter, *(chosen(args, a) for a in ARMS)])}
         print(f"=== {name}: {shlex.join(cmd)}", flush=True)
         r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env})

@@ -304,7 +304,7 @@ def test_resa_controls_select_on_plans_one_selection_per_arm_and_refuses_a_file_
     leak.write_text(val.read_text() + json.dumps({"problem": "1+2", "answer": "3"}) + "\n")   # a question of aime24
     args = type("A", (), {"select_on": str(leak), "benchmarks": ["aime24", "math_500"],
                           "eval_args": argv[argv.index("--eval_args") + 1]})()
-    with pytest.raises(SystemExit, match="1 of its 3 questions are in the test sets"):
+    with pytest.raises(SystemExit, match="1 of its 3 questions are also in the test sets"):
         RC.check_validation(args)
     args.select_on = str(val)
     RC.check_validation(args)                                          # a clean file passes

@@ -28,6 +28,7 @@ time launching small kernels and leaves the GPU mostly idle):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -146,9 +147,18 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=None)
+def samples_of(eval_dir: Path) -> dict[str, list[dict]]:
+    """An evaluate.py folder's sample records by adapter (read once per folder: every table row reads them)."""
+    by: dict[str, list[dict]] = {}
+    for r in map(json.loads, open(eval_dir / "samples.jsonl")):
+        by.setdefault(r["adapter"], []).append(r)
+    return by
+
+
 def per_problem(eval_dir: Path, adapter: str) -> dict[int, float]:
     """Held-out pass@1 of each problem (mean over its samples) from an evaluate.py samples.jsonl."""
-    return E.per_problem([r for r in map(json.loads, open(eval_dir / "samples.jsonl")) if r["adapter"] == adapter])
+    return E.per_problem(samples_of(eval_dir).get(adapter, []))
 
 
 def _need_vllm():
@@ -388,8 +398,7 @@ def fvu_on_completions(model: str, adapter: str, eval_dir: Path, sae_dirs: list[
     net = M.load_model(model, "cpu", torch.float32)
     L.load_adapter(net, adapter)
     L.unload_lora(net, merge=True)
-    rows = [json.loads(line) for line in open(eval_dir / "samples.jsonl")]
-    rows = [r for r in rows if r["adapter"] == adapter][:limit]
+    rows = samples_of(eval_dir).get(adapter, [])[:limit]
     enc = [tok(r["prompt"] + r["completion"], add_special_tokens=False).input_ids for r in rows]
     start = [len(tok(r["prompt"], add_special_tokens=False).input_ids) for r in rows]
     T = max(map(len, enc))
@@ -406,8 +415,7 @@ def fvu_on_completions(model: str, adapter: str, eval_dir: Path, sae_dirs: list[
 
 def reasoning_share(eval_dir: Path, adapter: str) -> float:
     """Share of an adapter's samples that open with a scratchpad (the toy world's choice to reason)."""
-    rows = [json.loads(line) for line in open(eval_dir / "samples.jsonl")]
-    mine = [r for r in rows if r["adapter"] == adapter]
+    mine = samples_of(eval_dir).get(adapter, [])
     return sum(not r["completion"].lstrip().startswith("</think>") for r in mine) / max(1, len(mine))
 
 
