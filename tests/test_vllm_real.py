@@ -27,6 +27,29 @@ def vmodel(tmp_path_factory):
     return make_char_model(tmp_path_factory.mktemp("vllm_model"), seed=1, hidden=128, tied=False)
 
 
+@pytest.fixture(scope="module")
+def bos_model(vmodel, tmp_path_factory):
+    """vmodel's weights with a tokenizer like R1-Distill's: it puts a BOS before every text it encodes, and its
+    chat template opens with {{ bos_token }}."""
+    from tokenizers.processors import TemplateProcessing
+    from toy.chars import CHAT_TEMPLATE, build_char_tokenizer
+    tok = build_char_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    tok.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    d = tmp_path_factory.mktemp("vllm_bos")
+    M.save_model(M.load_model(str(vmodel)), d, tokenizer=tok)
+    return d
+
+
+@pytest.fixture(scope="module")
+def engine(bos_model):
+    """One engine for the tests that call it directly (each start costs ~25 s): float32, prefix cache on
+    (vLLM's default), LoRA up to rank 8."""
+    eng = SM.VLLMEngine(bos_model, max_lora_rank=8, seed=0, max_model_len=128, dtype=torch.float32)
+    yield eng
+    eng.close()
+
+
 def adapter_dir(net_dir, out, seed):
     """A LoRA adapter (ours, PEFT format) with lora_B moved off zero, so that it changes the output."""
     net = M.load_model(str(net_dir))
@@ -67,29 +90,86 @@ def test_evaluate_vllm_equals_hf_greedy_with_and_without_an_adapter(vmodel, tmp_
     assert run["vllm"]["dtype"] == "float32"                                      # --dtype reached vLLM
 
 
-def test_vllm_rollouts_follow_each_step_adapter_and_their_seeds(vmodel, tmp_path):
+def test_vllm_rollouts_follow_each_step_adapter_and_their_seeds(vmodel, engine, tmp_path):
     tok = M.load_tokenizer(str(vmodel))
     ids = SM.prompt_token_ids(tok, PROMPTS)
-    engine = SM.VLLMEngine(vmodel, max_lora_rank=8, seed=0, max_model_len=128, dtype=torch.float32)
+    outs = []
+    for version, seed in ((1, 3), (2, 4)):              # one folder rewritten, as GRPO does every step
+        net = adapter_dir(vmodel, tmp_path / "pol", seed)
+        got = engine.generate(ids, [0] * len(ids), temperature=0.0, top_p=1.0, max_tokens=16,
+                              stop_ids=[tok.eos_token_id], adapter=(tmp_path / "pol", version))
+        want = ours_greedy(net, tok, PROMPTS, 16)
+        assert [t for t, _ in got] == want, version    # this step's weights, no stale blocks
+        outs.append(want)
+    assert outs[0] != outs[1]
+    # sampling: one seed per completion; the same seeds give the same samples, other seeds other ones
+    eight = [ids[0]] * 8
+    a = engine.generate(eight, list(range(8)), temperature=1.0, top_p=1.0, max_tokens=12, stop_ids=[])
+    b = engine.generate(eight, list(range(8)), temperature=1.0, top_p=1.0, max_tokens=12, stop_ids=[])
+    assert a == b and len({tuple(t) for t, _ in a}) >= 6
+    with pytest.raises(SystemExit, match="below 0.01"):
+        engine.generate(eight, [0] * 8, temperature=0.005, top_p=1.0, max_tokens=2, stop_ids=[])
+
+
+def test_a_peft_adapter_in_vllm_gives_our_greedy_completions(vmodel, engine, tmp_path):
+    # an adapter written by peft itself (all seven linears, B off zero), served by vLLM and loaded by lora.py
+    import peft
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(vmodel), dtype=torch.float32)
+    torch.manual_seed(5)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft.get_peft_model(hf, cfg).save_pretrained(tmp_path / "peft")
+    tok = M.load_tokenizer(str(vmodel))
+    ids = SM.prompt_token_ids(tok, PROMPTS)
+    net = M.load_model(str(vmodel))
+    base = ours_greedy(net, tok, PROMPTS, 16)
+    assert L.load_adapter(net, tmp_path / "peft")["r"] == 8
+    want = ours_greedy(net, tok, PROMPTS, 16)
+    got = engine.generate(ids, [0] * len(ids), temperature=0.0, top_p=1.0, max_tokens=16,
+                          stop_ids=[tok.eos_token_id], adapter=(tmp_path / "peft", 1))
+    assert [t for t, _ in got] == want and want != base
+
+
+def test_rollouts_send_the_trainer_prompt_with_one_bos_and_seed_each_rank_and_step(bos_model, engine, tmp_path):
+    # R1-Distill's template writes the BOS into the text; its tokenizer adds another to any text it encodes.
+    # trl 0.15.2 sent text to vLLM: two BOS. Ours sends the trainer's token ids: one, the prompt the loss sees.
+    from types import SimpleNamespace
+    from vllm import SamplingParams
+    import data as D
+    tok = M.load_tokenizer(str(bos_model))
+    texts = [D.format_prompt(tok, q) for q in ("1+2", "30+4")]
+    bos = tok.bos_token_id
+    seen = []
+    llm_generate = engine.llm.generate
+    engine.llm.generate = lambda *a, **kw: seen.append(llm_generate(*a, **kw)) or seen[-1]   # records, then returns
     try:
-        outs = []
-        for version, seed in ((1, 3), (2, 4)):              # one folder rewritten, as GRPO does every step
-            net = adapter_dir(vmodel, tmp_path / "pol", seed)
-            got = engine.generate(ids, [0] * len(ids), temperature=0.0, top_p=1.0, max_tokens=16,
-                                  stop_ids=[tok.eos_token_id], adapter=(tmp_path / "pol", version))
-            want = ours_greedy(net, tok, PROMPTS, 16)
-            assert [t for t, _ in got] == want, version    # this step's weights, no stale blocks
-            outs.append(want)
-        assert outs[0] != outs[1]
-        # sampling: one seed per completion; the same seeds give the same samples, other seeds other ones
-        eight = [ids[0]] * 8
-        a = engine.generate(eight, list(range(8)), temperature=1.0, top_p=1.0, max_tokens=12, stop_ids=[])
-        b = engine.generate(eight, list(range(8)), temperature=1.0, top_p=1.0, max_tokens=12, stop_ids=[])
-        assert a == b and len({tuple(t) for t, _ in a}) >= 6
-        with pytest.raises(SystemExit, match="below 0.01"):
-            engine.generate(eight, [0] * 8, temperature=0.005, top_p=1.0, max_tokens=2, stop_ids=[])
+        net = adapter_dir(bos_model, tmp_path / "start", seed=3)
+        args = SimpleNamespace(out_dir=str(tmp_path), model=str(bos_model), num_generations=4, max_prompt_len=64,
+                               seed=5, temperature=1.0, top_p=1.0, max_completion_len=10)
+        ro = G.rollout_vllm(engine, net, tok, texts, args, [tok.eos_token_id], step=1)
+        sent = [o.prompt_token_ids for o in seen[-1]]
+        want = [row[m.bool()].tolist() for row, m in zip(ro.prompt_ids, ro.prompt_mask)]
+        assert sent == want and all(p.count(bos) == 1 and p[0] == bos for p in sent)
+        assert want[0] == [bos] + tok(texts[0].removeprefix("<bos>"), add_special_tokens=False).input_ids
+        text_route = llm_generate(texts, SamplingParams(max_tokens=1), use_tqdm=False)
+        assert [o.prompt_token_ids.count(bos) for o in text_route] == [2, 2]      # the double BOS, as Tina had
+        # a seed per completion, from (seed, rank, step): a rank's step is reproducible, another rank or step is not
+        again = G.rollout_vllm(engine, net, tok, texts, args, [tok.eos_token_id], step=1)
+        rank1 = G.rollout_vllm(engine, net, tok, texts, args, [tok.eos_token_id], step=1, rank=1)
+        step2 = G.rollout_vllm(engine, net, tok, texts, args, [tok.eos_token_id], step=2)
+        assert torch.equal(again.completion_ids, ro.completion_ids) and torch.equal(again.sampler_logp, ro.sampler_logp)
+        assert not torch.equal(rank1.completion_ids, ro.completion_ids)
+        assert not torch.equal(step2.completion_ids, ro.completion_ids)
+        assert len({tuple(r.tolist()) for r in ro.completion_ids}) >= 6        # 8 completions, 8 seeds
+        # evaluate's vLLM path: one seed per sample, the same ids, reproducible
+        ev = SimpleNamespace(temperature=0.6, top_p=0.95, max_new_tokens=8, max_model_len=None)
+        a = E.generate_vllm(engine, net, tok, texts[:1] * 4, ev, [1, 2, 3, 4], [tok.eos_token_id], "base")
+        assert [o.prompt_token_ids for o in seen[-1]] == [want[0]] * 4
+        b = E.generate_vllm(engine, net, tok, texts[:1] * 4, ev, [1, 2, 3, 4], [tok.eos_token_id], "base")
+        assert a == b and len({t for t, _, _ in a}) >= 3
     finally:
-        engine.close()
+        engine.llm.generate = llm_generate
 
 
 def grpo_vllm_args(vmodel, data, out, *extra):
@@ -109,6 +189,8 @@ def test_grpo_with_vllm_rollouts_runs_and_records_the_engine(vmodel, arith_file,
     # the sampler-trainer gap, logged every step: vLLM's log-prob of each sampled token against ours (float32, no
     # dropout here: only the two implementations differ)
     assert all(0 <= r["sampler_logp_gap_mean"] <= r["sampler_logp_gap_max"] < 1e-3 for r in rows), rows
+    assert all(1 - 1e-3 < r["sampler_is_ratio_min"] <= r["sampler_is_ratio_mean"] <= r["sampler_is_ratio_max"]
+               < 1 + 1e-3 for r in rows), rows
     assert json.loads((out / "run.json").read_text())["vllm"]["dtype"] == "float32"
 
     # a run stopped after step 1 and resumed gives the uninterrupted run's adapter: vLLM's samples depend only
