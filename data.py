@@ -445,7 +445,14 @@ def encode_piece(tok, prefix: str, assistant: str) -> tuple[list[int], list[bool
     return enc.input_ids, [start >= len(prefix) and end > start for start, end in enc.offset_mapping]
 
 
-def pack_chunks(tok, pieces: list[tuple[str, str]], ctx_len: int, texts_per_stream: int = 2048):
+TEXTS_PER_STREAM = 2048     # sparsify's chunk_and_tokenize: its map's batch of texts, one stream each
+CHUNKING = {"method": "sparsify chunk_and_tokenize", "texts_per_stream": TEXTS_PER_STREAM,
+            "stream_starts_with": "eos", "texts_joined_by": "eos",
+            "chunk_starts_with": "the tokenizer's own special tokens (R1-Distill: BOS)",
+            "stream_tail": "dropped"}     # what pack_chunks does, as the dry runs report it
+
+
+def pack_chunks(tok, pieces: list[tuple[str, str]], ctx_len: int, texts_per_stream: int = TEXTS_PER_STREAM):
     """(prefix, assistant) texts -> fixed ctx_len chunks exactly as sparsify's chunk_and_tokenize (Resa's SAE
     training and SAE-Tuning data, resa/sae/sparsify/sparsify/data.py): every texts_per_stream texts (its map's
     batch of 2048) form one stream, EOS + text + EOS + text ... (the stream starts with EOS); the stream is cut

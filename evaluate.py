@@ -135,15 +135,17 @@ def grade_sample(benchmark: str, completion: str, example: D.Example, scorer: st
 def new_token_budget(net, prompt_len: int, args) -> int:
     """--max_new_tokens, capped so that prompt + completion stay within the model's trained context (Tina's
     evaluation capped Qwen2.5-Math-1.5B, 4,096 positions, the same way); said once per run."""
-    cap = min(net.cfg.max_position_embeddings, args.max_model_len or math.inf) - prompt_len
-    if args.max_new_tokens > cap and not _CAPPED:
-        print(f"note: --max_new_tokens {args.max_new_tokens} capped at {cap} for prompts of {prompt_len} tokens: the "
-              f"model was trained on {net.cfg.max_position_embeddings} positions")
-        _CAPPED.append(cap)
+    limit = min(net.cfg.max_position_embeddings, args.max_model_len or math.inf)
+    cap = limit - prompt_len
+    why = (f"--max_model_len {args.max_model_len} counts the prompt" if limit == args.max_model_len else
+           f"the model was trained on {net.cfg.max_position_embeddings} positions")
+    if args.max_new_tokens > cap and why not in _CAPPED:
+        print(f"note: --max_new_tokens {args.max_new_tokens} capped at {cap} for prompts of {prompt_len} tokens: {why}")
+        _CAPPED.add(why)
     return max(1, int(min(args.max_new_tokens, cap)))
 
 
-_CAPPED: list[int] = []      # the note above is printed once per process
+_CAPPED: set[str] = set()    # the note above is printed once per process and reason
 
 
 def generate_hf(net, tok, prompts: list[str], args, seed: int, eos_ids):
@@ -394,7 +396,9 @@ def select_checkpoint(args) -> dict:
 def evaluate(args) -> dict:
     check_args(args)
     if args.dry_run:
-        return C.print_config({**vars(args), "adapters": args.adapter or ["base"], "world_size": 1})
+        return C.print_config({**vars(args), "adapters": args.adapter or ["base"], "world_size": 1,
+                               "token_budget": "prompt + completion <= --max_model_len (the prompt counted)"
+                               if args.max_model_len else "--max_new_tokens completion tokens (the prompt not counted)"})
     selection = None
     if args.select_on:            # pick on the validation file, then evaluate the test sets for that one alone
         selection = select_checkpoint(args)

@@ -127,8 +127,13 @@ def reward_repetition(completions, gold, n: int = 3, max_penalty: float = -1.0):
     return out
 
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 GOLD_REWARDS = {"accuracy": "reward", "length": "reward_length", "cosine": "reward_length"}   # reward -> grade mode
+LOSS_NORMALISATION = {       # --loss_type -> how grpo_loss aggregates token losses (as --dry_run reports it)
+    "grpo": "each completion's token mean, then the mean over completions",
+    "dr_grpo": "token sum / (completions x --max_completion_len)",
+    "dapo": "token sum / the optimizer step's completion tokens (all micro-batches, all processes)",
+    "bnpo": "token sum / each micro-batch's own completion tokens, then the mean over micro-batches"}
+LOSS_TYPES = tuple(LOSS_NORMALISATION)
 REWARDS = {"accuracy": reward_accuracy, "format": reward_format, "tag_count": reward_tag_count,
            "length": reward_length, "cosine": reward_cosine, "repetition": reward_repetition}
 
@@ -313,7 +318,10 @@ def effective_config(args) -> dict:
             "prompts_per_micro_batch": args.prompts_per_step // args.grad_accum,
             "micro_batches_per_process": args.grad_accum // world,
             "total_steps": min(args.stop_step or args.max_steps, args.max_steps),
-            "system_prompt_text": D.system_prompt_for(args.system_prompt, args.dataset)}
+            "system_prompt_text": D.system_prompt_for(args.system_prompt, args.dataset),
+            # what the flags do at run time
+            "unparseable_gold_prompts": "dropped" if all(r in GOLD_REWARDS for r in args.rewards) else "kept",
+            "loss_normalisation": LOSS_NORMALISATION[args.loss_type]}
 
 
 class PromptStream:

@@ -220,7 +220,9 @@ def train(args) -> dict:
         return C.print_config({**vars(args), "loss_resolved": args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl"),
                                "world_size": C.world_size(),
                                "sequences_per_step": args.batch_size, "tokens_per_step": args.batch_size * args.ctx_len,
-                               "total_steps": args.max_steps or None})
+                               "total_steps": args.max_steps or None,
+                               "chunking": D.CHUNKING if args.packing else
+                               {"method": "one example per row, cut at --ctx_len, padded"}})
     rank, world, device = C.setup_distributed(args.device)
     out_dir = Path(args.out_dir)
     args.loss = args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl")

@@ -201,7 +201,7 @@ def train(args) -> dict[int, S.SAE]:
                                (default_lr(args.num_latents or 65536, args.optimizer) if not args.expansion_factor
                                 else None),
                                "total_steps": -(-args.max_tokens // (args.batch_size * args.ctx_len))
-                               if args.max_tokens else None})
+                               if args.max_tokens else None, "chunking": D.CHUNKING})
     device = C.pick_device(args.device)
     dtype = C.pick_dtype(args.dtype, device)
     out_dir = Path(args.out_dir)

@@ -4,8 +4,8 @@
 # from), with the SAE trained on the Tina checkpoint (resa_train_sae.sh), then attach that adapter at test
 # time to RESA_BASE (R1-Distill-Qwen-1.5B) and evaluate it there and on its own base, each with and without
 # the adapter (Resa's scripts/train/sae_tuning_model.sh and eval_sae_tuning.sh name Qwen2.5-Math-1.5B and
-# Qwen2.5-1.5B as targets). Qwen2.5-Math has 4,096 positions: evaluate.py caps its generations there, as
-# Tina's evaluation did. Extra flags go to evaluate.py, e.g. --data_dir ../shared/data/eval for local sets.
+# Qwen2.5-1.5B as targets), with eval_sae_tuning.sh's settings (resa_eval.sh). Qwen2.5-Math has 4,096
+# positions: evaluate.py caps prompt + completion there, as that script's max_model_length 4096 did. Extra flags go to evaluate.py, e.g. --data_dir ../shared/data/eval for local sets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source recipes/resa_common.sh
@@ -20,6 +20,6 @@ if [ -z "${RESA_ADAPTER:-}" ]; then
 fi
 for base in "$RESA_BASE" "$EXTRACT_BASE"; do
   python evaluate.py --model "$base" --adapter "base,$ADAPTER" --benchmarks aime24,amc23,math_500 \
-    --n 1 --temperature 0.6 --top_p 0.95 --max_new_tokens 32768 --seed 42 \
+    --n 1 --temperature 0.6 --top_p 0.95 --max_new_tokens 32768 --max_model_len 32768 --seed 42 --scorer lighteval \
     --out_dir "$RESA_OUT/modularity/$(basename "$base")" "$@"
 done

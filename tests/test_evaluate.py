@@ -204,9 +204,15 @@ def test_generation_stays_within_the_trained_context(char_model_dir, small_set, 
         SM.generate(net, torch.randint(3, 60, (1, 500)), max_new_tokens=20)
     E.main(eval_args(char_model_dir, small_set, tmp_path / "cap", "--max_new_tokens", "600", "--temperature", "0",
                      "--n", "1"))
-    assert "capped at" in capsys.readouterr().out
+    assert "trained on 512 positions" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(tmp_path / "cap" / "samples.jsonl")]
     assert all(len(r["prompt"]) + r["tokens"] <= 512 for r in rows)      # characters = tokens here
+    # --max_model_len counts the prompt inside the budget, as lighteval's max_model_length (the eval recipes: 32768)
+    E.main(eval_args(char_model_dir, small_set, tmp_path / "mml", "--max_new_tokens", "600", "--temperature", "0",
+                     "--n", "1", "--max_model_len", "60"))
+    assert "--max_model_len 60 counts the prompt" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(tmp_path / "mml" / "samples.jsonl")]
+    assert all(len(r["prompt"]) + r["tokens"] <= 60 for r in rows) and max(len(r["prompt"]) + r["tokens"] for r in rows) == 60
     # a prompt that leaves no room at all is skipped and counted; the others are evaluated
     long = tmp_path / "long.jsonl"
     long.write_text(small_set.read_text() + json.dumps({"problem": "9+" * 300 + "1", "answer": "2701"}) + "\n")

@@ -72,6 +72,11 @@ def test_tina_recipes_reproduce_the_original_runs(name, capsys):
     got = {k: cfg[k] for k in want}
     assert got == want
     assert cfg["micro_batches_per_process"] == 8 and cfg["world_size"] == 1
+    # run time: Tina filtered no prompt (tina/post_train_hf/grpo.py); ours drops one only where no reward could
+    # train on it (still: length and accuracy both grade against the gold, so its unparseable golds are dropped)
+    assert cfg["unparseable_gold_prompts"] == ("dropped" if name == "tina_still.sh" else "kept")
+    assert cfg["loss_normalisation"].startswith({"grpo": "each completion's token mean",
+                                                  "dr_grpo": "token sum / (completions x"}[want["loss_type"]])
 
 
 def test_tina_global_batch_is_the_same_under_torchrun(monkeypatch, capsys):
@@ -111,6 +116,8 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
         # (finetune.py: its SaeConfig's k 32 and multi_topk False, the file's weights); the other from scratch
         start = "EleutherAI/sae-DeepSeek-R1-Distill-Qwen-1.5B-65k" if name == "resa_train_sae.sh" else None
         assert (a["init_from"], a["multi_topk"] in (None, "off")) == (start, True)
+        # sparsify's chunk_and_tokenize (checked against it in test_pack_chunks_equals_sparsify_chunk_and_tokenize)
+        assert (a["chunking"]["texts_per_stream"], a["chunking"]["stream_starts_with"]) == (2048, "eos")
     (call,) = recipe_calls("resa_sae_tune.sh")
     b = dry_run(ST, call)
     # sae_tuning.yaml: lr 1e-6, 2 epochs, batch_size 1 per GPU on 2 GPUs, seed 42, save_steps 500; sae_tuning.py:
@@ -120,6 +127,7 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     assert (b["sequences_per_step"], b["shuffle"], b["seed"], b["save_every"], b["weight_decay"]) == (2, False, 42, 500,
                                                                                                     0.01)
     assert (b["lora_r"], b["lora_alpha"], b["lora_dropout"], b["max_grad_norm"]) == (32, 128, 0.05, 1.0)
+    assert b["chunking"]["method"] == "sparsify chunk_and_tokenize"       # sae_tuning.py line 421
     (call,) = recipe_calls("resa_matched_sft_control.sh")
     c = dry_run(ST, call)
     assert (c["sae"], c["loss_resolved"]) == ("none", "ce")
@@ -130,6 +138,7 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     assert (r["sae"], r["loss_resolved"], r["text_format"], r["packing"], r["loss_on"]) == ("none", "ce", "resa_sft",
                                                                                          False, "all")
     assert r["mask_pad_labels"] and not b["mask_pad_labels"]   # trl's collator masks pad = R1's EOS (sft.py)
+    assert r["chunking"]["method"].startswith("one example per row")   # SFTTrainer without packing
     assert (r["lr"], r["lr_schedule"], r["warmup_ratio"], r["weight_decay"], r["epochs"]) == (1e-5, "linear", 0.05,
                                                                                             0.0, 3)
     assert (r["sequences_per_step"], r["shuffle"], r["ctx_len"], r["max_grad_norm"], r["seed"]) == (32, True, 2048,
@@ -145,6 +154,8 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     assert [x["model"] for x in cfgs] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/Qwen2.5-Math-1.5B"]
     # the tuned target's checkpoint-500: merge_sae_tuned_models.py's --target_model_ckpt default
     assert all(x["adapters"] == ["base", "out/resa/tuned_on_Qwen2.5-Math-1.5B/step_000500"] for x in cfgs)
+    # eval_sae_tuning.sh: lighteval's grading, max_model_length 32768 (4096 for Qwen2.5-Math: its positions cap it)
+    assert all((x["max_model_len"], x["scorer"]) == (32768, "lighteval") for x in cfgs)
     assert t["save_every"] == 500
     (call,) = recipe_calls("resa_eval.sh")                 # eval_sae_tuning.sh: six tasks, n 1, T 0.6, top_p 0.95
     e = dry_run(E, call)
@@ -152,6 +163,18 @@ def test_resa_recipes_reproduce_the_original_runs(capsys):
     assert e["adapters"] == ["base", "out/resa/tuned/step_000500"]
     assert (e["benchmarks"], e["n"], e["temperature"], e["top_p"], e["max_new_tokens"]) == (
         ["aime24", "aime25", "amc23", "math_500", "minerva", "gpqa_diamond"], 1, 0.6, 0.95, 32768)
+    # lighteval as the papers ran it: its grading, and the prompt inside max_model_length 32768
+    assert (e["scorer"], e["max_model_len"], e["seed"]) == ("lighteval", 32768, 42)
+    assert e["token_budget"].startswith("prompt + completion")
+    # Tina's evaluation (scripts/eval/eval_post_train.sh): the same tasks and lighteval settings
+    (call,) = recipe_calls("tina_eval.sh", {"TINA_ADAPTER": "out/tina_open_rs2/step_000850"})
+    t = dry_run(E, call)
+    capsys.readouterr()
+    assert t["adapters"] == ["base", "out/tina_open_rs2/step_000850"]
+    assert {k: t[k] for k in ("benchmarks", "n", "temperature", "top_p", "max_new_tokens", "max_model_len", "seed",
+                              "scorer", "system_prompt")} == {k: e[k] for k in ("benchmarks", "n", "temperature", "top_p",
+                              "max_new_tokens", "max_model_len", "seed", "scorer", "system_prompt")}
+    assert t["model"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 
 
 def test_a_recipe_dry_run_prints_one_json_object_and_loads_nothing(tmp_path):
