@@ -332,7 +332,7 @@ def on_two_gloo_ranks(tmp_path, body: str) -> str:
     script.write_text("import os, sys, json, types, torch, torch.distributed as dist\n"
                       f"sys.path.insert(0, {str(ROOT)!r})\n"
                       "dist.init_process_group('gloo')\nr = dist.get_rank()\n" + body +
-                      "\ndist.destroy_process_group()\n")
+                      "\ndist.barrier()\ndist.destroy_process_group()\n")   # (both ranks done before teardown)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script)], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
