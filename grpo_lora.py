@@ -320,7 +320,7 @@ def effective_config(args) -> dict:
             "total_steps": min(args.stop_step or args.max_steps, args.max_steps),
             "system_prompt_text": D.system_prompt_for(args.system_prompt, args.dataset),
             # what the flags do at run time
-            "unparseable_gold_prompts": "dropped" if all(r in GOLD_REWARDS for r in args.rewards) else "kept",
+            "unparseable_gold_prompts": "dropped" if every_reward_needs_gold(args.rewards) else "kept",
             "loss_normalisation": LOSS_NORMALISATION[args.loss_type]}
 
 
@@ -475,6 +475,11 @@ def step_metrics(batch: Batch, stats: dict, args, world: int, device) -> dict:
 # Training
 
 
+def every_reward_needs_gold(rewards) -> bool:
+    """Whether a prompt whose gold cannot be parsed leaves no reward to train on (then it is dropped)."""
+    return all(r in GOLD_REWARDS for r in rewards)
+
+
 def select_prompts(examples, rewards, name: str = "dataset"):
     """Prompts whose gold math-verify cannot parse: dropped only when every reward grades against the gold (no
     reward could train on them); otherwise kept, as Tina did, their gold-free rewards still training (the
@@ -483,11 +488,11 @@ def select_prompts(examples, rewards, name: str = "dataset"):
     modes = {GOLD_REWARDS[r] for r in rewards if r in GOLD_REWARDS}
     fails = {e.index: [m for m in modes if not D.gold_parses(e.answer, m)] for e in examples}
     bad = {i for i, f in fails.items() if f}
-    if all(needs_gold):             # dropped when no reward can grade it
+    if every_reward_needs_gold(rewards):       # dropped when no reward can grade it
         usable = [e for e in examples if len(fails[e.index]) < len(modes)]
     else:
         usable = examples
-    if bad and all(needs_gold):
+    if bad and every_reward_needs_gold(rewards):
         print(f"{name}: dropped {len(bad)} of {len(examples)} prompts whose gold answer math-verify cannot parse "
               "(every reward needs it)")
     elif bad:
