@@ -23,10 +23,11 @@ import evaluate as E      # noqa: E402
 SETS = ("aime24", "aime25", "amc23", "math_500", "minerva", "olympiadbench")
 
 
-def grades(data_dir: str, samples: list[str]) -> dict:
-    """{set: {"gold_parses": [...], "solution": {"ours": [...], "lighteval": [...]}}, "samples": {...}}."""
+def grades(data_dir: str, samples: list[str], sets=SETS) -> dict:
+    """{set: {"gold_parses": [...], "solution": {"ours": [...], "lighteval": [...]}, "lighteval_inputs": [[answer,
+    gold, target], ...]}, "samples": {...}}: every grade, and what --scorer lighteval compared."""
     out = {"math_verify": version("math-verify"), "sets": {}}
-    loaded = {name: D.load_benchmark(name, data_dir)[0] for name in SETS}
+    loaded = {name: D.load_benchmark(name, data_dir)[0] for name in sets}
     for name, examples in loaded.items():
         row = {"gold_parses": [D.gold_parses(e.answer, "eval") for e in examples]}
         with_solution = [e for e in examples if e.raw.get("solution")]
@@ -34,11 +35,17 @@ def grades(data_dir: str, samples: list[str]) -> dict:
             sol = [D.gold_text(e.raw["solution"]) for e in with_solution]
             row["solution"] = {s: [E.grade_sample(name, t, e, s)[1] for t, e in zip(sol, with_solution)]
                                for s in ("ours", "lighteval")}
+            # what --scorer lighteval compared, for lighteval itself to grade (recipes/lighteval_reference.py)
+            row["lighteval_inputs"] = [[t, *D.lighteval_gold_text(name, e)] for t, e in zip(sol, with_solution)]
         out["sets"][name] = row
     by_bench = {name: {e.index: e for e in examples} for name, examples in loaded.items()}
     rows = [json.loads(line) for f in samples for line in open(f) if line.strip()]
+    rows = [r for r in rows if r["benchmark"] in by_bench]
     out["samples"] = {s: [E.grade_sample(r["benchmark"], r["completion"], by_bench[r["benchmark"]][r["index"]], s)[1]
-                          for r in rows if r["benchmark"] in by_bench] for s in ("ours", "lighteval")}
+                          for r in rows] for s in ("ours", "lighteval")}
+    out["samples"]["lighteval_inputs"] = [[r["completion"], *D.lighteval_gold_text(r["benchmark"],
+                                                                                   by_bench[r["benchmark"]][r["index"]])]
+                                          for r in rows]
     return out
 
 

@@ -369,3 +369,37 @@ def test_select_on_picks_on_the_validation_file_and_evaluates_the_test_sets_for_
     assert not (tmp_path / "sel2").exists()
     with pytest.raises(SystemExit, match="no such file"):
         E.main(eval_args(char_model_dir, test, tmp_path / "sel3", "--select_on", str(tmp_path / "nope.jsonl")))
+
+
+def test_grading_report_records_every_grade_and_what_the_lighteval_scorer_compared(tmp_path):
+    # recipes/grading_report.py: the reference solutions and sampled answers under both scorers, and the (answer,
+    # gold, target) pairs that recipes/lighteval_reference.py hands to lighteval itself: they must be exactly
+    # what --scorer lighteval graded (MATH-500 against its solution column, LaTeX target; AIME expression target)
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("grading_report", root / "recipes" / "grading_report.py")
+    GR = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(GR)
+    d = tmp_path / "eval"
+    d.mkdir()
+    (d / "math500.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"problem": "half of 1?", "answer": "\\frac{1}{2}", "solution": "Halve it: $\\boxed{\\frac{1}{2}}$"},
+        {"problem": "2+2?", "answer": "4", "solution": "We get $2+2=5$, so $\\boxed{5}$"}]))
+    (d / "aime24.jsonl").write_text(json.dumps({"problem": "7*3?", "answer": "21", "solution": "It is $\\boxed{021}$"})
+                                    + "\n")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"benchmark": b, "index": i, "completion": c}) + "\n" for b, i, c in [
+        ("math_500", 0, "so $\\boxed{0.5}$"), ("math_500", 1, "so $\\boxed{4}$"), ("aime24", 0, "it is 21")]))
+    g = GR.grades(str(d), [str(samples)], sets=("math_500", "aime24"))
+    m = g["sets"]["math_500"]
+    assert m["solution"] == {"ours": [1.0, 0.0], "lighteval": [1.0, 1.0]}    # lighteval: graded against itself
+    assert [x[1:] for x in m["lighteval_inputs"]] == [["Halve it: $\\boxed{\\frac{1}{2}}$", "latex"],
+                                                      ["We get $2+2=5$, so $\\boxed{5}$", "latex"]]
+    assert g["sets"]["aime24"]["lighteval_inputs"][0][1:] == ["21", "expr"]
+    for name in ("math_500", "aime24"):
+        row = g["sets"][name]
+        assert [D.grade_lighteval(*x)[1] for x in row["lighteval_inputs"]] == row["solution"]["lighteval"]
+    s = g["samples"]
+    assert s["ours"] == [1.0, 1.0, 1.0] and s["lighteval"] == [1.0, 0.0, 1.0]   # (the solution column says 5)
+    assert [D.grade_lighteval(*x)[1] for x in s["lighteval_inputs"]] == s["lighteval"]
+    assert "| math_500 | 2 / 2 | 1 / 2 of 2 | 1 |" in GR.table(g)
