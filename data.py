@@ -608,10 +608,31 @@ def _lighteval_parse(text: str, cfg: tuple):
 
 
 def extract_letter(completion: str) -> str:
-    """The multiple-choice letter a completion chose ('Answer: C', '\\boxed{C}'), or ''."""
-    found = re.findall(r"[Aa]nswer\s*(?:is)?\s*[:：]?\s*\$?\(?\\?(?:boxed\{|text\{)?\s*([ABCD])\b", completion)
-    found = found or re.findall(r"\\boxed\{\s*(?:\\text\{)?([ABCD])\b", completion)
+    """The multiple-choice letter a completion chose, or '': the last one after the word answer ('Answer: C',
+    '**Answer:** C', 'ANSWER - C', 'the answer is (C)'), else the last boxed one ('\\boxed{C}', '\\boxed{(C)}').
+    A bare letter with no anchor is not read ('(A) is wrong, (C) is right')."""
+    found = re.findall(r"(?i:answer)\s*(?:is)?\s*[:：\-–]?\s*(?:\*\*)?\s*\$?\(?\\?(?:boxed\{|text\{)?\s*\(?([ABCD])\b",
+                       completion)
+    found = found or re.findall(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([ABCD])\b", completion)
     return found[-1] if found else ""
+
+
+def extract_letter_lighteval(completion: str, letters: str = "ABCD") -> str:
+    """The letter lighteval (ed084813) extracts for the papers' GPQA task (IndicesExtractionConfig with native
+    letters, lighteval/metrics/utils/extractive_match_utils.py): its patterns from the most specific ('final
+    answer is C. I hope', 'answer: ... C') to the least (a letter between spaces or punctuation, then any
+    capital of the choices); the first pattern that matches anywhere decides, and of its matches the one that
+    ends last. The last resort reads 'Answer: E' as A (the A of 'Answer'), as lighteval did. -> letter or ''."""
+    i = f"(?P<i>[{re.escape(letters)}])"
+    end = r"(?:\*\*)?(?:[.,:]| |$)"                                     # after the letter
+    loose = rf"(?:^| )(?:\*\*)?{i}{end}"                                # a letter standing alone
+    for pattern in (rf"(?i:final answer is):?\s*{i}\.?\s?I hope", rf"(?i:final answer.{{0,100}}?)\s+is:?\s*{i}",
+                    rf"(?i:answer):.{{0,50}}?{loose}", rf"(?i:answer).{{0,50}}?{loose}", rf"^(?:\*\*)?{i}{end}",
+                    loose, i):
+        found = [(m.end(), -m.start(), m.group("i")) for m in re.finditer(pattern, completion)]
+        if found:
+            return max(found)[2]                                          # the match ending last
+    return ""
 
 
 def extract_answer(completion: str, mode: str = "eval") -> str:

@@ -15,7 +15,8 @@ Usage
 Prompting follows lighteval / open-r1 (the papers used lighteval + vLLM): the math template asking for
 \\boxed{} (GPQA: four seeded-shuffled choices and 'Answer: $LETTER'), in the tokenizer's chat template,
 no system prompt by default. Sampling: temperature 0.6, top_p 0.95. Scoring: data.grade(mode="eval"),
-lighteval's lenient extractive match; GPQA by letter. pass@1 = mean correctness over the n samples of a
+lighteval's lenient extractive match; GPQA by the letter after the word answer or in a box (--scorer lighteval:
+lighteval's own letter patterns). pass@1 = mean correctness over the n samples of a
 problem, averaged over problems; pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k); the interval
 is mean +/- 1.96 standard errors over problems. Problems whose gold answer cannot be parsed are counted
 in `unparseable_gold` and left out of every score (never scored correct).
@@ -127,7 +128,7 @@ def grade_sample(benchmark: str, completion: str, example: D.Example, scorer: st
     """-> (extracted answer, 1.0 / 0.0, or None for a gold ours cannot parse). --scorer lighteval: the papers'
     lighteval grading (data.grade_lighteval: its gold columns, any_match, raw-string gold, never None)."""
     if benchmark == "gpqa_diamond":
-        letter = D.extract_letter(completion)
+        letter = D.extract_letter_lighteval(completion) if scorer == "lighteval" else D.extract_letter(completion)
         return letter, float(letter == example.answer)
     if scorer == "lighteval":
         return D.grade_lighteval(completion, *D.lighteval_gold_text(benchmark, example))

@@ -21,6 +21,16 @@ import data as D          # noqa: E402
 import evaluate as E      # noqa: E402
 
 SETS = ("aime24", "aime25", "amc23", "math_500", "minerva", "olympiadbench")
+# GPQA has no local copy: multiple-choice endings in the forms models write, graded for the letter each scorer
+# reads (and lighteval itself, recipes/lighteval_reference.py)
+LETTER_PROBES = ("Answer: C", "The answer is (B).", "so the answer is \\boxed{D}", "**Answer:** A", "I think A. Answer: B",
+                 "Answer: $C$", "Final answer: D", "answer: b", "(A) is wrong, (C) is right", "The correct option is C.",
+                 "Answer: C) 42", "Therefore, the final answer is: $\\boxed{B}$. I hope it is correct", "Answer:C",
+                 "Answer: \\text{D}", "A", "B is the answer", "Answer: A or B", "The answer is: D", "Answer: (D)",
+                 "nothing here", "Answer: E", "ANSWER: C", "Answer - B", "answer is \\(\\boxed{A}\\)",
+                 "Hence $\\boxed{\\text{C}}$", "Answer: A\nWait, actually Answer: C", "My answer is B", "Option D", "[C]",
+                 "\\boxed{(B)}", "**Final Answer**\n\\boxed{C}", "so it must be D.\n\n**Final Answer**\n\\[\n\\boxed{D}\n\\]",
+                 "</think>\nThe answer is C.", "Between A and B, B fits.\n\nAnswer: B")
 
 
 def grades(data_dir: str, samples: list[str], sets=SETS) -> dict:
@@ -43,6 +53,8 @@ def grades(data_dir: str, samples: list[str], sets=SETS) -> dict:
     rows = [r for r in rows if r["benchmark"] in by_bench]
     out["samples"] = {s: [E.grade_sample(r["benchmark"], r["completion"], by_bench[r["benchmark"]][r["index"]], s)[1]
                           for r in rows] for s in ("ours", "lighteval")}
+    out["letters"] = {"probes": list(LETTER_PROBES), "ours": [D.extract_letter(t) for t in LETTER_PROBES],
+                      "lighteval": [D.extract_letter_lighteval(t) for t in LETTER_PROBES]}
     out["samples"]["lighteval_inputs"] = [[r["completion"], *D.lighteval_gold_text(r["benchmark"],
                                                                                    by_bench[r["benchmark"]][r["index"]])]
                                           for r in rows]
@@ -71,6 +83,10 @@ def table(g: dict, other: dict | None = None) -> str:
                                                                f"{differ(sol['lighteval'], osol['lighteval'])}"
                                                                if sol else "- / -"))
         lines.append("| " + " | ".join(cells) + " |")
+    lt = g.get("letters")
+    if lt:
+        lines.append(f"\nGPQA letters read from {len(lt['probes'])} probe endings: ours {sum(map(bool, lt['ours']))}, "
+                     f"lighteval {sum(map(bool, lt['lighteval']))}, different: {differ(lt['ours'], lt['lighteval'])}")
     s = g["samples"]
     if s["ours"]:
         lines.append(f"\nsampled answers: {len(s['ours'])}, right: {sum(x or 0 for x in s['ours']):.0f} (ours) / "

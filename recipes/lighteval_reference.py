@@ -31,6 +31,20 @@ def metrics():
             for kind, cfg in (("latex", LatexExtractionConfig()), ("expr", ExprExtractionConfig()))}
 
 
+def letter(completion: str) -> str:
+    """The letter lighteval's GPQA metric (the papers' gpqa_metric) reads: the one it scores correct, or ''."""
+    from lighteval.metrics.dynamic_metrics import IndicesExtractionConfig, multilingual_extractive_match_metric
+    from lighteval.tasks.requests import Doc
+    from lighteval.utils.language import Language
+    cfg = [IndicesExtractionConfig(prefix_for_extraction="NativeLetters")]
+    m = multilingual_extractive_match_metric(language=Language.ENGLISH, gold_extraction_target=cfg,
+                                             pred_extraction_target=cfg, precision=5)
+    right = [c for i, c in enumerate("ABCD") if m.sample_level_fn(golds=[c], predictions=[completion],
+                                                                   formatted_doc=Doc(query="", choices=list("ABCD"),
+                                                                                     gold_index=i))]
+    return right[0] if len(right) == 1 else ""
+
+
 def grade(metric, answer: str, gold: str) -> float:
     from lighteval.tasks.requests import Doc
     doc = Doc(query="", choices=[gold], gold_index=0)
@@ -56,6 +70,14 @@ def main(argv=None):
         out[name] = {"lighteval": theirs, "disagree": [{"index": i, "answer": inputs[i][0][-300:], "gold": inputs[i][1],
                                                         "lighteval": theirs[i], "ours": ours[i]} for i in diff]}
         lines.append(f"| {name} | {len(inputs)} | {sum(theirs):.0f} / {sum(ours):.0f} | {len(diff)} |")
+    if g.get("letters"):
+        probes, ours = g["letters"]["probes"], g["letters"]["lighteval"]
+        theirs = [letter(t) for t in probes]
+        diff = [i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b]
+        out["letters"] = {"lighteval": theirs, "disagree": [{"probe": probes[i], "lighteval": theirs[i],
+                                                              "ours": ours[i]} for i in diff]}
+        lines.append(f"| GPQA letter probes | {len(probes)} | {sum(map(bool, theirs))} / {sum(map(bool, ours))} "
+                     f"read | {len(diff)} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("\n".join(lines) + f"\n\nreference answers: each set's solutions; math-verify {g['math_verify']} in ours")

@@ -403,3 +403,63 @@ def test_grading_report_records_every_grade_and_what_the_lighteval_scorer_compar
     assert s["ours"] == [1.0, 1.0, 1.0] and s["lighteval"] == [1.0, 0.0, 1.0]   # (the solution column says 5)
     assert [D.grade_lighteval(*x)[1] for x in s["lighteval_inputs"]] == s["lighteval"]
     assert "| math_500 | 2 / 2 | 1 / 2 of 2 | 1 |" in GR.table(g)
+
+
+def test_gpqa_letters_read_as_lighteval_itself_reads_them():
+    # recipes/grading_report.py's probe endings; LIGHTEVAL: the letter lighteval ed084813's GPQA metric (the papers'
+    # gpqa_metric in scripts/eval/run_eval_custom_tasks.py) scored correct for each, measured with lighteval itself
+    # (recipes/lighteval_reference.py, 2026-12-01: 34 of 34 agree). --scorer lighteval must read the same letter;
+    # ours reads the same wherever the letter is anchored (the word answer, a box) and nothing where it is not.
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("grading_report", root / "recipes" / "grading_report.py")
+    GR = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(GR)
+    assert list(LIGHTEVAL) == list(GR.LETTER_PROBES)
+    for text, letter in LIGHTEVAL.items():
+        assert D.extract_letter_lighteval(text) == letter, text
+        assert D.extract_letter(text) == ("" if text in UNANCHORED else letter), text
+    ex = D.Example("q", "C", 0)
+    assert E.grade_sample("gpqa_diamond", "Option C", ex, "lighteval") == ("C", 1.0)
+    assert E.grade_sample("gpqa_diamond", "Option C", ex, "ours") == ("", 0.0)
+    assert E.grade_sample("gpqa_diamond", "Answer: E", ex, "lighteval")[0] == "A"     # lighteval's last resort
+
+
+LIGHTEVAL = {
+    "Answer: C": "C",
+    "The answer is (B).": "B",
+    "so the answer is \\boxed{D}": "D",
+    "**Answer:** A": "A",
+    "I think A. Answer: B": "B",
+    "Answer: $C$": "C",
+    "Final answer: D": "D",
+    "answer: b": "",
+    "(A) is wrong, (C) is right": "C",
+    "The correct option is C.": "C",
+    "Answer: C) 42": "C",
+    "Therefore, the final answer is: $\\boxed{B}$. I hope it is correct": "B",
+    "Answer:C": "C",
+    "Answer: \\text{D}": "D",
+    "A": "A",
+    "B is the answer": "B",
+    "Answer: A or B": "A",
+    "The answer is: D": "D",
+    "Answer: (D)": "D",
+    "nothing here": "",
+    "Answer: E": "A",
+    "ANSWER: C": "C",
+    "Answer - B": "B",
+    "answer is \\(\\boxed{A}\\)": "A",
+    "Hence $\\boxed{\\text{C}}$": "C",
+    "Answer: A\nWait, actually Answer: C": "C",
+    "My answer is B": "B",
+    "Option D": "D",
+    "[C]": "C",
+    "\\boxed{(B)}": "B",
+    "**Final Answer**\n\\boxed{C}": "C",
+    "so it must be D.\n\n**Final Answer**\n\\[\n\\boxed{D}\n\\]": "D",
+    "</think>\nThe answer is C.": "C",
+    "Between A and B, B fits.\n\nAnswer: B": "B",
+}
+UNANCHORED = {"A", "B is the answer", "The correct option is C.", "Answer: E", "Option D", "[C]",
+              "(A) is wrong, (C) is right"}
