@@ -206,7 +206,7 @@ def check_args(args):
     C.check_ranges(args, positive=("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "ctx_len",
                                    "max_grad_norm", "calib_chunks"),
                    nonnegative=("lr", "max_steps", "save_every", "weight_decay"), fractions=("lora_dropout", "warmup_ratio"))
-    loss = args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl")
+    loss = resolved_loss(args)
     if args.perturb != "sae" and args.sae == "none":
         raise SystemExit(f"--perturb {args.perturb} is shaped after an SAE: pass its folder with --sae")
     if loss == "kl" and (not args.packing or args.loss_on == "all" or args.mask_pad_labels):
@@ -214,10 +214,15 @@ def check_args(args):
                          "on packed chunks without padding")
 
 
+def resolved_loss(args) -> str:
+    """--loss, or by default: ce for an SFT baseline (no SAE, no teacher), else kl."""
+    return args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl")
+
+
 def train(args) -> dict:
     check_args(args)
     if args.dry_run:
-        return C.print_config({**vars(args), "loss_resolved": args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl"),
+        return C.print_config({**vars(args), "loss_resolved": resolved_loss(args),
                                "world_size": C.world_size(),
                                "sequences_per_step": args.batch_size, "tokens_per_step": args.batch_size * args.ctx_len,
                                "total_steps": args.max_steps or None,
@@ -225,7 +230,7 @@ def train(args) -> dict:
                                {"method": "one example per row, cut at --ctx_len, padded"}})
     rank, world, device = C.setup_distributed(args.device)
     out_dir = Path(args.out_dir)
-    args.loss = args.loss or ("ce" if args.sae == "none" and not args.teacher_adapter else "kl")
+    args.loss = resolved_loss(args)
     log = C.RunLog(out_dir, vars(args), "sae_tune", enabled=rank == 0, n_gpus=world if device.type == "cuda" else 0,
                    gpu_hour_usd=args.gpu_hour_usd, resume=args.resume, overwrite=args.overwrite)
     ids, lmask, data_stats, sae, layer, net, params, opt, teacher = setup(args, device)

@@ -20,28 +20,26 @@ from pathlib import Path
 
 
 def metrics():
-    """lighteval's metric objects exactly as the papers' custom tasks built them, by gold target."""
-    from lighteval.metrics.dynamic_metrics import (ExprExtractionConfig, LatexExtractionConfig,
+    """lighteval's metric objects exactly as the papers' custom tasks built them: by gold target, and GPQA's."""
+    from lighteval.metrics.dynamic_metrics import (ExprExtractionConfig, IndicesExtractionConfig, LatexExtractionConfig,
                                                    multilingual_extractive_match_metric)
     from lighteval.utils.language import Language
     pred = (ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0))
-    return {kind: multilingual_extractive_match_metric(language=Language.ENGLISH, fallback_mode="first_match",
-                                                       precision=5, gold_extraction_target=(cfg,),
-                                                       pred_extraction_target=pred, aggregation_function=max)
-            for kind, cfg in (("latex", LatexExtractionConfig()), ("expr", ExprExtractionConfig()))}
+    out = {kind: multilingual_extractive_match_metric(language=Language.ENGLISH, fallback_mode="first_match",
+                                                      precision=5, gold_extraction_target=(cfg,),
+                                                      pred_extraction_target=pred, aggregation_function=max)
+           for kind, cfg in (("latex", LatexExtractionConfig()), ("expr", ExprExtractionConfig()))}
+    letters = [IndicesExtractionConfig(prefix_for_extraction="NativeLetters")]
+    out["gpqa"] = multilingual_extractive_match_metric(language=Language.ENGLISH, gold_extraction_target=letters,
+                                                       pred_extraction_target=letters, precision=5)
+    return out
 
 
-def letter(completion: str) -> str:
+def letter(metric, completion: str) -> str:
     """The letter lighteval's GPQA metric (the papers' gpqa_metric) reads: the one it scores correct, or ''."""
-    from lighteval.metrics.dynamic_metrics import IndicesExtractionConfig, multilingual_extractive_match_metric
     from lighteval.tasks.requests import Doc
-    from lighteval.utils.language import Language
-    cfg = [IndicesExtractionConfig(prefix_for_extraction="NativeLetters")]
-    m = multilingual_extractive_match_metric(language=Language.ENGLISH, gold_extraction_target=cfg,
-                                             pred_extraction_target=cfg, precision=5)
-    right = [c for i, c in enumerate("ABCD") if m.sample_level_fn(golds=[c], predictions=[completion],
-                                                                   formatted_doc=Doc(query="", choices=list("ABCD"),
-                                                                                     gold_index=i))]
+    right = [c for i, c in enumerate("ABCD") if metric.sample_level_fn(
+        golds=[c], predictions=[completion], formatted_doc=Doc(query="", choices=list("ABCD"), gold_index=i))]
     return right[0] if len(right) == 1 else ""
 
 
@@ -72,7 +70,7 @@ def main(argv=None):
         lines.append(f"| {name} | {len(inputs)} | {sum(theirs):.0f} / {sum(ours):.0f} | {len(diff)} |")
     if g.get("letters"):
         probes, ours = g["letters"]["probes"], g["letters"]["lighteval"]
-        theirs = [letter(t) for t in probes]
+        theirs = [letter(m["gpqa"], t) for t in probes]
         diff = [i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b]
         out["letters"] = {"lighteval": theirs, "disagree": [{"probe": probes[i], "lighteval": theirs[i],
                                                               "ours": ours[i]} for i in diff]}
